@@ -1,0 +1,108 @@
+// Argument checks shared by the CPU and CUDA kernels of every op. Each failure names the op and the
+// argument: dtype problems raise TypeError, shapes/devices/empty inputs raise ValueError.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace fisherext {
+
+// Sizes of a linear-map input pair: a [N, (T,) I], delta [N, (C,) (T,) O].
+struct LinearDims {
+  int64_t N, C, T, I, O;
+};
+
+inline bool is_supported_float(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined(), "fisherext.", op, ": argument '", name, "' is undefined");
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), "fisherext.", op, ": argument '", name,
+                   "' must be a floating-point tensor (float16/bfloat16/float32/float64), got ",
+                   t.scalar_type());
+}
+
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  check_float(op, name, t);
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "fisherext.", op, ": argument '", name,
+                   "' has dtype ", t.scalar_type(), " but '", ref_name, "' has ", ref.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "fisherext.", op, ": argument '", name,
+                    "' is on ", t.device(), " but '", ref_name, "' is on ", ref.device());
+}
+
+inline void check_nonempty(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.numel() > 0, "fisherext.", op, ": argument '", name,
+                    "' is empty (shape ", t.sizes(), ")");
+}
+
+// a [N, I] with delta [N, (C,) O], or a [N, T, I] with delta [N, (C,) T, O].
+inline LinearDims check_linear(const char* op, const at::Tensor& a, const at::Tensor& delta,
+                               bool class_axis) {
+  check_float(op, "a", a);
+  check_like(op, "delta", delta, "a", a);
+  TORCH_CHECK_VALUE(a.dim() == 2 || a.dim() == 3, "fisherext.", op,
+                    ": argument 'a' must have shape [N, I] or [N, T, I], got ", a.sizes());
+  const int64_t extra = class_axis ? 1 : 0;
+  TORCH_CHECK_VALUE(delta.dim() == a.dim() + extra, "fisherext.", op, ": argument 'delta' must have shape ",
+                    class_axis ? (a.dim() == 2 ? "[N, C, O]" : "[N, C, T, O]")
+                               : (a.dim() == 2 ? "[N, O]" : "[N, T, O]"),
+                    " to match a ", a.sizes(), ", got ", delta.sizes());
+  check_nonempty(op, "a", a);
+  check_nonempty(op, "delta", delta);
+  LinearDims d;
+  d.N = a.size(0);
+  d.T = a.dim() == 3 ? a.size(1) : 1;
+  d.I = a.size(-1);
+  d.C = class_axis ? delta.size(1) : 1;
+  d.O = delta.size(-1);
+  TORCH_CHECK_VALUE(delta.size(0) == d.N, "fisherext.", op, ": 'a' and 'delta' disagree on N (", d.N,
+                    " vs ", delta.size(0), ")");
+  if (a.dim() == 3) {
+    TORCH_CHECK_VALUE(delta.size(1 + extra) == d.T, "fisherext.", op,
+                      ": 'a' and 'delta' disagree on T (", d.T, " vs ", delta.size(1 + extra), ")");
+  }
+  return d;
+}
+
+// Optional per-sample weights: a 1-D tensor of length N, dtype and device of `ref`.
+inline void check_weight(const char* op, const std::optional<at::Tensor>& weight, const char* ref_name,
+                         const at::Tensor& ref, int64_t N) {
+  if (!weight.has_value() || !weight->defined()) return;
+  check_like(op, "weight", *weight, ref_name, ref);
+  TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == N, "fisherext.", op,
+                    ": argument 'weight' must have shape [", N, "] (one weight per sample), got ",
+                    weight->sizes());
+}
+
+// A square accumulator out [D, D] matching `ref`'s dtype and device.
+inline void check_square_out(const char* op, const at::Tensor& out, const char* ref_name,
+                             const at::Tensor& ref, int64_t D) {
+  check_like(op, "out", out, ref_name, ref);
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == D && out.size(1) == D, "fisherext.", op,
+                    ": argument 'out' must have shape [", D, ", ", D, "], got ", out.sizes());
+}
+
+// x [N, D] or [N, T, D] for sym_outer_accum_: returns {N, T, D}.
+inline LinearDims check_rows(const char* op, const at::Tensor& x) {
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "fisherext.", op,
+                    ": argument 'x' must have shape [N, D] or [N, T, D], got ", x.sizes());
+  check_nonempty(op, "x", x);
+  LinearDims d;
+  d.N = x.size(0);
+  d.C = 1;
+  d.T = x.dim() == 3 ? x.size(1) : 1;
+  d.I = x.size(-1);
+  d.O = 1;
+  return d;
+}
+
+// Compute dtype: half/bfloat16 inputs accumulate in float32.
+inline c10::ScalarType opmath_type(c10::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+}  // namespace fisherext

@@ -1,0 +1,13 @@
+"""fisherext: fast, correct Fisher information and curvature for PyTorch models.
+
+The compiled kernels live in ``fisherext._C`` and are reached through ``torch.ops.fisherext``;
+``fisherext.ops`` holds the documented Python wrappers, ``fisherext.reference`` their pure-PyTorch twins.
+"""
+import torch  # noqa: F401  (must be imported before the extension is loaded)
+
+from . import ops, reference, utils
+from ._ops import build_info
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "ops", "reference", "utils", "__version__"]

@@ -1,0 +1,4 @@
+"""Public entry points of the compiled kernels (documented in ``fisherext._ops``)."""
+from ._ops import class_gram, kfac_factor_update_, linear_outer_accum_, linear_sq_grad, sym_outer_accum_
+
+__all__ = ["class_gram", "kfac_factor_update_", "linear_outer_accum_", "linear_sq_grad", "sym_outer_accum_"]

@@ -1,0 +1,71 @@
+"""Pure-PyTorch twins of every compiled op: the test oracle, never a silent fallback.
+
+Each twin computes the same quantity the straightforward way, materializing per-sample gradients
+(N x O x I) where the compiled kernel does not. In-place ops have functional twins that return the
+updated accumulator instead of writing it. Notation as in ``fisherext._ops``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _positions(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N, I] -> [N, 1, I] (dim=3) / [N, C, O] -> [N, C, 1, O] (dim=4); already positional: unchanged."""
+    return t if t.dim() == dim else t.unsqueeze(dim - 2)
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def per_sample_linear_grads(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """g_n = sum_t delta_nt a_nt^T for every n: [N, O, I] (materialized)."""
+    return torch.einsum("nto,nti->noi", _compute(_positions(delta, 3)), _compute(_positions(a, 3)))
+
+
+def _weights(weight, n, like):
+    return torch.ones(n, dtype=like.dtype, device=like.device) if weight is None else _compute(weight)
+
+
+def _symmetric_from_upper(out: torch.Tensor) -> torch.Tensor:
+    return torch.triu(out) + torch.triu(out, 1).transpose(0, 1)
+
+
+def linear_sq_grad(a, delta, weight=None):
+    """Twin of ``fisherext.ops.linear_sq_grad``: sum_n w_n g_n^2, [O, I]."""
+    g = per_sample_linear_grads(a, delta)
+    w = _weights(weight, g.shape[0], g)
+    return torch.einsum("n,noi->oi", w, g * g).to(a.dtype)
+
+
+def linear_outer_accum(out, a, delta, weight=None, alpha=1.0):
+    """Twin of ``linear_outer_accum_``: returns out + alpha sum_n w_n vec(g_n) vec(g_n)^T."""
+    g = per_sample_linear_grads(a, delta)
+    G = g.reshape(g.shape[0], -1)
+    w = _weights(weight, G.shape[0], G)
+    upd = (G * w[:, None]).T @ G
+    return (_symmetric_from_upper(_compute(out)) + alpha * upd).to(out.dtype)
+
+
+def sym_outer_accum(out, x, weight=None, alpha=1.0, beta=1.0):
+    """Twin of ``sym_outer_accum_``: returns beta out + alpha sum_n w_n sum_t x_nt x_nt^T."""
+    X = _compute(_positions(x, 3))
+    w = _weights(weight, X.shape[0], X)
+    upd = torch.einsum("n,ntd,nte->de", w, X, X)
+    base = torch.zeros_like(upd) if beta == 0 else beta * _symmetric_from_upper(_compute(out))
+    return (base + alpha * upd).to(out.dtype)
+
+
+def kfac_factor_update(factor, x, weight=None, decay=None):
+    """Twin of ``kfac_factor_update_`` (sum, or running average of per-batch means)."""
+    if decay is None:
+        return sym_outer_accum(factor, x, weight)
+    return sym_outer_accum(factor, x, weight, alpha=(1.0 - decay) / x.shape[0], beta=decay)
+
+
+def class_gram(a, delta):
+    """Twin of ``class_gram``: K_n = J_n J_n^T with J_n[c] = vec(sum_t delta_nct a_nt^T), [N, C, C]."""
+    A = _compute(_positions(a, 3))
+    D = _compute(_positions(delta, 4))
+    J = torch.einsum("ncto,nti->ncoi", D, A).flatten(2)
+    return (J @ J.transpose(1, 2)).to(a.dtype)

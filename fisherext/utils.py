@@ -1,0 +1,26 @@
+"""Flat-vector helpers: a flat vector concatenates parameter tensors in the order given."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``tensors`` (flattened, in order) into one 1-D tensor."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("flatten: argument 'tensors' is empty")
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a flat ``vec`` into views shaped like the tensors of ``like`` (inverse of ``flatten``)."""
+    like = list(like)
+    total = sum(t.numel() for t in like)
+    if vec.dim() != 1 or vec.numel() != total:
+        raise ValueError(
+            f"unflatten: argument 'vec' must be 1-D with {total} elements (the total size of 'like'), "
+            f"got shape {tuple(vec.shape)}"
+        )
+    return [chunk.view_as(t) for chunk, t in zip(vec.split([t.numel() for t in like]), like)]
