@@ -12,48 +12,45 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "checks.h"
+#include "fisher_accum_common.h"
 
 namespace fisherext {
 namespace {
 
 // Per-chunk scratch for linear_sq_grad: ~1 MiB of float, so a chunk of per-sample gradients stays
-// in cache while it is squared and summed.
+// in cache while it is squared and summed (the other kernels use kScratchElems, fisher_accum_common.h).
 constexpr int64_t kSqScratchElems = int64_t(1) << 18;
-// Per-chunk scratch for the outer-product and Gram kernels (bigger: their GEMMs want a long K).
-constexpr int64_t kScratchElems = int64_t(1) << 22;
 // Tile edge of the symmetric rank-k update: only tiles on or above the diagonal are computed.
 constexpr int64_t kSymTile = 512;
 
-int64_t chunk_rows(int64_t per_row, int64_t budget, int64_t n) {
-  return std::clamp<int64_t>(budget / std::max<int64_t>(per_row, 1), 1, n);
+// Chunks processed one per task by at::parallel_for, each with single-threaded GEMMs: one parallel
+// region per op instead of one per chunk (every region costs a thread barrier, which is slow when
+// the cores are shared). Rows are capped so that every thread gets at least one chunk.
+int64_t thread_chunk_rows(int64_t per_row, int64_t budget, int64_t n) {
+  const int64_t per_thread = (n + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::min(chunk_rows(per_row, budget, n), std::max<int64_t>(per_thread, 1));
 }
 
-at::Tensor as_compute(const at::Tensor& t) {
-  return t.to(opmath_type(t.scalar_type())).contiguous();
-}
-
-// Inserts the position axis T = 1 when absent: [N, I] -> [N, 1, I], [N, C, O] -> [N, C, 1, O].
-at::Tensor with_positions(const at::Tensor& t, int64_t pos_dim) {
-  return t.dim() == pos_dim ? t : t.unsqueeze(pos_dim - 2);
-}
-
-// acc[j] += sum_b w_b * g[b, j]^2 over a chunk g [B, M]; parallel over j, vectorized inner loop.
-void square_accumulate(at::Tensor& acc, const at::Tensor& g, const at::Tensor& w) {
-  const int64_t B = g.size(0), M = acc.numel();
-  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "square_accumulate", [&] {
-    scalar_t* out = acc.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t b = 0; b < B; ++b) {
-        const scalar_t wb = wp ? wp[b] : scalar_t(1);
-        const scalar_t* row = gp + b * M;
-        for (int64_t j = begin; j < end; ++j) out[j] += wb * row[j] * row[j];
-      }
-    });
+// Calls body(start, rows) for consecutive chunks [start, start + rows) of n samples, in parallel.
+template <typename Body>
+void for_each_chunk(int64_t n, int64_t rows, Body body) {
+  const int64_t chunks = (n + rows - 1) / rows;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) body(c * rows, std::min(rows, n - c * rows));
   });
+}
+
+// acc[j] += sum_b w_b * g[b, j]^2 over a chunk g [B, M] (serial; the inner loop vectorizes).
+template <typename scalar_t>
+void square_accumulate(scalar_t* acc, const scalar_t* g, const scalar_t* w, int64_t B, int64_t M) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t wb = w ? w[b] : scalar_t(1);
+    const scalar_t* row = g + b * M;
+    for (int64_t j = 0; j < M; ++j) acc[j] += wb * row[j] * row[j];
+  }
 }
 
 // lower triangle <- upper triangle, so the result is exactly symmetric.
@@ -83,24 +80,6 @@ void sym_rank_k(at::Tensor& out, const at::Tensor& X, const at::Tensor& w, doubl
   mirror_upper(out);
 }
 
-// Runs `body(work)` on out, or on a contiguous compute-dtype copy that is written back afterwards.
-template <typename Body>
-void update_in_place(const at::Tensor& out, Body body) {
-  const auto ct = opmath_type(out.scalar_type());
-  if (out.is_contiguous() && out.scalar_type() == ct) {
-    at::Tensor work = out;
-    body(work);
-  } else {
-    at::Tensor work = out.to(ct).contiguous();
-    body(work);
-    out.copy_(work);
-  }
-}
-
-at::Tensor optional_compute(const std::optional<at::Tensor>& w) {
-  return (w.has_value() && w->defined()) ? as_compute(*w) : at::Tensor();
-}
-
 at::Tensor linear_sq_grad_cpu(const at::Tensor& a, const at::Tensor& delta,
                               const std::optional<at::Tensor>& weight) {
   const char* op = "linear_sq_grad";
@@ -120,15 +99,22 @@ at::Tensor linear_sq_grad_cpu(const at::Tensor& a, const at::Tensor& delta,
       out.addmm_(d2.t(), A.narrow(0, s, b).select(1, 0).square());
     }
   } else {
-    // Chunks of per-sample gradients small enough to stay in cache, squared and summed at once.
-    const int64_t rows = chunk_rows(d.O * d.I, kSqScratchElems, d.N);
-    at::Tensor buf = at::empty({rows, d.O, d.I}, A.options());
-    for (int64_t s = 0; s < d.N; s += rows) {
-      const int64_t b = std::min(rows, d.N - s);
-      at::Tensor g = buf.narrow(0, 0, b);
-      at::bmm_out(g, D.narrow(0, s, b).transpose(1, 2), A.narrow(0, s, b));
-      square_accumulate(out, g, W.defined() ? W.narrow(0, s, b) : at::Tensor());
-    }
+    // Chunks of per-sample gradients small enough to stay in cache, squared and summed at once into
+    // one accumulator per thread; the accumulators are added in thread order (deterministic).
+    const int64_t M = d.O * d.I;
+    const int64_t rows = thread_chunk_rows(M, kSqScratchElems, d.N);
+    std::vector<at::Tensor> partial(at::get_num_threads());
+    for_each_chunk(d.N, rows, [&](int64_t s, int64_t b) {
+      at::Tensor& acc = partial[at::get_thread_num()];
+      if (!acc.defined()) acc = at::zeros({d.O, d.I}, A.options());
+      const at::Tensor g = at::bmm(D.narrow(0, s, b).transpose(1, 2), A.narrow(0, s, b));
+      AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "linear_sq_grad_cpu", [&] {
+        square_accumulate(acc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                          W.defined() ? W.data_ptr<scalar_t>() + s : nullptr, b, M);
+      });
+    });
+    for (const at::Tensor& acc : partial)
+      if (acc.defined()) out.add_(acc);
   }
   return out.to(a.scalar_type());
 }
@@ -181,9 +167,8 @@ at::Tensor class_gram_cpu(const at::Tensor& a, const at::Tensor& delta) {
   const double cost_mat = double(C) * T * O * I + double(C) * C * O * I;
   const bool use_gram = T == 1 || cost_gram <= cost_mat;
   const int64_t per_sample = use_gram ? T * T + 2 * C * T * O : C * O * I;
-  const int64_t rows = chunk_rows(per_sample, kScratchElems, N);
-  for (int64_t s = 0; s < N; s += rows) {
-    const int64_t b = std::min(rows, N - s);
+  // Every chunk writes its own rows of K: chunks run in parallel, each with serial GEMMs.
+  for_each_chunk(N, thread_chunk_rows(per_sample, kScratchElems, N), [&](int64_t s, int64_t b) {
     const at::Tensor Ac = A.narrow(0, s, b), Dc = D.narrow(0, s, b);
     at::Tensor Kc = K.narrow(0, s, b);
     if (T == 1) {
@@ -199,7 +184,7 @@ at::Tensor class_gram_cpu(const at::Tensor& a, const at::Tensor& delta) {
       const at::Tensor J = at::matmul(Dc.transpose(2, 3), Ac.unsqueeze(1)).view({b, C, O * I});
       at::bmm_out(Kc, J, J.transpose(1, 2));
     }
-  }
+  });
   K = K.add(K.transpose(1, 2)).mul_(0.5);  // exact symmetry regardless of GEMM summation order
   return K.to(a.scalar_type());
 }

@@ -1,0 +1,41 @@
+# Everything a fresh machine needs: `make test` (the test suite) and `make run` (the main job).
+# Both create .venv, install torch and build the extension (CUDA kernels too when nvcc is present).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: install test run bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel ninja
+
+$(VENV)/.deps: pyproject.toml | $(PY)
+	$(PY) -m pip install -q torch numpy
+	touch $@
+
+# Rebuilds the extension only when a source or build file changed.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+install: $(VENV)/.built
+
+test: install
+	$(PY) -m pytest -q tests
+
+run: install
+	$(PY) -m fisherext.demo
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf build fisherext/_C*.so *.egg-info $(VENV)/.built

@@ -1,0 +1,56 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+import fisherext
+
+EXPECTED_OPS = {"linear_sq_grad", "linear_outer_accum_", "sym_outer_accum_", "class_gram"}
+
+
+def test_build_info_reports_versions_and_ops():
+    info = fisherext.build_info()
+    assert info["version"] == fisherext.__version__
+    assert info["torch"] == torch.__version__
+    assert EXPECTED_OPS <= set(info["ops"])
+    assert isinstance(info["cuda_compiled"], bool)
+    assert (info["cuda_arch_list"] is not None) == info["cuda_compiled"]
+    assert info["cplusplus"] >= 202002, "torch >= 2.13 needs C++20"
+
+
+def _nvcc_present():
+    home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    return bool(shutil.which("nvcc") or (home and os.path.exists(os.path.join(home, "bin", "nvcc"))))
+
+
+@pytest.mark.skipif(os.environ.get("FISHEREXT_CUDA") == "0", reason="CUDA build disabled by FISHEREXT_CUDA=0")
+def test_cuda_kernels_compiled_when_toolchain_present():
+    """CI runs where nvcc exists: a .cu file that stops compiling must fail the build, and so this test."""
+    if torch.version.cuda is None or not _nvcc_present():
+        pytest.skip("no CUDA torch or no nvcc: CUDA kernels are not expected")
+    info = fisherext.build_info()
+    assert info["cuda_compiled"], "CUDA torch and nvcc are present but the CUDA kernels were not built"
+    for op in EXPECTED_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fisherext::{op}", "CUDA"), op
+
+
+@pytest.mark.parametrize("op", sorted(EXPECTED_OPS))
+def test_every_op_has_cpu_kernel_fake_and_twin(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fisherext::{op}", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fisherext::{op}", "Meta")
+    twin = op.rstrip("_")
+    assert callable(getattr(fisherext.reference, twin))
+    assert callable(getattr(fisherext.ops, op))
+
+
+def test_flatten_unflatten_roundtrip():
+    ts = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 1, 2)]
+    flat = fisherext.utils.flatten(ts)
+    assert flat.shape == (21,)
+    back = fisherext.utils.unflatten(flat, ts)
+    assert all(torch.equal(a, b) for a, b in zip(back, ts))
+    with pytest.raises(ValueError, match="'vec'"):
+        fisherext.utils.unflatten(flat[:-1], ts)
+    with pytest.raises(ValueError, match="'tensors'"):
+        fisherext.utils.flatten([])
