@@ -7,7 +7,9 @@ import torch  # noqa: F401  (must be imported before the extension is loaded)
 
 from . import ops, reference, utils
 from ._ops import build_info
+from .fisher import fisher
+from .fisher_matrix import FisherMatrix
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "ops", "reference", "utils", "__version__"]
+__all__ = ["FisherMatrix", "build_info", "fisher", "ops", "reference", "utils", "__version__"]
