@@ -9,7 +9,8 @@ from . import ops, reference, utils
 from ._ops import build_info
 from .fisher import fisher
 from .fisher_matrix import FisherMatrix
+from .measures import per_sample_fisher
 
 __version__ = "0.1.0"
 
-__all__ = ["FisherMatrix", "build_info", "fisher", "ops", "reference", "utils", "__version__"]
+__all__ = ["FisherMatrix", "build_info", "fisher", "ops", "per_sample_fisher", "reference", "utils", "__version__"]

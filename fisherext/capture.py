@@ -72,6 +72,16 @@ def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Paramete
     return chosen
 
 
+def check_batchnorm(model: nn.Module) -> None:
+    """Refuses BatchNorm that normalizes with batch statistics: it couples the samples of a batch."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BATCHNORMS) and (module.training or not module.track_running_stats):
+            raise ValueError(
+                f"model: BatchNorm module {name!r} couples the samples of a batch (train mode or no "
+                "running statistics), so per-sample Fisher quantities are undefined; call model.eval()"
+            )
+
+
 # ---------------------------------------------------------------------------------------------------
 # Layers: one per module owning selected parameters.
 
@@ -362,12 +372,7 @@ class Capture:
     def __init__(self, model: nn.Module, params=None):
         self.model = model
         self.params = resolve_params(model, params)
-        for name, module in model.named_modules():
-            if isinstance(module, _BATCHNORMS) and (module.training or not module.track_running_stats):
-                raise ValueError(
-                    f"model: BatchNorm module {name!r} couples the samples of a batch (train mode or no "
-                    "running statistics), so per-sample Fisher quantities are undefined; call model.eval()"
-                )
+        check_batchnorm(model)
         owner = {}
         for mname, module in model.named_modules():
             for local, p in module.named_parameters(recurse=False):
