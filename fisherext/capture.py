@@ -151,7 +151,7 @@ class LinearLayer(Layer):
         self.has_bias = "bias" in local
         self.groups = getattr(module, "groups", 1)
 
-    def _a(self, x: torch.Tensor) -> torch.Tensor:
+    def linear_input(self, x: torch.Tensor) -> torch.Tensor:
         """Layer input in linear form [N, T, I_total] (for convolutions: unfolded patches)."""
         m = self.module
         if isinstance(m, nn.Linear):
@@ -175,7 +175,7 @@ class LinearLayer(Layer):
 
     def factors(self):
         """(a [N, T, I], delta [K, N, T, O]) in linear form, uses concatenated along T."""
-        a = torch.cat([self._a(inp[0]) for inp in self.inputs], dim=1)
+        a = torch.cat([self.linear_input(inp[0]) for inp in self.inputs], dim=1)
         d = torch.cat([self._delta(dz) for dz in self.dz], dim=2)
         return a, d
 

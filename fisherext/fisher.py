@@ -100,6 +100,25 @@ def _check_inputs(model, x):
         raise TypeError(f"data: inputs x have dtype {x.dtype}; the model needs floating-point inputs")
 
 
+def _auto_batch_size(cap: Capture, data, kind, loss, mc_samples, chunk_bytes) -> int:
+    """Samples per batch so that one batch's captured activations and output gradients fit chunk_bytes.
+
+    Measured on a one-sample probe: per layer, its input in linear form plus K output gradients
+    (K = number of backpropagated output directions of the kind).
+    """
+    x = next(iter_batches(data, 1))[0]
+    _check_inputs(cap.model, x)
+    with cap, torch.no_grad():
+        out = cap.forward(x[:1])
+        K = {"true": out.shape[-1], "empirical": 1, "mc": mc_samples}[kind]
+        per_sample = out.numel() * (K + 1)
+        for layer in cap.layers:
+            for inputs, z in zip(layer.inputs, layer.outputs):
+                a = layer.linear_input(inputs[0]) if isinstance(layer, LinearLayer) else inputs[0]
+                per_sample += a.numel() + K * z.numel()
+    return max(1, chunk_bytes // (per_sample * out.element_size()))
+
+
 class _Accumulator:
     """Per-structure running sums over batches; ``finish`` normalizes and builds the FisherMatrix."""
 
@@ -249,6 +268,8 @@ def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag
             f"{budget:,} bytes; use structure='block', 'kfac' or 'diag', or pass a subset via params=")
     acc = _Accumulator(structure, cap, chunk_bytes=max(1 << 20, min(budget // 4, 1 << 28)))
     total = 0
+    if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
+        batch_size = _auto_batch_size(cap, data, kind, loss, mc_samples, acc.chunk_bytes)
     batches = iter_batches(data, batch_size)
     if progress:
         from tqdm.auto import tqdm
