@@ -27,7 +27,6 @@ from torch.func import functional_call, vjp, vmap
 from . import ops
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_warned_fallback: set[type] = set()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,15 +313,12 @@ class FallbackLayer(Layer):
 
     def __init__(self, name, module, params):
         super().__init__(name, module, params)
-        cls = type(module)
-        if cls not in _warned_fallback:
-            _warned_fallback.add(cls)
-            warnings.warn(
-                f"fisherext: module {name!r} ({cls.__name__}) has no per-sample factor rule; its parameters "
-                "use the torch.func fallback (vmap over vjp), correct but slower",
-                UserWarning,
-                stacklevel=4,
-            )
+        warnings.warn(
+            f"fisherext: module {name!r} ({type(module).__name__}) has no per-sample factor rule; its "
+            "parameters use the torch.func fallback (vmap over vjp), correct but slower",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def per_sample_grads(self, s, e):
         weights = {local: p.detach() for _, local, p in self.params}

@@ -106,7 +106,10 @@ def _auto_batch_size(cap: Capture, data, kind, loss, mc_samples, chunk_bytes) ->
     Measured on a one-sample probe: per layer, its input in linear form plus K output gradients
     (K = number of backpropagated output directions of the kind).
     """
-    x = next(iter_batches(data, 1))[0]
+    first = next(iter_batches(data, 1), None)
+    if first is None:
+        raise ValueError("data: no samples")
+    x = first[0]
     _check_inputs(cap.model, x)
     with cap, torch.no_grad():
         out = cap.forward(x[:1])

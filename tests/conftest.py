@@ -23,3 +23,7 @@ def assert_close(actual, expected, dtype=None):
     rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}[dtype]
     scale = expected.abs().max().item() or 1.0
     torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=rtol * scale)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: statistical or larger tests (still run by default; deselect with -m 'not slow')")

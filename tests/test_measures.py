@@ -1,0 +1,201 @@
+"""fx.per_sample_fisher: per-input tr(F_n) and v^T F_n v against the per-sample autograd reference.
+
+Seed 001 computed the "quadratic form" by perturbing one parameter tensor at a time, i.e. the sum over
+parameter tensors of v_t^T F_n[t, t] v_t (the block-diagonal part only); the exact v^T F_n v is required.
+"""
+import warnings
+
+import pytest
+import torch
+
+import fisherext as fx
+from conftest import assert_close
+from models import (
+    SPECS, assert_matches, compute, compute_per_sample, make_data, make_model, names_argument, num_params,
+    param_slices, reference, untouched,
+)
+
+EXACT_KINDS = ["true", "empirical"]
+MODELS = ["mlp", "mlp_reg", "cnn", "seq", "norm", "scaleshift", "bilinear", "tied"]
+
+
+def random_v(P, seed=0):
+    return torch.randn(P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def block_diagonal_quadratic(F_n, v, model):
+    """Seed 001's quantity: sum over parameter tensors of v_t^T F_n[t, t] v_t."""
+    out = 0
+    for sl in param_slices(model).values():
+        out = out + torch.einsum("i,nij,j->n", v[sl], F_n[:, sl, sl], v[sl])
+    return out
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_trace(name, kind):
+    model = make_model(name)
+    x, y = make_data(name)
+    out = compute_per_sample(model, x, y if kind == "empirical" else None, kind=kind, quantity="trace",
+                             loss=SPECS[name].loss)
+    assert out.shape == (len(x),) and out.dtype == torch.float64
+    assert_matches(out, reference(name, kind).diagonal(dim1=1, dim2=2).sum(-1), rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_quad(name, kind):
+    model = make_model(name)
+    x, y = make_data(name)
+    v = random_v(num_params(model))
+    v0 = v.clone()
+    out = compute_per_sample(model, x, y if kind == "empirical" else None, kind=kind, quantity="quad", v=v,
+                             loss=SPECS[name].loss)
+    assert torch.equal(v, v0), "per_sample_fisher modified v"
+    assert out.shape == (len(x),) and out.dtype == torch.float64
+    assert_matches(out, torch.einsum("i,nij,j->n", v, reference(name, kind), v), rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_quad_is_not_the_block_diagonal_sum(name, kind):
+    """The cross-tensor terms matter here (checked), and the exact v^T F_n v is what is returned."""
+    model = make_model(name)
+    x, y = make_data(name)
+    v = random_v(num_params(model), seed=3)
+    F_n = reference(name, kind)
+    exact = torch.einsum("i,nij,j->n", v, F_n, v)
+    seed001 = block_diagonal_quadratic(F_n, v, model)
+    assert ((exact - seed001).abs() > 0.05 * exact.abs().max()).any(), "precondition: the two must differ"
+    out = compute_per_sample(model, x, y, kind=kind, quantity="quad", v=v, loss=SPECS[name].loss)
+    assert_matches(out, exact, rtol=1e-8)
+    assert not torch.allclose(out.double(), seed001, rtol=1e-3)
+
+
+def test_quad_with_direction_in_one_tensor_only():
+    """v supported on a single parameter tensor: exact and block-diagonal agree (sanity of the above)."""
+    model = make_model("mlp")
+    x, _ = make_data("mlp")
+    v = torch.zeros(num_params(model), dtype=torch.float64)
+    sl = param_slices(model)["fc2.weight"]
+    v[sl] = random_v(sl.stop - sl.start, seed=5)
+    F_n = reference("mlp", "true")
+    out = compute_per_sample(model, x, kind="true", quantity="quad", v=v, loss="cross_entropy")
+    assert_matches(out, torch.einsum("i,nij,j->n", v, F_n, v), rtol=1e-8)
+
+
+def test_true_kind_ignores_labels():
+    model = make_model("mlp")
+    x, y = make_data("mlp")
+    a = compute_per_sample(model, x, kind="true", quantity="trace", loss="cross_entropy")
+    b = compute_per_sample(model, x, y, kind="true", quantity="trace", loss="cross_entropy")
+    assert_matches(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("quantity", ["trace", "quad"])
+def test_each_value_depends_only_on_its_input(quantity):
+    """Per-sample means per sample: permuting or sub-setting the batch permutes/sub-sets the result."""
+    model = make_model("cnn")
+    x, y = make_data("cnn")
+    kw = dict(kind="empirical", quantity=quantity, loss="cross_entropy")
+    if quantity == "quad":
+        kw["v"] = random_v(num_params(model), seed=8)
+    full = compute_per_sample(model, x, y, **kw)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    assert_matches(compute_per_sample(model, x[perm], y[perm], **kw), full[perm], rtol=1e-10)
+    assert_matches(compute_per_sample(model, x[3:4], y[3:4], **kw), full[3:4], rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+def test_mean_of_per_sample_traces_is_the_fisher_trace(kind):
+    model = make_model("seq")
+    x, y = make_data("seq")
+    traces = compute_per_sample(model, x, y, kind=kind, quantity="trace", loss="cross_entropy")
+    F = compute(model, (x, y), kind=kind, structure="diag", loss="cross_entropy")
+    assert traces.mean().item() == pytest.approx(F.trace(), rel=1e-10)
+
+
+@pytest.mark.parametrize("quantity", ["trace", "quad"])
+def test_per_sample_dtype(quantity, dtype, device):
+    model = make_model("mlp", dtype=dtype, device=device)
+    x, y = make_data("mlp", dtype=dtype, device=device)
+    v = random_v(num_params(model), seed=2)
+    kw = {"v": v.to(dtype=dtype, device=device)} if quantity == "quad" else {}
+    out = compute_per_sample(model, x, kind="true", quantity=quantity, loss="cross_entropy", **kw)
+    assert out.dtype == dtype and out.device.type == device.type and out.shape == (len(x),)
+    F_n = reference("mlp", "true")
+    expected = F_n.diagonal(dim1=1, dim2=2).sum(-1) if quantity == "trace" else torch.einsum("i,nij,j->n", v, F_n, v)
+    assert_close(out.cpu(), expected, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+def refuses(model, x, y, exc, argument_regex, **kwargs):
+    kwargs = {"kind": "true", "quantity": "trace", "loss": "cross_entropy", **kwargs}
+    with untouched(model), pytest.raises(exc, match=argument_regex) as info:
+        fx.per_sample_fisher(model, x, y, **kwargs)
+    return str(info.value)
+
+
+@pytest.fixture
+def mlp():
+    model = make_model("mlp")
+    return model, *make_data("mlp")
+
+
+def test_unknown_options(mlp):
+    model, x, y = mlp
+    refuses(model, x, y, ValueError, names_argument("quantity"), quantity="diag")
+    refuses(model, x, y, ValueError, names_argument("kind"), kind="fisher")
+    refuses(model, x, y, ValueError, names_argument("loss"), loss="nll")
+
+
+def test_bad_direction(mlp):
+    model, x, y = mlp
+    P = num_params(model)
+    refuses(model, x, y, (TypeError, ValueError), names_argument("v"), quantity="quad")    # v missing
+    refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P + 1, dtype=torch.float64))
+    refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P - 1, dtype=torch.float64))
+    refuses(model, x, y, (TypeError, ValueError), names_argument("v"), quantity="quad", v=torch.ones(P, dtype=torch.long))
+
+
+def test_empirical_needs_labels(mlp):
+    model, x, _ = mlp
+    refuses(model, x, None, ValueError, names_argument("y"), kind="empirical")
+
+
+def test_integer_inputs(mlp):
+    model, x, y = mlp
+    refuses(model, (x * 3).round().long(), y, (TypeError, ValueError), names_argument("x"))
+
+
+def test_non_finite_logits_name_the_sample(mlp):
+    model, x, y = mlp
+    x[11] = 1.7e308 * torch.sign(model.fc1.weight[0].detach())
+    assert not torch.isfinite(model(x)[11]).all()
+    refuses(model, x, y, ValueError, r"(?<!\d)11(?!\d)")
+
+
+def test_non_finite_parameter_is_named(mlp):
+    model, x, y = mlp
+    with torch.no_grad():
+        model.fc1.bias[0] = float("nan")
+    refuses(model, x, y, ValueError, r"fc1\.bias")
+
+
+def test_batchnorm_in_train_mode_is_refused():
+    model = make_model("norm").train()
+    x, y = make_data("norm")
+    refuses(model, x, y, ValueError, r"(?i)batch\s*norm|\beval\b")
+    assert model.training
+
+
+def test_fallback_model_warns():
+    model = make_model("scaleshift")
+    x, _ = make_data("scaleshift")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with pytest.warns(UserWarning, match=SPECS["scaleshift"].fallback):
+            fx.per_sample_fisher(model, x, kind="true", quantity="trace", loss="cross_entropy")
