@@ -174,8 +174,8 @@ class LinearLayer(Layer):
 
     def factors(self):
         """(a [N, T, I], delta [K, N, T, O]) in linear form, uses concatenated along T."""
-        a = torch.cat([self.linear_input(inp[0]) for inp in self.inputs], dim=1)
-        d = torch.cat([self._delta(dz) for dz in self.dz], dim=2)
+        a = _cat([self.linear_input(inp[0]) for inp in self.inputs], dim=1)
+        d = _cat([self._delta(dz) for dz in self.dz], dim=2)
         return a, d
 
     def group_factors(self):
@@ -196,16 +196,21 @@ class LinearLayer(Layer):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def diag(self, wk):
-        out = []
-        groups = self.group_factors()
-        if self.has_weight:
-            rows = []
-            for a, d in groups:
-                rows.append(sum(wk[k] * ops.linear_sq_grad(a, d[k]) for k in range(d.shape[0])))
-            out.append(torch.cat(rows, dim=0).view_as(self.module.weight))
-        if self.has_bias:
-            out.append(torch.cat([torch.einsum("k,kno->o", wk, d.sum(2) ** 2) for _, d in groups]))
-        return out
+        weight_rows, bias = [], []
+        for a, d in self.group_factors():
+            if a.shape[1] == 1:
+                # T = 1: g_nk = δ_nk a_nᵀ, so Σ_k w_k g_nk² = s_n (a_n²)ᵀ with s_n = Σ_k w_k δ_nk²:
+                # one GEMM per layer whatever the number K of backpropagated directions.
+                s = torch.einsum("k,kno->no", wk, d[:, :, 0] ** 2)
+                if self.has_weight:
+                    weight_rows.append(s.T @ a[:, 0] ** 2)
+                bias.append(s.sum(0))
+            else:
+                if self.has_weight:
+                    weight_rows.append(sum(wk[k] * ops.linear_sq_grad(a, d[k]) for k in range(d.shape[0])))
+                bias.append(torch.einsum("k,kno->o", wk, d.sum(2) ** 2))
+        out = [torch.cat(weight_rows).view_as(self.module.weight)] if self.has_weight else []
+        return out + ([torch.cat(bias)] if self.has_bias else [])
 
     def gram(self):
         K = 0
@@ -237,8 +242,8 @@ class EmbeddingLayer(Layer):
     """nn.Embedding: sample n's gradient of row v is the sum of dz over the positions holding index v."""
 
     def _factors(self):
-        idx = torch.cat([inp[0].reshape(inp[0].shape[0], -1) for inp in self.inputs], dim=1)  # [N, T]
-        d = torch.cat([dz.reshape(dz.shape[0], dz.shape[1], -1, dz.shape[-1]) for dz in self.dz], dim=2)
+        idx = _cat([inp[0].reshape(inp[0].shape[0], -1) for inp in self.inputs], dim=1)  # [N, T]
+        d = _cat([dz.reshape(dz.shape[0], dz.shape[1], -1, dz.shape[-1]) for dz in self.dz], dim=2)
         pad = self.module.padding_idx
         valid = torch.ones_like(idx, dtype=torch.bool) if pad is None else idx != pad
         return idx, d, valid
@@ -342,6 +347,10 @@ class FallbackLayer(Layer):
         return total
 
 
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def _layer_for(name: str, module: nn.Module, params) -> Layer:
     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d):
         return LinearLayer(name, module, params)
@@ -421,7 +430,11 @@ class Capture:
     def backward(self, output: torch.Tensor, cotangents: torch.Tensor) -> None:
         """Backpropagates K cotangents [K, *output.shape] in one batched pass into every layer's dz."""
         zs = [z for layer in self.layers for z in layer.outputs]
-        grads = torch.autograd.grad(output, zs, cotangents, is_grads_batched=True, allow_unused=True)
+        if cotangents.shape[0] == 1:  # a plain backward pass is cheaper than a vmapped one
+            grads = torch.autograd.grad(output, zs, cotangents[0], allow_unused=True)
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        else:
+            grads = torch.autograd.grad(output, zs, cotangents, is_grads_batched=True, allow_unused=True)
         it = iter(grads)
         for layer in self.layers:
             layer.dz = []

@@ -1,4 +1,4 @@
-r"""Diagonal empirical Fisher of an MLP on scikit-learn's digits, two ways: ``python -m fisherext.demo``.
+r"""Diagonal empirical Fisher of an MLP on scikit-learn's digits, two ways, then the true Fisher\n(diag and K-FAC) and per-input traces: ``python -m fisherext.demo``.
 
 The model is an MLP 64-256-256-10 (ReLU, seeded, eval mode) on all N = 1797 digits (pixels / 16).
 With the per-sample loss :math:`\ell_n = -\log p(y_n \mid x_n, \theta)` (cross entropy with the data
@@ -8,11 +8,9 @@ label) and :math:`g_n = \nabla_\theta \ell_n`, the diagonal empirical Fisher is
 
 -- the mean of squared per-sample gradients, not the square of the batch-mean gradient.
 
-(a) Hooks. One forward and one backward pass of the summed loss :math:`\sum_n \ell_n`: summing (not
-averaging) keeps the output gradient :math:`\delta_n = \partial \ell_n / \partial z_n` of each
-nn.Linear (:math:`z_n = W a_n + b`) exactly sample n's own. Sample n's weight gradient is
-:math:`\delta_n a_n^\top` and its bias gradient :math:`\delta_n`, so the weight diagonal is
-``fisherext.ops.linear_sq_grad(a, delta, weight=1/N)`` and the bias diagonal ``(delta**2).mean(0)``.
+(a) ``fisherext.fisher(model, (x, y), kind="empirical", structure="diag")``: forward hooks capture each
+layer's input and output gradient, and the fused kernel ``fisherext.ops.linear_sq_grad`` sums the
+squared per-sample gradients without forming them.
 
 (b) Loop. One autograd pass per sample (batch size 1), squaring and averaging its gradient.
 
@@ -48,51 +46,14 @@ def build_mlp(seed: int = SEED) -> nn.Sequential:
     ).eval()
 
 
-def fisher_diag_by_hooks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """diag F per parameter name, from each nn.Linear's captured input ``a`` and output gradient ``delta``."""
-    captured = {}  # nn.Linear -> {"a": input, "delta": output gradient}
-
-    def capture(layer, inputs, output):
-        captured[layer] = {"a": inputs[0].detach()}
-        # A tensor hook on the output, not a module backward hook: the first layer's input needs no
-        # gradient, and module backward hooks then fire with a warning instead of plainly.
-        output.register_hook(lambda grad: captured[layer].__setitem__("delta", grad.detach()))
-
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    handles = [layer.register_forward_hook(capture) for layer in layers.values()]
-    try:
-        loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
-        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    per_sample_mean = torch.full((x.shape[0],), 1.0 / x.shape[0])
-    fisher = {}
-    for name, layer in layers.items():
-        a, delta = captured[layer]["a"], captured[layer]["delta"]
-        fisher[f"{name}.weight"] = fisherext.ops.linear_sq_grad(a, delta, weight=per_sample_mean)
-        if layer.bias is not None:
-            fisher[f"{name}.bias"] = (delta * delta).mean(0)
-    return fisher
-
-
-def fisher_diag_by_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """diag F per parameter name, one autograd pass per sample."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
+def fisher_diag_by_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """diag F as a flat vector, one autograd pass per sample (the per-sample loop users write by hand)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fisher = torch.zeros(sum(p.numel() for p in params))
     for n in range(x.shape[0]):
         loss = nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1])
-        for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
-            fisher[name] += g * g
-    return {name: f / x.shape[0] for name, f in fisher.items()}
-
-
-def max_relative_difference(result: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
-    """Largest over parameters of max |result - expected| / max |expected| (each tensor on its own scale)."""
-    if result.keys() != expected.keys():
-        raise ValueError(f"parameters differ: {sorted(result)} vs {sorted(expected)}")
-    return max(((result[k] - expected[k]).abs().max() / expected[k].abs().max()).item() for k in expected)
+        fisher += fisherext.utils.flatten(torch.autograd.grad(loss, params)) ** 2
+    return fisher / x.shape[0]
 
 
 def timed(fn, *args):
@@ -104,19 +65,26 @@ def timed(fn, *args):
 def main() -> int:
     x, y = load_digits_tensors()
     model = build_mlp()
-    fisher_diag_by_hooks(model, x, y)  # warm-up: first-touch page faults and lazy init are not the method's
-    by_hooks, hooks_s = timed(fisher_diag_by_hooks, model, x, y)
-    by_loop, loop_s = timed(fisher_diag_by_loop, model, x, y)
-    difference = max_relative_difference(by_hooks, by_loop)
-    num_params = sum(f.numel() for f in by_loop.values())
+    data = (x, y)
+    fisherext.fisher(model, data, kind="empirical")  # warm-up: first-touch page faults and lazy init
+    fast, fast_s = timed(lambda: fisherext.fisher(model, data, kind="empirical").diag())
+    slow, loop_s = timed(fisher_diag_by_loop, model, x, y)
+    difference = ((fast - slow).abs().max() / slow.abs().max()).item()
     agree = difference <= REL_TOLERANCE
 
-    print(f"diagonal empirical Fisher, MLP 64-256-256-10 on digits: P = {num_params}, N = {x.shape[0]}")
-    print(f"  hooks + fisherext.ops.linear_sq_grad: {hooks_s * 1e3:8.1f} ms")
-    print(f"  per-sample autograd loop:             {loop_s * 1e3:8.1f} ms")
-    print(f"  speedup: {loop_s / hooks_s:.1f}x")
+    print(f"diagonal empirical Fisher, MLP 64-256-256-10 on digits: P = {slow.numel()}, N = {x.shape[0]}")
+    print(f"  fisherext.fisher(kind='empirical'): {fast_s * 1e3:8.1f} ms")
+    print(f"  per-sample autograd loop:           {loop_s * 1e3:8.1f} ms")
+    print(f"  speedup: {loop_s / fast_s:.1f}x")
     print(f"  max relative difference: {difference:.2e} (tolerance {REL_TOLERANCE:.0e}): "
           + ("agree" if agree else "DISAGREE"))
+    for kind, structure in (("true", "diag"), ("true", "kfac")):
+        F, seconds = timed(lambda: fisherext.fisher(model, data, kind=kind, structure=structure))
+        print(f"  fisherext.fisher(kind={kind!r}, structure={structure!r}): {seconds * 1e3:8.1f} ms, "
+              f"trace {F.trace():.4g}")
+    traces, seconds = timed(lambda: fisherext.per_sample_fisher(model, x, kind="true", quantity="trace"))
+    print(f"  per-input tr(F_n) for all {x.shape[0]} inputs: {seconds * 1e3:8.1f} ms "
+          f"(mean {traces.mean():.4g}, max {traces.max():.4g})")
     return 0 if agree else 1
 
 
