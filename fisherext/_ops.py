@@ -162,8 +162,9 @@ def linear_sq_grad(a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor | 
 
     With ``delta`` the gradients of the per-sample negative log-likelihoods and ``w = 1/N``, ``S`` is the
     diagonal of the empirical Fisher ``F = (1/N) sum_n g_n g_n^T`` for the layer's weight (not the
-    square of the summed gradient). For T = 1 this is one GEMM, ``(w delta^2)^T a^2``; for T > 1 the
-    per-sample gradients are formed a cache-sized chunk at a time and never all stored.
+    square of the summed gradient). For T = 1 this is one GEMM, ``(w delta^2)^T a^2``; for T > 1 each
+    per-sample gradient is formed one register (CPU) or shared-memory (CUDA) tile at a time, squared
+    into ``S`` and never stored.
 
     Args:
         a: layer inputs, [N, I] or [N, T, I].

@@ -58,7 +58,8 @@ LINEAR_CASES = [
     (7, None, 13, 5),
     (7, 1, 13, 5),        # explicit T = 1
     (129, 3, 7, 129),     # O = 129 crosses 32/64/128-wide tiles
-    (33, 5, 129, 129),    # O*I = 16641: the CPU sq-grad chunk holds 15 samples, so 3 chunks
+    (33, 5, 129, 129),    # full and ragged CPU sq-grad register tiles in both O and I
+    (9, 4, 64, 24),       # I, O multiples of every CPU sq-grad tile width: a and delta read in place
     (1000, 2, 17, 3),
 ]
 
