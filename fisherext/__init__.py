@@ -5,7 +5,7 @@ The compiled kernels live in ``fisherext._C`` and are reached through ``torch.op
 """
 import torch  # noqa: F401  (must be imported before the extension is loaded)
 
-from . import ops, reference, utils
+from . import gaussian, ops, reference, utils
 from ._ops import build_info
 from .fisher import fisher
 from .fisher_matrix import FisherMatrix
@@ -13,4 +13,4 @@ from .measures import per_sample_fisher
 
 __version__ = "0.1.0"
 
-__all__ = ["FisherMatrix", "build_info", "fisher", "ops", "per_sample_fisher", "reference", "utils", "__version__"]
+__all__ = ["FisherMatrix", "build_info", "fisher", "gaussian", "ops", "per_sample_fisher", "reference", "utils", "__version__"]
