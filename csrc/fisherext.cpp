@@ -7,6 +7,13 @@
 //   csrc/cuda/fisher_accum_cuda.cu   CUDA kernels
 //   fisherext/_ops.py                fakes and Python wrappers
 //   fisherext/reference.py           pure-PyTorch twins
+//
+// Kernel family K2 (perturb): finite differences in parameter space. Parameters are set to
+// theta_saved ± eps v for all tensors at once (and restored by a bitwise copy, torch._foreach_copy_),
+// and the logits at theta ± eps v are reduced per sample to the central-difference Fisher quadratic.
+//   csrc/cpu/perturb_cpu.cpp         CPU kernels
+//   csrc/cuda/perturb_cuda.cu        CUDA kernels (one launch over the lists: csrc/cuda/multi_tensor_apply.cuh)
+//   csrc/perturb_common.h            checks and the per-row math shared by both
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -24,6 +31,16 @@ TORCH_LIBRARY(fisherext, m) {
       "float beta=1.0) -> ()");
   // K_n = J_n J_n^T [N, C, C] with J_n[c] = vec(sum_t delta_nct a_nt^T); delta [N, C, (T,) O].
   m.def("class_gram(Tensor a, Tensor delta) -> Tensor");
+  // out[i] <- x[i] + eps * v[i] for every entry i of the lists (contiguous; entry i of each list has
+  // the same dtype and numel), in one pass over all of them.
+  m.def("axpy_list_(Tensor(a!)[] out, Tensor[] x, Tensor[] v, float eps) -> ()");
+  // Logits [N, C] at theta + eps v, theta - eps v (and theta) -> per sample n, all [N]:
+  //   quad     = sum_c (log p+_c - log p-_c)(p+_c - p-_c) / (2 eps)^2   (central-difference v^T F_n v)
+  //   kl_plus  = KL(p0 || p+), kl_minus = KL(p0 || p-)   with logits_0,
+  //            = KL(p- || p+),            = KL(p+ || p-)   without.
+  m.def(
+      "fd_fisher_reduce(Tensor logits_plus, Tensor logits_minus, Tensor? logits_0, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -69,3 +69,28 @@ def class_gram(a, delta):
     D = _compute(_positions(delta, 4))
     J = torch.einsum("ncto,nti->ncoi", D, A).flatten(2)
     return (J @ J.transpose(1, 2)).to(a.dtype)
+
+
+def axpy_list(out, x, v, eps):
+    """Twin of ``axpy_list_``: returns [x_i + eps v_i] in the compute dtype, rounded to out_i's dtype and shape."""
+    return [(_compute(xi) + eps * _compute(vi)).reshape(o.shape).to(o.dtype) for o, xi, vi in zip(out, x, v)]
+
+
+def _kl(log_p, log_q):
+    """KL(p || q) per row from log-probabilities [N, C]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def fd_fisher_reduce(logits_plus, logits_minus, logits_0, eps):
+    """Twin of ``fd_fisher_reduce``: (quad, kl_plus, kl_minus) from explicit log-softmaxes, compute dtype.
+
+    quad = sum_c (log p+ - log p-)(p+ - p-) / (2 eps)^2; the KLs are KL(p0 || p±) with logits_0, else
+    KL(p- || p+) and KL(p+ || p-).
+    """
+    log_plus = torch.log_softmax(_compute(logits_plus), -1)
+    log_minus = torch.log_softmax(_compute(logits_minus), -1)
+    quad = ((log_plus - log_minus) * (log_plus.exp() - log_minus.exp())).sum(-1) / (2 * eps) ** 2
+    if logits_0 is None:
+        return quad, _kl(log_minus, log_plus), _kl(log_plus, log_minus)
+    log_0 = torch.log_softmax(_compute(logits_0), -1)
+    return quad, _kl(log_0, log_plus), _kl(log_0, log_minus)

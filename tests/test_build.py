@@ -6,7 +6,10 @@ import torch
 
 import fisherext
 
-EXPECTED_OPS = {"linear_sq_grad", "linear_outer_accum_", "sym_outer_accum_", "class_gram"}
+EXPECTED_OPS = {
+    "linear_sq_grad", "linear_outer_accum_", "sym_outer_accum_", "class_gram",  # K1 fisher_accum
+    "axpy_list_", "fd_fisher_reduce",  # K2 perturb
+}
 
 
 def test_build_info_reports_versions_and_ops():

@@ -1,0 +1,445 @@
+"""K2 ops (perturb family): compiled op == pure-PyTorch twin == independent computation, opcheck, and bad
+input rejected with a clear error naming the op and the argument (wrapper, compiled op, fake kernel).
+
+Sizes cross the kernels' boundaries: CPU work items of 32768 elements; CUDA chunks of 65536 elements,
+76 tensors and 320 chunks per launch of the multi-tensor kernel (csrc/cuda/multi_tensor_apply.cuh);
+one warp of 32 lanes per logit row.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+
+import fisherext.reference as ref
+from conftest import assert_close
+from fisherext import ops
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+def randn(shape, dtype, device, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def tensor_lists(shapes, dtype, device, seed=0):
+    """(out, x, v) lists of the given shapes; out starts as garbage that the op must overwrite."""
+    return tuple([randn(s, dtype, device, seed + 1000 * k + i) for i, s in enumerate(shapes)] for k in range(3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# axpy_list_
+
+SIZES = [(1,), (7,), (3, 43), (65537,)]  # 65537 crosses a CUDA chunk and two CPU work items
+LIST_CASES = {
+    "one": [(1,)],
+    "three": [(7,), (3, 43), (65537,)],
+    "130": [SIZES[i % 4] for i in range(130)],  # more tensors than one CUDA launch holds (76)
+}
+
+
+@pytest.mark.parametrize("eps", [0.37, -1e-3])
+@pytest.mark.parametrize("case", list(LIST_CASES))
+def test_axpy_list(case, eps, device, dtype):
+    out, x, v = tensor_lists(LIST_CASES[case], dtype, device)
+    x_before, v_before = [t.clone() for t in x], [t.clone() for t in v]
+    returned = ops.axpy_list_(out, x, v, eps)
+    assert returned is out
+    for o, xi, vi in zip(out, x, v):
+        assert_close(o, (xi.double() + eps * vi.double()).to(dtype))
+    for o, twin in zip(out, ref.axpy_list(out, x, v, eps)):
+        assert_close(o, twin)
+    assert all(map(torch.equal, x, x_before)) and all(map(torch.equal, v, v_before))
+
+
+def test_axpy_list_in_place_on_x_or_v(device, dtype):
+    """out may be x itself (theta += eps v) or v itself."""
+    _, x, v = tensor_lists(LIST_CASES["three"], dtype, device)
+    expected = [xi + 0.5 * vi for xi, vi in zip(x, v)]
+    on_x = [t.clone() for t in x]
+    ops.axpy_list_(on_x, on_x, v, 0.5)
+    on_v = [t.clone() for t in v]
+    ops.axpy_list_(on_v, x, on_v, 0.5)
+    for a, b, e in zip(on_x, on_v, expected):
+        assert_close(a, e)
+        assert_close(b, e)
+
+
+def test_axpy_list_pairs_elements_in_memory_order(device):
+    """Entry i needs the same numel, not the same shape: a direction from a flat vector fits any parameter."""
+    x = [randn((4, 3), torch.float64, device, 1), randn((5,), torch.float64, device, 2)]
+    vec = randn((17,), torch.float64, device, 3)
+    v = [vec[:12], vec[12:]]  # flat views
+    out = [torch.empty_like(t) for t in x]
+    ops.axpy_list_(out, x, v, 2.0)
+    assert_close(out[0], x[0] + 2.0 * vec[:12].view(4, 3))
+    assert_close(out[1], x[1] + 2.0 * vec[12:])
+
+
+def test_axpy_list_mixed_dtypes(device):
+    """Entries of one list may differ in dtype (one CUDA launch sequence per dtype)."""
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.bfloat16]
+    x = [randn((129,), dt, device, i) for i, dt in enumerate(dtypes)]
+    v = [randn((129,), dt, device, 10 + i) for i, dt in enumerate(dtypes)]
+    out = [torch.empty_like(t) for t in x]
+    ops.axpy_list_(out, x, v, -0.25)
+    for o, twin in zip(out, ref.axpy_list(out, x, v, -0.25)):
+        assert o.dtype == twin.dtype
+        assert_close(o, twin)
+
+
+@pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
+def test_axpy_list_low_precision_rounds_once(low, device):
+    """Computed in float32 and rounded once: within half an ulp of the exact value (2^-p relative, p the
+    significand bits), plus float32 rounding far below the smallest half-precision step."""
+    out, x, v = tensor_lists(LIST_CASES["three"], low, device)
+    ops.axpy_list_(out, x, v, 1e-2)
+    bits = {torch.float16: 11, torch.bfloat16: 8}[low]
+    for o, xi, vi in zip(out, x, v):
+        assert o.dtype == low
+        exact = xi.double() + 1e-2 * vi.double()
+        torch.testing.assert_close(o.double(), exact, rtol=1.01 * 2.0**-bits, atol=2.0**-24)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_axpy_list_cuda_metadata_boundaries():
+    """75 one-element tensors, then one of 301 chunks that fills the 76th slot and overflows the 320
+    chunks of a launch (its last 56 chunks carry over to the next launch), then 60 more tensors."""
+    chunk = 65536
+    shapes = [(1,)] * 75 + [(300 * chunk + 3,)] + [(7,)] * 60
+    out, x, v = tensor_lists(shapes, torch.float32, "cuda")
+    ops.axpy_list_(out, x, v, 0.125)
+    for o, xi, vi in zip(out, x, v):
+        assert_close(o, xi + 0.125 * vi)
+
+
+def test_perturb_then_copy_restores_bitwise(device, dtype):
+    """theta <- theta_saved ± eps v, then a copy back from the saved tensors restores every bit; undoing
+    the step by arithmetic (the seeds' +eps, -2 eps, +eps) would not."""
+    params, _, v = tensor_lists(LIST_CASES["130"], dtype, device)
+    saved = [p.clone() for p in params]
+    ops.axpy_list_(params, saved, v, 1e-3)
+    ops.axpy_list_(params, saved, v, -1e-3)
+    torch._foreach_copy_(params, saved)
+    assert all(map(torch.equal, params, saved))
+
+    ops.axpy_list_(params, params, v, 1e-3)
+    ops.axpy_list_(params, params, v, -1e-3)
+    assert not all(map(torch.equal, params, saved)), "arithmetic undo was expected to drift"
+
+
+# ---------------------------------------------------------------------------------------------------
+# fd_fisher_reduce
+
+
+def kl(p_logits, q_logits):
+    """KL(p || q) per row in float64, by torch.nn.functional.kl_div."""
+    log_p = torch.log_softmax(p_logits.double(), -1)
+    log_q = torch.log_softmax(q_logits.double(), -1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+
+
+def fd_expected(lp, lm, l0, eps):
+    """The three outputs in float64 from the defining formulas."""
+    p_plus, p_minus = torch.softmax(lp.double(), -1), torch.softmax(lm.double(), -1)
+    quad = ((p_plus.log() - p_minus.log()) * (p_plus - p_minus)).sum(-1) / (2 * eps) ** 2
+    if l0 is None:
+        return quad, kl(lm, lp), kl(lp, lm)
+    return quad, kl(l0, lp), kl(l0, lm)
+
+
+def logits(N, C, dtype, device, with_base, seed=0):
+    """Three unrelated logit rows (scale 3): the op is exact for any logits, not just nearby ones."""
+    lp, lm, l0 = (randn((N, C), dtype, device, seed + k, scale=3.0) for k in range(3))
+    return lp, lm, (l0 if with_base else None)
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["no-base", "base"])
+@pytest.mark.parametrize("C", [1, 2, 10, 1000, 1025])  # below, at and across multiples of the 32 lanes
+@pytest.mark.parametrize("N", [1, 7, 1000])
+def test_fd_fisher_reduce(N, C, with_base, device, dtype):
+    lp, lm, l0 = logits(N, C, dtype, device, with_base)
+    eps = 0.25
+    got = ops.fd_fisher_reduce(lp, lm, l0, eps)
+    expected = fd_expected(lp, lm, l0, eps)
+    twin = ref.fd_fisher_reduce(lp, lm, l0, eps)
+    for g, e, t in zip(got, expected, twin):
+        assert g.shape == (N,) and g.dtype == dtype and g.device == lp.device
+        assert_close(g, e.to(dtype))
+        assert_close(t, e.to(dtype))
+    if C == 1:
+        assert all(torch.all(g == 0) for g in got), "one class: p = 1 everywhere, nothing moves"
+
+
+def test_fd_fisher_reduce_noncontiguous_logits(device, dtype):
+    lp, lm, l0 = logits(10, 7, dtype, device, True)
+    got = ops.fd_fisher_reduce(lp.T.contiguous().T, lm[:, :], l0.T.contiguous().T, 0.1)
+    for g, e in zip(got, fd_expected(lp, lm, l0, 0.1)):
+        assert_close(g, e.to(dtype))
+
+
+def test_fd_fisher_reduce_symmetric_kl_identity(device, dtype):
+    """Without logits_0: KL(p- || p+) + KL(p+ || p-) = (2 eps)^2 quad exactly (the same sum)."""
+    lp, lm, _ = logits(33, 17, dtype, device, False)
+    quad, kl_plus, kl_minus = ops.fd_fisher_reduce(lp, lm, None, 0.05)
+    assert_close(kl_plus + kl_minus, (2 * 0.05) ** 2 * quad)
+    assert torch.all(kl_plus >= 0) and torch.all(kl_minus >= 0)
+
+
+def test_fd_fisher_reduce_huge_logits_are_stable(device, dtype):
+    """Max subtraction: logits around ±1e4 (exp overflows in any dtype) give the results of the same
+    logits around 0, as softmax is invariant to a per-row shift. Logits on a 2^-8 grid, so that the
+    shifted ones are exact in float32 too."""
+    lp, lm, l0 = (torch.round(t * 256) / 256 for t in logits(6, 40, dtype, device, True))
+    shift = 1e4 * torch.tensor([1.0, -1.0], dtype=dtype, device=device).repeat(3)[:, None]
+    for base in (l0, None):
+        shifted = ops.fd_fisher_reduce(lp + shift, lm + shift, None if base is None else base + shift, 0.1)
+        for s, e in zip(shifted, ops.fd_fisher_reduce(lp, lm, base, 0.1)):
+            assert torch.all(torch.isfinite(s))
+            assert_close(s, e)
+
+
+@pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
+def test_fd_fisher_reduce_low_precision(low, device):
+    lp, lm, l0 = logits(64, 100, low, device, True)
+    got = ops.fd_fisher_reduce(lp, lm, l0, 0.5)
+    for g, e in zip(got, fd_expected(lp, lm, l0, 0.5)):
+        assert g.dtype == torch.float32, "outputs stay in the compute dtype"
+        assert_close(g, e, dtype=low)
+
+
+def test_outputs_are_not_differentiable(device):
+    """Both ops are for finite differences under no_grad: no output carries a grad_fn."""
+    model = torch.nn.Linear(3, 4).to(device)
+    params = list(model.parameters())
+    ops.axpy_list_(params, [p.detach().clone() for p in params], [torch.ones_like(p) for p in params], 0.1)
+    assert all(p.grad_fn is None and p.requires_grad for p in params)
+    out = model(torch.randn(5, 3, device=device))
+    assert out.requires_grad
+    assert not any(o.requires_grad for o in ops.fd_fisher_reduce(out, out + 1.0, out, 0.1))
+
+
+# ---- the estimate: v^T F_n v of a model from logits at theta ± eps v ----
+
+
+def exact_quad(logits0, jv):
+    """v^T F_n v = (J v)^T Lambda (J v), Lambda = diag(p) - p p^T, per sample."""
+    p = torch.softmax(logits0, -1)
+    return (p * jv**2).sum(-1) - (p * jv).sum(-1) ** 2
+
+
+def fd_at(model, x, v, eps):
+    """fd_fisher_reduce of model(x) at theta ± eps v (all parameter tensors at once), restoring theta."""
+    params = list(model.parameters())
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        try:
+            ops.axpy_list_(params, saved, v, eps)
+            plus = model(x)
+            ops.axpy_list_(params, saved, v, -eps)
+            minus = model(x)
+        finally:
+            torch._foreach_copy_(params, saved)
+        assert all(map(torch.equal, params, saved))
+        return ops.fd_fisher_reduce(plus, minus, model(x), eps)
+
+
+def test_fd_quad_converges_at_second_order(device):
+    """Linear model f(x) = W x + b: the error of quad against the exact v^T J^T Lambda J v shrinks 4x when
+    eps halves (central difference, O(eps^2)); so do those of (KL+ + KL-)/eps^2 (odd orders cancel),
+    while each KL alone, 2 KL/eps^2, converges at first order (2x)."""
+    torch.manual_seed(0)
+    N, D, C = 50, 6, 5
+    model = torch.nn.Linear(D, C).to(torch.float64).to(device)
+    x = torch.randn(N, D, dtype=torch.float64, device=device)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    with torch.no_grad():
+        exact = exact_quad(model(x), x @ v[0].T + v[1])
+
+    def errors(eps):
+        quad, kl_plus, kl_minus = fd_at(model, x, v, eps)
+        return ((quad - exact).abs().sum(), ((kl_plus + kl_minus) / eps**2 - exact).abs().sum(),
+                (2 * kl_plus / eps**2 - exact).abs().sum())
+
+    coarse, fine = errors(2e-2), errors(1e-2)
+    quad_ratio, sym_ratio, one_sided_ratio = (c / f for c, f in zip(coarse, fine))
+    assert 3.6 < quad_ratio < 4.4
+    assert 3.6 < sym_ratio < 4.4
+    assert 1.7 < one_sided_ratio < 2.3
+    assert fine[0] / exact.abs().sum() < 1e-3
+
+
+def test_fd_quad_perturbs_all_tensors_at_once(device):
+    """On an MLP, one joint perturbation gives the full v^T F_n v, cross-layer blocks included (exact by
+    torch.func.jvp); perturbing one tensor at a time, as seed 001 does, sums only the diagonal blocks."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = model.to(torch.float64).to(device)
+    x = torch.randn(20, 4, dtype=torch.float64, device=device)
+    params = dict(model.named_parameters())
+    v = [torch.randn_like(p) for p in params.values()]
+    with torch.no_grad():
+        logits0, jv = jvp(lambda *ps: functional_call(model, dict(zip(params, ps)), (x,)),
+                          tuple(params.values()), tuple(v))
+    exact = exact_quad(logits0, jv)
+    quad, _, _ = fd_at(model, x, v, 1e-4)
+    assert_close(quad, exact, dtype=torch.float32)  # O(eps^2) = 1e-8 relative truncation error
+
+    one_at_a_time = sum(
+        fd_at(model, x, [vi if j == i else torch.zeros_like(vi) for j, vi in enumerate(v)], 1e-4)[0]
+        for i in range(len(v)))
+    assert (one_at_a_time - exact).abs().max() > 1e-2 * exact.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------
+# opcheck, torch.compile, bad input
+
+
+def opcheck_cases(device):
+    f = torch.ops.fisherext
+    lists = tensor_lists([(3, 4), (5,), (65537,)], torch.float32, device)
+    mixed = ([torch.zeros(3, device=device), torch.zeros(2, dtype=torch.float64, device=device)],
+             [torch.ones(3, device=device), torch.ones(2, dtype=torch.float64, device=device)],
+             [torch.ones(3, device=device), torch.ones(2, dtype=torch.float64, device=device)])
+    lp, lm, l0 = logits(9, 37, torch.float32, device, True)
+    return [
+        (f.axpy_list_.default, (*lists, 0.5)),
+        (f.axpy_list_.default, (*mixed, -2.0)),
+        (f.fd_fisher_reduce.default, (lp, lm, l0, 0.1)),
+        (f.fd_fisher_reduce.default, (lp, lm, None, 0.1)),
+        (f.fd_fisher_reduce.default, (lp.half(), lm.half(), None, 0.1)),
+        (f.fd_fisher_reduce.default, (lp.clone().requires_grad_(), lm, l0, 0.1)),  # autograd registration
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(case, device):
+    op, args = opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_sees_fakes():
+    """torch.compile traces both ops through their fakes (the in-place list op functionalized)."""
+
+    def step(params, saved, v, x):
+        ops.axpy_list_(params, saved, v, 1e-2)
+        plus = x @ params[0]
+        ops.axpy_list_(params, saved, v, -1e-2)
+        minus = x @ params[0]
+        return ops.fd_fisher_reduce(plus, minus, None, 1e-2)
+
+    saved = [torch.randn(4, 3, dtype=torch.float64)]
+    v = [torch.randn(4, 3, dtype=torch.float64)]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    p_eager, p_compiled = [saved[0].clone()], [saved[0].clone()]
+    for a, b in zip(compiled(p_compiled, saved, v, x), step(p_eager, saved, v, x)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(p_compiled[0], p_eager[0])
+
+
+def t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def ts(*sizes, dtype=torch.float32):
+    return [t(n, dtype=dtype) for n in sizes]
+
+
+# (op name, args, exception type, substring the message must contain)
+BAD = [
+    ("axpy_list_", lambda: ([], [], [], 1.0), ValueError, "'out' is an empty list"),
+    ("axpy_list_", lambda: (ts(3), [], ts(3), 1.0), ValueError, "'x' is an empty list"),
+    ("axpy_list_", lambda: (ts(3, 4), ts(3), ts(3, 4), 1.0), ValueError, "'x' has 1 tensors but 'out' has 2"),
+    ("axpy_list_", lambda: (ts(3, 4), ts(3, 4), ts(3, 4, 5), 1.0), ValueError, "'v' has 3 tensors"),
+    ("axpy_list_", lambda: (ts(3, 4), ts(3, 5), ts(3, 4), 1.0), ValueError, "'x\\[1\\]' has 5 elements"),
+    ("axpy_list_", lambda: (ts(3, 4), ts(3, 4), [t(3), t(2, 3)], 1.0), ValueError, "'v\\[1\\]' has 6 elements"),
+    ("axpy_list_", lambda: (ts(3), ts(3), ts(3, dtype=torch.float64), 1.0), TypeError, "'v\\[0\\]' has dtype"),
+    ("axpy_list_", lambda: (ts(3, 2), [t(3), t(2, dtype=torch.float64)], ts(3, 2), 1.0), TypeError, "'x\\[1\\]'"),
+    ("axpy_list_", lambda: ([torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)], ts(3), 1.0),
+     TypeError, "'out\\[0\\]' must be a floating-point tensor"),
+    ("axpy_list_", lambda: (ts(12), [t(4, 3).T], ts(12), 1.0), ValueError, "'x\\[0\\]' must be contiguous"),
+    ("axpy_list_", lambda: (ts(3), ts(3), ts(3), float("nan")), ValueError, "'eps' must be finite"),
+    ("axpy_list_", lambda: (ts(3), ts(3), ts(3), float("inf")), ValueError, "'eps' must be finite"),
+    ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 4), None, 0.1), ValueError, "'logits_minus' must have the shape"),
+    ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 3), t(4, 3), 0.1), ValueError, "'logits_0' must have the shape"),
+    ("fd_fisher_reduce", lambda: (t(5), t(5), None, 0.1), ValueError, "'logits_plus' must have shape \\[N, C\\]"),
+    ("fd_fisher_reduce", lambda: (t(2, 5, 3), t(2, 5, 3), None, 0.1), ValueError, "'logits_plus' must have shape"),
+    ("fd_fisher_reduce", lambda: (t(0, 3), t(0, 3), None, 0.1), ValueError, "'logits_plus' is empty"),
+    ("fd_fisher_reduce", lambda: (t(5, 0), t(5, 0), None, 0.1), ValueError, "'logits_plus' is empty"),
+    ("fd_fisher_reduce", lambda: (torch.ones(5, 3, dtype=torch.int64), t(5, 3), None, 0.1), TypeError,
+     "'logits_plus' must be a floating-point tensor"),
+    ("fd_fisher_reduce", lambda: (t(5, 3), torch.ones(5, 3, dtype=torch.int32), None, 0.1), TypeError,
+     "'logits_minus' must be a floating-point tensor"),
+    ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 3, dtype=torch.float64), None, 0.1), TypeError,
+     "'logits_minus' has dtype"),
+    ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 3), t(5, 3, dtype=torch.float16), 0.1), TypeError,
+     "'logits_0' has dtype"),
+    ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 3), None, 0.0), ValueError, "'eps' must be > 0"),
+    ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 3), None, -1e-3), ValueError, "'eps' must be > 0"),
+    ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 3), None, float("inf")), ValueError, "'eps' must be finite"),
+]
+
+
+def _to_meta(args):
+    def meta(a):
+        if isinstance(a, list):
+            return [meta(x) for x in a]
+        return a.to("meta") if isinstance(a, torch.Tensor) else a
+
+    return tuple(meta(a) for a in args)
+
+
+@pytest.mark.parametrize("path", ["wrapper", "compiled", "fake"])
+@pytest.mark.parametrize("name,make_args,exc,msg", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_names_the_argument(name, make_args, exc, msg, path):
+    args = make_args()
+    if path == "wrapper":
+        call = getattr(ops, name)
+    else:
+        call = getattr(torch.ops.fisherext, name)
+        if path == "fake":
+            args = _to_meta(args)
+    snapshot = [o.clone() for o in args[0]] if name.endswith("_") and path != "fake" else None
+    with pytest.raises(exc, match=msg) as info:
+        call(*args)
+    assert f"fisherext.{name}" in str(info.value)
+    if snapshot is not None:
+        assert all(map(torch.equal, args[0], snapshot)), "a rejected call must leave 'out' untouched"
+
+
+def test_device_mismatch_is_named():
+    """Any meta tensor sends the call to the fake kernel, which names the tensor on the other device."""
+    f = torch.ops.fisherext
+    with pytest.raises(ValueError, match=r"'out\[1\]' is on meta but 'out\[0\]' is on cpu"):
+        f.axpy_list_([t(3), t(2).to("meta")], ts(3, 2), ts(3, 2), 1.0)
+    with pytest.raises(ValueError, match=r"'x\[0\]' is on meta but 'out\[0\]' is on cpu"):
+        f.axpy_list_(ts(3), [t(3).to("meta")], ts(3), 1.0)
+    with pytest.raises(ValueError, match="'logits_0' is on meta"):
+        f.fd_fisher_reduce(t(5, 3), t(5, 3), t(5, 3).to("meta"), 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cross_device_is_named():
+    f = torch.ops.fisherext
+    with pytest.raises(ValueError, match=r"'v\[0\]' is on cpu but 'out\[0\]' is on cuda"):
+        f.axpy_list_([t(3).cuda()], [t(3).cuda()], ts(3), 1.0)
+    with pytest.raises(ValueError, match=r"'out\[1\]' is on cpu but 'out\[0\]' is on cuda"):
+        f.axpy_list_([t(3).cuda(), t(2)], [t(3).cuda(), t(2)], [t(3).cuda(), t(2)], 1.0)
+    with pytest.raises(ValueError, match="'logits_minus' is on cpu"):
+        f.fd_fisher_reduce(t(5, 3).cuda(), t(5, 3), None, 0.1)
+
+
+def test_wrapper_rejects_non_lists_and_bad_scalars():
+    with pytest.raises(TypeError, match="'x' must be a list of tensors"):
+        ops.axpy_list_(ts(3), t(3), ts(3), 1.0)
+    with pytest.raises(TypeError, match=r"'v\[1\]' must be a torch.Tensor"):
+        ops.axpy_list_(ts(3, 2), ts(3, 2), [t(3), [1.0, 2.0]], 1.0)
+    with pytest.raises(TypeError, match="'eps' must be a real number"):
+        ops.axpy_list_(ts(3), ts(3), ts(3), "1e-3")
+    with pytest.raises(TypeError, match="'logits_0' must be a torch.Tensor"):
+        ops.fd_fisher_reduce(t(5, 3), t(5, 3), [[0.0]], 0.1)
+    with pytest.raises(ValueError, match="'eps' must be finite"):
+        ops.fd_fisher_reduce(t(5, 3), t(5, 3), None, math.nan)
