@@ -10,7 +10,11 @@ from ._ops import build_info
 from .fisher import fisher
 from .fisher_matrix import FisherMatrix
 from .measures import per_sample_fisher
+from .perturb import fd_quadratic, fd_quadratic_directions, input_sensitivity, kl_vs_fisher, perturbed
 
 __version__ = "0.1.0"
 
-__all__ = ["FisherMatrix", "build_info", "fisher", "gaussian", "ops", "per_sample_fisher", "reference", "utils", "__version__"]
+__all__ = [
+    "FisherMatrix", "build_info", "fd_quadratic", "fd_quadratic_directions", "fisher", "gaussian", "input_sensitivity",
+    "kl_vs_fisher", "ops", "per_sample_fisher", "perturbed", "reference", "utils", "__version__",
+]
