@@ -27,3 +27,38 @@ def assert_close(actual, expected, dtype=None):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: statistical or larger tests (still run by default; deselect with -m 'not slow')")
+
+
+def _to_meta(a):
+    if isinstance(a, (list, tuple)):
+        return type(a)(_to_meta(x) for x in a)
+    return a.to("meta") if isinstance(a, torch.Tensor) else a
+
+
+def _clone(a):
+    return [x.clone() for x in a] if isinstance(a, list) else a.clone()
+
+
+def _equal(a, b):
+    return all(map(torch.equal, a, b)) if isinstance(a, list) else torch.equal(a, b)
+
+
+def check_bad_input(name, args, exc, msg, path):
+    """Calls op `name` through `path` ("wrapper": fisherext.ops, "compiled": torch.ops.fisherext,
+    "fake": torch.ops.fisherext on meta tensors) and checks the error names the op and the argument,
+    and that an in-place op left its output untouched."""
+    from fisherext import ops
+
+    if path == "wrapper":
+        call = getattr(ops, name)
+    else:
+        call = getattr(torch.ops.fisherext, name)
+        if path == "fake":
+            args = _to_meta(args)
+    snapshot = _clone(args[0]) if name.endswith("_") and path != "fake" else None
+    with pytest.raises(exc, match=msg) as info:
+        call(*args)
+    assert f"fisherext.{name}" in str(info.value)
+    if snapshot is not None:
+        assert _equal(args[0], snapshot), "a rejected call must leave 'out' untouched"
+
