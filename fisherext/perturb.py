@@ -64,11 +64,17 @@ class ParameterPerturbation:
 
     def __init__(self, selected):
         self.params = [p for _, p in selected]
-        self.saved = [p.detach().clone() for p in self.params]
+        self.saved = [p.detach().clone(memory_format=torch.contiguous_format) for p in self.params]
+        # The kernel takes contiguous tensors and pairs elements in memory order: a parameter stored
+        # otherwise (channels_last, a transposed Parameter) is computed into a contiguous scratch, then copied.
+        self.scratch = {i: torch.empty_like(s) for i, (p, s) in enumerate(zip(self.params, self.saved))
+                        if not p.is_contiguous()}
 
     def set(self, vs: list[torch.Tensor], eps: float):
         with torch.no_grad():
-            ops.axpy_list_([p.data for p in self.params], self.saved, vs, eps)
+            ops.axpy_list_([self.scratch.get(i, p.data) for i, p in enumerate(self.params)], self.saved, vs, eps)
+            for i, t in self.scratch.items():
+                self.params[i].data.copy_(t)
 
     def restore(self):
         with torch.no_grad():
@@ -76,7 +82,9 @@ class ParameterPerturbation:
 
 
 def _split(v, selected):
-    return [t.view_as(p).to(p.dtype) for t, (_, p) in zip(v.split([p.numel() for _, p in selected]), selected)]
+    # contiguous pieces (v may be a column of a matrix): the multi-tensor kernel pairs elements in memory order
+    return [t.view_as(p).to(p.dtype) for t, (_, p) in zip(v.contiguous().split([p.numel() for _, p in selected]),
+                                                          selected)]
 
 
 @contextmanager
@@ -164,8 +172,8 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
 def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, *, eps: float = 1e-3,
                             params=None) -> torch.Tensor:
     r"""Central-difference :math:`v_k^\top F_n v_k` for K directions ``V`` [K, P] over the same inputs:
-    Tensor [K, N]. The 2K perturbed models run as one batched forward (``functional_call`` under
-    ``vmap`` over stacked parameters) instead of 2K separate forwards."""
+    Tensor [K, N]. The K models at θ + εv_k run as one batched forward (``functional_call`` under
+    ``vmap`` over stacked parameters), and likewise the K at θ − εv_k, instead of 2K separate forwards."""
     eps = _eps(eps)
     check_batchnorm(model)
     selected = resolve_params(model, params)
@@ -177,16 +185,16 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
         raise ValueError("V: has non-finite entries")
     names = [n for n, _ in selected]
     base = {n: p.detach() for n, p in selected}
-    signed = torch.cat([V, -V])  # [2K, P]: +εv_k then -εv_k
 
-    def logits_at(v):
-        moved = {n: base[n] + eps * t for n, t in zip(names, _split(v, selected))}
+    def logits_at(v, step):
+        moved = {n: torch.add(base[n], t, alpha=step) for n, t in zip(names, _split(v, selected))}
         return functional_call(model, moved, (x,))
 
     with torch.no_grad():
-        out = vmap(logits_at)(signed)  # [2K, N, C]
+        plus = vmap(lambda v: logits_at(v, eps))(V)  # [K, N, C]
+        minus = vmap(lambda v: logits_at(v, -eps))(V)
     K, N = V.shape[0], x.shape[0]
-    quad, _, _ = ops.fd_fisher_reduce(out[:K].reshape(K * N, -1), out[K:].reshape(K * N, -1), None, eps)
+    quad, _, _ = ops.fd_fisher_reduce(plus.reshape(K * N, -1), minus.reshape(K * N, -1), None, eps)
     return quad.view(K, N)
 
 
@@ -214,7 +222,7 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
     """Fisher information sensitivity of every input coordinate (module docstring): [N, *x.shape[1:]].
 
     ``v``: [P] or [N, P]; default: the normalized gradient of the predicted class's log-probability,
-    per input. ``method="exact"`` uses forward-mode in θ and reverse-mode in x; ``"fd"`` central
+    per input. ``method="exact"`` uses forward mode in θ over reverse mode in x; ``"fd"`` central
     differences in θ (each input's own perturbed parameters, in one batched pass).
     """
     if method not in METHODS:
@@ -234,12 +242,16 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
     def exact(x_n, v_n):
         tangent = dict(zip(names, _split(v_n, selected)))
 
-        def rates(x_n):  # d/dε of p_c and of log p_c at ε = 0
-            lp, dlp = jvp(lambda w: log_probs(w, x_n), (base,), (tangent,))
-            return torch.stack([lp.exp() * dlp, dlp])
+        def grads_in_x(w):  # ∂x log p_c [C, *x] and log p_c [C] at parameters w
+            return jacrev(lambda x: (log_probs(w, x),) * 2, has_aux=True)(x_n)
 
-        J = jacrev(rates)(x_n)  # [2, C, *x]
-        return (J[0] * J[1]).sum(0)
+        # Forward mode in θ over reverse mode in x. Not jacrev over jvp: reverse-differentiating the
+        # forward-mode derivative gave wrong values through LayerNorm (seen on torch 2.14; the tests
+        # compare both orders' target against an explicit autograd loop).
+        (J, lp), (dJ, dlp) = jvp(grads_in_x, (base,), (tangent,))
+        col = (-1,) + (1,) * x_n.dim()
+        # ∂x(d log p_c/dε) = dJ_c and ∂x(d p_c/dε) = ∂x(p_c d log p_c/dε) = p_c (dJ_c + (d log p_c/dε) J_c)
+        return (lp.exp().reshape(col) * (dJ + dlp.reshape(col) * J) * dJ).sum(0)
 
     def finite(x_n, v_n):
         grads = []

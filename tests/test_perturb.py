@@ -1,0 +1,499 @@
+"""fisherext.perturb: perturbed(), the finite-difference Fisher quadratic, input sensitivity, KL vs Fisher.
+
+Every finite-difference value is checked against an exact value (``per_sample_fisher(quantity="quad")``,
+itself checked against the per-sample autograd loop of tests/models.py, or an explicit autograd loop
+written here), and every routine against the standing invariant of DESIGN.md: the model is left bit for
+bit as it was (parameters, storage, .grad, buffers, modes), also when the forward pass raises.
+
+Seed 001's fisher_quadratic_form perturbs one parameter tensor at a time, so it sums only the diagonal
+blocks of F_n; ``block=True`` reproduces that and must differ from the full vᵀF_nv where cross-tensor
+terms matter (test_block_is_not_the_full_quadratic builds a case where the full value is exactly 0).
+"""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fisherext as fx
+from conftest import assert_close
+from fisherext.utils import unflatten
+from models import (
+    MLP, bitwise_equal, make_data, make_model, named_trainable, names_argument, num_params,
+    param_slices, per_sample_fishers, untouched,
+)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    # torch.func's JVP decompositions emit a FutureWarning about torch.jit.script; not ours to test here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def randn(shape, seed, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def tanh_mlp(dtype=torch.float64, device="cpu", seed=0):
+    """Smooth (tanh) MLP 5-7-4: the FD truncation error has a clean leading term for the order tests."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(100 + seed)
+        return MLP(5, 7, 4, act=nn.Tanh()).to(dtype=dtype, device=device).eval()
+
+
+def exact_quad(model, x, v, params=None):
+    return fx.per_sample_fisher(model, x, quantity="quad", v=v, params=params)
+
+
+def with_grads(model, seed=7):
+    """Give every parameter a .grad, so that 'grad untouched' is checked on a real tensor, not on None."""
+    for i, p in enumerate(model.parameters()):
+        p.grad = randn(p.shape, seed + i, p.dtype, p.device)
+    return model
+
+
+class FailingForward(nn.Module):
+    """Wraps a model; its forward call number ``fail_at`` (1-based) raises after the wrapped forward ran."""
+
+    def __init__(self, inner, fail_at):
+        super().__init__()
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.inner(x)
+        if self.calls == self.fail_at:
+            raise RuntimeError("forward failed on purpose")
+        return out
+
+
+def rel_err(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# perturbed()
+
+
+@pytest.mark.parametrize("eps", [0.37, -1e-3, 0.0])
+def test_perturbed_sets_theta_plus_eps_v_and_restores_bitwise(eps, device, dtype):
+    model = with_grads(make_model("cnn", dtype=dtype, device=device))
+    v = randn(num_params(model), 1, dtype, device)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with untouched(model):
+        with fx.perturbed(model, v, eps) as m:
+            assert m is model
+            for name, p in model.named_parameters():
+                expected = (before[name].double() + eps * v[param_slices(model)[name]].double().view_as(p)).to(dtype)
+                assert_close(p.detach(), expected, dtype)
+                if eps != 0:
+                    assert not torch.equal(p, before[name]), f"{name} did not move"
+
+
+def test_perturbed_restores_after_an_exception_in_the_block():
+    model = with_grads(make_model("mlp"))
+    v = randn(num_params(model), 2)
+    weight = model.fc1.weight.detach().clone()
+    with untouched(model), pytest.raises(KeyError, match="raised in the block"):
+        with fx.perturbed(model, v, 0.5):
+            assert not torch.equal(model.fc1.weight, weight)
+            raise KeyError("raised in the block")
+
+
+def test_perturbed_restores_after_the_forward_raises():
+    inner = with_grads(make_model("mlp"))
+    model = FailingForward(inner, fail_at=1)
+    x, _ = make_data("mlp")
+    with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
+        with fx.perturbed(model, randn(num_params(model), 3), 1e-2):
+            model(x)
+
+
+def test_perturbed_nested_restores_each_level_bitwise():
+    model = make_model("mlp")
+    v1, v2 = randn(num_params(model), 4), randn(num_params(model), 5)
+    level0 = [p.detach().clone() for p in model.parameters()]
+    with fx.perturbed(model, v1, 0.3):
+        level1 = [p.detach().clone() for p in model.parameters()]
+        with fx.perturbed(model, v2, -0.7):
+            for p, base, piece in zip(model.parameters(), level1, unflatten(v2, level1)):
+                assert_close(p.detach(), base - 0.7 * piece)
+        assert all(bitwise_equal(p, q) for p, q in zip(model.parameters(), level1))
+    assert all(bitwise_equal(p, q) for p, q in zip(model.parameters(), level0))
+
+
+@pytest.mark.parametrize("subset", ["names", "module", "tensor"])
+def test_perturbed_moves_only_the_selected_parameters(subset):
+    model = with_grads(make_model("mlp"))
+    params = {"names": ["fc2.weight", "fc1.bias"], "module": [model.fc2],
+              "tensor": [model.fc1.bias, model.fc2.weight]}[subset]
+    chosen = {"names": ["fc1.bias", "fc2.weight"], "module": ["fc2.weight", "fc2.bias"],
+              "tensor": ["fc1.bias", "fc2.weight"]}[subset]  # in named_parameters() order
+    sizes = [dict(model.named_parameters())[n].numel() for n in chosen]
+    v = randn(sum(sizes), 6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with untouched(model):
+        with fx.perturbed(model, v, 0.25, params=params):
+            pieces = dict(zip(chosen, v.split(sizes)))
+            for name, p in model.named_parameters():
+                if name in pieces:
+                    assert_close(p.detach(), before[name] + 0.25 * pieces[name].view_as(p))
+                else:
+                    assert bitwise_equal(p, before[name]), f"{name} moved but was not selected"
+
+
+BAD_PERTURBED = [
+    ("v", ValueError, lambda P: (randn(P + 1, 0), 0.1)),
+    ("v", ValueError, lambda P: (randn((2, P), 0), 0.1)),
+    ("v", ValueError, lambda P: (torch.cat([randn(P - 1, 0), torch.tensor([math.nan], dtype=torch.float64)]), 0.1)),
+    ("v", ValueError, lambda P: (torch.full((P,), math.inf, dtype=torch.float64), 0.1)),
+    ("v", TypeError, lambda P: ([0.0] * P, 0.1)),
+    ("v", TypeError, lambda P: (torch.ones(P, dtype=torch.int64), 0.1)),
+    ("eps", ValueError, lambda P: (randn(P, 0), math.nan)),
+    ("eps", ValueError, lambda P: (randn(P, 0), math.inf)),
+    ("eps", ValueError, lambda P: (randn(P, 0), "0.1")),
+]
+
+
+@pytest.mark.parametrize("arg, error, make", BAD_PERTURBED,
+                         ids=["v-long", "v-2d", "v-nan", "v-inf", "v-list", "v-int", "eps-nan", "eps-inf", "eps-str"])
+def test_perturbed_bad_input_is_named_and_leaves_the_model_alone(arg, error, make):
+    model = with_grads(make_model("mlp"))
+    v, eps = make(num_params(model))
+    ran = False
+    with untouched(model), pytest.raises(error, match=names_argument(arg)):
+        with fx.perturbed(model, v, eps):
+            ran = True
+    assert not ran
+
+
+def test_perturbed_channels_last_and_non_contiguous_direction():
+    """A channels_last Conv2d weight and v a column of a matrix: both non-contiguous, both must work
+    (the multi-tensor kernel pairs elements in memory order; v's logical order must win)."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)).double().eval()
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    P = num_params(model)
+    v = randn((P, 3), 8)[:, 1]
+    assert not v.is_contiguous()
+    before = [p.detach().clone() for p in model.parameters()]
+    with untouched(model):
+        with fx.perturbed(model, v, 0.5):
+            for p, b, piece in zip(model.parameters(), before, unflatten(v.contiguous(), before)):
+                assert_close(p.detach(), b + 0.5 * piece)
+        x = randn((5, 2, 6, 6), 9)
+        assert_close(fx.fd_quadratic(model, x, v, eps=1e-4), exact_quad(model, x, v.contiguous()),
+                     torch.float32)  # FD tolerance, not float64 round-off
+
+
+# ---------------------------------------------------------------------------------------------------
+# fd_quadratic
+
+
+def test_fd_quadratic_central_matches_the_exact_quadratic(device, dtype):
+    model = tanh_mlp(dtype, device)
+    x = randn((9, 5), 10, dtype, device)
+    v = randn(num_params(model), 11, dtype, device)
+    eps, rtol = {torch.float64: (1e-4, 1e-6), torch.float32: (1e-2, 5e-3)}[dtype]
+    with untouched(model):
+        out = fx.fd_quadratic(model, x, v, eps=eps)
+    assert out.shape == (9,) and out.dtype == dtype and out.device.type == device.type
+    exact = exact_quad(model, x, v)
+    assert rel_err(out.double(), exact.double()) < rtol
+    if dtype == torch.float64:  # the exact value itself against the per-sample autograd loop
+        F_n = per_sample_fishers(model, x, torch.zeros(9, dtype=torch.long), "true", "cross_entropy")
+        assert_close(exact, torch.einsum("i,nij,j->n", v, F_n, v))
+
+
+@pytest.mark.parametrize("scheme, order", [("central", 2), ("forward", 1)])
+def test_fd_quadratic_convergence_order(scheme, order):
+    model = tanh_mlp()
+    x = randn((9, 5), 12)
+    v = randn(num_params(model), 13)
+    exact = exact_quad(model, x, v)
+    errs = [(fx.fd_quadratic(model, x, v, eps=eps, scheme=scheme) - exact).norm().item() for eps in (1e-2, 5e-3)]
+    ratio = errs[0] / errs[1]
+    lo, hi = {2: (3.5, 4.5), 1: (1.8, 2.2)}[order]
+    assert lo <= ratio <= hi, f"{scheme}: error ratio {ratio:.3f} for eps -> eps/2, expected ~{2 ** order}"
+
+
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+def test_fd_quadratic_per_input_directions(scheme):
+    model = tanh_mlp()
+    x = randn((6, 5), 14)
+    V = randn((6, num_params(model)), 15)
+    with untouched(model):
+        batched = fx.fd_quadratic(model, x, V, eps=1e-3, scheme=scheme)
+    one_at_a_time = torch.cat([fx.fd_quadratic(model, x[n:n + 1], V[n], eps=1e-3, scheme=scheme) for n in range(6)])
+    assert batched.shape == (6,)
+    assert_close(batched, one_at_a_time, torch.float32)  # two FD paths: equal up to FD-amplified round-off
+    assert rel_err(batched, one_at_a_time) < 1e-9
+    exact = torch.cat([exact_quad(model, x[n:n + 1], V[n]) for n in range(6)])
+    assert rel_err(batched, exact) < (1e-5 if scheme == "central" else 1e-2)
+
+
+def per_tensor_sum(fn, model, v):
+    """Σ over parameter tensors t of fn(v_t, [t]): the block-diagonal sum done by hand, one tensor at a time."""
+    return sum(fn(v[..., sl], [name]) for name, sl in param_slices(model).items())
+
+
+@pytest.mark.parametrize("directions", ["shared", "per_input"])
+def test_block_equals_the_explicit_sum_over_tensors(directions):
+    model = tanh_mlp()
+    x = randn((7, 5), 16)
+    P = num_params(model)
+    v = randn(P, 17) if directions == "shared" else randn((7, P), 17)
+    with untouched(model):
+        block = fx.fd_quadratic(model, x, v, eps=1e-4, block=True)
+    by_hand = per_tensor_sum(lambda vt, names: fx.fd_quadratic(model, x, vt, eps=1e-4, params=names), model, v)
+    assert rel_err(block, by_hand) < 1e-9
+    if directions == "shared":
+        exact_blocks = per_tensor_sum(lambda vt, names: exact_quad(model, x, vt, params=names), model, v)
+        assert rel_err(block, exact_blocks) < 1e-6
+        full = exact_quad(model, x, v)
+        assert rel_err(block, full) > 0.05, "block-diagonal sum and full quadratic should differ here"
+
+
+def test_block_is_not_the_full_quadratic():
+    """z = Wx + b with per-input v_n = (V_n, -V_n x_n): J_n v_n = V_n x_n - V_n x_n = 0, so the full
+    v_nᵀF_nv_n is 0, while the per-tensor blocks ‖V_n x_n‖²_Λ + ‖V_n x_n‖²_Λ are not."""
+    model = make_model("linear1")  # nn.Linear(5, 4), float64
+    x = randn((5, 5), 18)
+    Vw = randn((5, 4, 5), 19)
+    V = torch.cat([Vw.flatten(1), -torch.einsum("noi,ni->no", Vw, x)], 1)
+    full = fx.fd_quadratic(model, x, V, eps=1e-3)
+    block = fx.fd_quadratic(model, x, V, eps=1e-3, block=True)
+    weight_only = torch.cat([fx.fd_quadratic(model, x[n:n + 1], V[n, :20], eps=1e-3, params=["weight"])
+                             for n in range(5)])
+    assert full.abs().max() < 1e-12 * block.abs().max()
+    assert (block > 1e-2).all()
+    assert_close(block, 2 * weight_only, torch.float32)  # the bias block equals the weight block here
+
+
+def test_fd_quadratic_directions_equals_k_calls_and_the_exact_values():
+    model = with_grads(tanh_mlp())
+    x = randn((8, 5), 20)
+    V = randn((3, num_params(model)), 21)
+    with untouched(model):
+        out = fx.fd_quadratic_directions(model, x, V, eps=1e-4)
+    assert out.shape == (3, 8)
+    separate = torch.stack([fx.fd_quadratic(model, x, V[k], eps=1e-4) for k in range(3)])
+    assert rel_err(out, separate) < 1e-9
+    exact = torch.stack([exact_quad(model, x, V[k]) for k in range(3)])
+    assert rel_err(out, exact) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["cnn", "norm"])
+def test_fd_quadratic_conv_and_norm_models(name):
+    """Conv2d + LayerNorm (cnn); Conv1d + GroupNorm + BatchNorm in eval mode (norm)."""
+    model = with_grads(make_model(name))
+    x, _ = make_data(name, n=5)
+    P = num_params(model)
+    v, V = randn(P, 22), randn((5, P), 23)
+    with untouched(model):
+        shared = fx.fd_quadratic(model, x, v, eps=1e-4)
+        per_input = fx.fd_quadratic(model, x, V, eps=1e-4)
+        block = fx.fd_quadratic(model, x, v, eps=1e-4, block=True)
+        directions = fx.fd_quadratic_directions(model, x, V[:2], eps=1e-4)
+    assert rel_err(shared, exact_quad(model, x, v)) < 1e-5
+    assert rel_err(per_input, torch.cat([exact_quad(model, x[n:n + 1], V[n]) for n in range(5)])) < 1e-5
+    exact_blocks = per_tensor_sum(lambda vt, names: exact_quad(model, x, vt, params=names), model, v)
+    assert rel_err(block, exact_blocks) < 1e-5
+    assert rel_err(directions, torch.stack([exact_quad(model, x, V[k]) for k in range(2)])) < 1e-5
+
+
+def test_fd_quadratic_params_subset():
+    model = tanh_mlp()
+    x = randn((6, 5), 24)
+    v = randn(7 * 5 + 7, 25)  # fc1.weight + fc1.bias
+    with untouched(model):
+        out = fx.fd_quadratic(model, x, v, eps=1e-4, params=[model.fc1])
+    assert rel_err(out, exact_quad(model, x, v, params=[model.fc1])) < 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_fd_quadratic_restores_when_the_forward_raises(scheme, fail_at):
+    model = FailingForward(with_grads(tanh_mlp()), fail_at)
+    x = randn((4, 5), 26)
+    with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
+        fx.fd_quadratic(model, x, randn(num_params(model), 27), eps=1e-2, scheme=scheme)
+    assert model.calls == fail_at
+
+
+BAD_FD = [
+    ("eps", dict(eps=0.0)), ("eps", dict(eps=-1e-3)), ("eps", dict(eps=math.nan)), ("eps", dict(eps=math.inf)),
+    ("scheme", dict(scheme="backward")), ("v", dict(v="long")), ("v", dict(v="rows")), ("v", dict(v="3d")),
+    ("v", dict(v="nan")),
+]
+
+
+@pytest.mark.parametrize("arg, kwargs", BAD_FD, ids=[f"{a}-{list(k.values())[0]}" for a, k in BAD_FD])
+def test_fd_quadratic_bad_input(arg, kwargs):
+    model = with_grads(make_model("mlp"))
+    x, _ = make_data("mlp", n=5)
+    P = num_params(model)
+    kwargs = dict(kwargs)
+    v = {"long": randn(P + 1, 0), "rows": randn((6, P), 0), "3d": randn((5, P, 1), 0),
+         "nan": torch.full((P,), math.nan, dtype=torch.float64)}.get(kwargs.pop("v", None), randn(P, 0))
+    calls = model.forward_calls
+    with untouched(model), pytest.raises(ValueError, match=names_argument(arg)):
+        fx.fd_quadratic(model, x, v, **kwargs)
+    assert model.forward_calls == calls, "refused only after running the model"
+
+
+@pytest.mark.parametrize("case", ["1d", "width", "int", "nan", "eps"])
+def test_fd_quadratic_directions_bad_input(case):
+    model = make_model("mlp")
+    x, _ = make_data("mlp", n=5)
+    P = num_params(model)
+    V = {"1d": randn(P, 0), "width": randn((2, P - 1), 0), "int": torch.ones(2, P, dtype=torch.long),
+         "nan": torch.full((2, P), math.nan, dtype=torch.float64)}.get(case, randn((2, P), 0))
+    with untouched(model), pytest.raises(ValueError, match=names_argument("eps" if case == "eps" else "V")):
+        fx.fd_quadratic_directions(model, x, V, eps=0.0 if case == "eps" else 1e-3)
+    assert model.forward_calls == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# input_sensitivity and predicted_class_directions
+
+
+def fis_reference(model, x, V):
+    """FIS_i = Σ_c ∂x_i(d p_c/dε) ∂x_i(d log p_c/dε) by explicit loops over inputs and classes: each
+    directional derivative d/dε = vᵀ∇θ by autograd (create_graph), then differentiated again in x."""
+    params = [p for _, p in named_trainable(model)]
+    out = []
+    for n in range(x.shape[0]):
+        xn = x[n:n + 1].detach().clone().requires_grad_(True)
+        vs = unflatten(V[n] if V.dim() == 2 else V, params)
+        log_p = torch.log_softmax(model(xn), -1)[0]
+        total = torch.zeros_like(xn[0])
+        for c in range(log_p.numel()):
+            rates = []
+            for scalar in (log_p[c].exp(), log_p[c]):
+                grads = torch.autograd.grad(scalar, params, create_graph=True)
+                rate = sum((g * t).sum() for g, t in zip(grads, vs))  # d/dε at ε = 0, a function of x
+                rates.append(torch.autograd.grad(rate, xn, retain_graph=True)[0][0])
+            total = total + rates[0] * rates[1]
+        out.append(total)
+    return torch.stack(out).detach()
+
+
+def predicted_class_reference(model, x):
+    """Per input: ∇θ log p(ŷ|x) / ‖·‖ with ŷ the argmax, by a plain autograd loop."""
+    params = [p for _, p in named_trainable(model)]
+    rows = []
+    for n in range(x.shape[0]):
+        log_p = torch.log_softmax(model(x[n:n + 1]), -1)[0]
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(log_p[log_p.argmax()], params)])
+        rows.append(g / g.norm())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn"])
+@pytest.mark.parametrize("directions", ["shared", "per_input"])
+def test_input_sensitivity_exact_matches_the_autograd_loop(name, directions):
+    model = with_grads(tanh_mlp() if name == "tanh_mlp" else make_model("cnn"))
+    x = randn((4, 5), 28) if name == "tanh_mlp" else make_data("cnn", n=4)[0]
+    P = num_params(model)
+    V = randn(P, 29) if directions == "shared" else randn((4, P), 29)
+    with untouched(model):
+        out = fx.input_sensitivity(model, x, V)
+    assert out.shape == x.shape
+    expected = fis_reference(model, x, V)
+    assert_close(out, expected)
+    assert expected.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn"])
+def test_input_sensitivity_fd_matches_exact(name):
+    model = tanh_mlp() if name == "tanh_mlp" else make_model("cnn")
+    x = randn((4, 5), 30) if name == "tanh_mlp" else make_data("cnn", n=4)[0]
+    V = randn((4, num_params(model)), 31)
+    exact = fx.input_sensitivity(model, x, V, method="exact")
+    with untouched(model):
+        fd = [fx.input_sensitivity(model, x, V, method="fd", eps=eps) for eps in (1e-3, 5e-4)]
+    errs = [rel_err(f, exact) for f in fd]
+    assert errs[0] < 1e-4, f"FD error {errs[0]:.2e} at eps=1e-3"
+    if name == "tanh_mlp":  # smooth: the error is O(eps²)
+        assert 3.0 < errs[0] / errs[1] < 5.0
+
+
+def test_default_direction_is_the_normalized_predicted_class_gradient():
+    model = with_grads(make_model("cnn"))
+    x, _ = make_data("cnn", n=5)
+    with untouched(model):
+        V = fx.perturb.predicted_class_directions(model, x)
+        default = fx.input_sensitivity(model, x)
+    assert V.shape == (5, num_params(model))
+    assert_close(V, predicted_class_reference(model, x))
+    assert_close(V.norm(dim=1), torch.ones(5, dtype=torch.float64))
+    assert_close(default, fx.input_sensitivity(model, x, V))
+    assert default.shape == (5, 2, 6, 6)
+
+
+def test_input_sensitivity_bad_input():
+    model = make_model("cnn")
+    x, _ = make_data("cnn", n=3)
+    with untouched(model):
+        with pytest.raises(ValueError, match=names_argument("method")):
+            fx.input_sensitivity(model, x, method="backprop")
+        with pytest.raises(ValueError, match=names_argument("v")):
+            fx.input_sensitivity(model, x, randn(num_params(model) + 1, 0))
+        with pytest.raises(TypeError, match=names_argument("x")):
+            fx.input_sensitivity(model, x.long())
+        with pytest.raises(ValueError, match=names_argument("eps")):
+            fx.input_sensitivity(model, x, method="fd", eps=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# kl_vs_fisher
+
+
+def explicit_mean_kl(model, x, v, eps):
+    """E_x KL(p(θ) ‖ p(θ + εv)) with the moved parameters written into a deep copy of the model."""
+    import copy
+
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, piece in zip(moved.parameters(), unflatten(v, list(moved.parameters()))):
+            p.add_(eps * piece)
+        log_p, log_q = torch.log_softmax(model(x), -1), torch.log_softmax(moved(x), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("direction", ["random", "gradient"])
+def test_kl_vs_fisher(direction):
+    model = with_grads(tanh_mlp())
+    x = randn((16, 5), 32)
+    if direction == "random":
+        v = randn(num_params(model), 33)
+    else:
+        y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(34))
+        loss = nn.functional.cross_entropy(model(x), y)
+        v = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+        v = v / v.norm()
+    eps_values = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3]
+    with untouched(model):
+        rows = fx.kl_vs_fisher(model, x, v, eps_values)
+    assert [r["eps"] for r in rows] == eps_values
+    # kind="true" needs no labels: (x, None) is the unlabeled data set
+    F = fx.fisher(model, (x, None), kind="true", structure="full")
+    for r in rows:
+        assert r["half_quad"] == pytest.approx(0.5 * r["eps"] ** 2 * F.quad(v), rel=1e-10)
+        assert r["kl"] == pytest.approx(explicit_mean_kl(model, x, v, r["eps"]), rel=1e-8)
+        assert r["ratio"] == pytest.approx(r["kl"] / r["half_quad"], rel=1e-12)
+    deviation = [abs(r["ratio"] - 1) for r in rows]
+    assert deviation[-1] < 0.01
+    assert all(a > b for a, b in zip(deviation, deviation[1:])), f"|ratio - 1| does not shrink with eps: {deviation}"
+
+
+def test_kl_vs_fisher_bad_eps_leaves_the_model_alone():
+    model = tanh_mlp()
+    x = randn((4, 5), 35)
+    with untouched(model), pytest.raises(ValueError, match=names_argument("eps")):
+        fx.kl_vs_fisher(model, x, randn(num_params(model), 36), [1e-2, math.nan])
