@@ -18,6 +18,7 @@ import torch
 from . import workloads
 
 _LIBC = ctypes.CDLL(None)
+MIN_REPEATS = 3  # the fewest repeats a median is taken over, however slow the call
 
 
 def synchronize(device: torch.device) -> None:
@@ -25,12 +26,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(call: Callable[[], object], device: torch.device, repeats: int, min_repeat_s: float) -> float:
-    """Median over ``repeats`` of the mean time of one call; assumes ``call`` is already warm."""
+def median_seconds(call: Callable[[], object], device: torch.device, repeats: int, min_repeat_s: float,
+                   max_total_s: float | None = None) -> float:
+    """Median over ``repeats`` of the mean time of one call; assumes ``call`` is already warm.
+
+    With ``max_total_s``, a call so slow that ``repeats`` of it would exceed that budget gets fewer
+    repeats, never below ``MIN_REPEATS``: the seeds' loops take seconds a call, and more repeats of
+    them would add minutes without moving a median that already varies less than this machine does.
+    """
     start = time.perf_counter()
     call()
     synchronize(device)
     once = time.perf_counter() - start
+    if max_total_s is not None:
+        repeats = min(repeats, max(MIN_REPEATS, math.floor(max_total_s / max(once, 1e-9))))
     # Fast ops are called several times per repeat so the timer's resolution and launch jitter don't dominate.
     calls_per_repeat = max(1, math.ceil(min_repeat_s / max(once, 1e-9)))
     samples = []
@@ -113,8 +122,8 @@ def _one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
 
 
-def measure(workload_name: str, impl: str, device: str, quick: bool, repeats: int,
-            min_repeat_s: float) -> tuple[dict, np.ndarray | None]:
+def measure(workload_name: str, impl: str, device: str, quick: bool, repeats: int, min_repeat_s: float,
+            max_total_s: float | None = None) -> tuple[dict, np.ndarray | None]:
     """One benchmark row (rel_err left None) and the impl's result on fresh inputs, for the caller to check."""
     row = empty_row(workload_name, impl)
     try:
@@ -127,7 +136,7 @@ def measure(workload_name: str, impl: str, device: str, quick: bool, repeats: in
         result = run_impl(**inputs).detach().cpu().numpy().copy()
         call = lambda: run_impl(**inputs)  # noqa: E731
         row["peak_mem_bytes"] = peak_extra_memory_bytes(call, device)
-        row["median_s"] = median_seconds(call, device, repeats, min_repeat_s)
+        row["median_s"] = median_seconds(call, device, repeats, min_repeat_s, max_total_s)
         return row, result
     except Exception as exc:  # an impl that cannot run is a result, not a crash of the benchmark
         row.update(median_s=None, peak_mem_bytes=None, error=_one_line(exc))

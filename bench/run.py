@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .measure import empty_row, measure, relative_error
+from .measure import MIN_REPEATS, empty_row, measure, relative_error
 from .workloads import Workload, select
 
 TIMING = {  # keyed by --quick
-    False: dict(repeats=7, min_repeat_s=0.1),
-    True: dict(repeats=3, min_repeat_s=0.02),
+    False: dict(repeats=7, min_repeat_s=0.1, max_total_s=10.0),
+    True: dict(repeats=3, min_repeat_s=0.02, max_total_s=10.0),
 }
 
 
@@ -97,8 +97,10 @@ def main(argv=None) -> int:
     for workload in chosen:
         rows += run_workload(workload, args.device, args.quick)
     timing = TIMING[args.quick]
+    fewer = (f" (down to {MIN_REPEATS} for calls over {timing['max_total_s'] / timing['repeats']:.1f} s)"
+             if timing["repeats"] > MIN_REPEATS else "")
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, float32; "
-          f"median of {timing['repeats']} repeats after a warm-up; peak extra memory of one call "
+          f"median of {timing['repeats']} repeats after a warm-up{fewer}; peak extra memory of one call "
           f"({'allocated CUDA memory' if args.device == 'cuda' else 'growth of the resident set'})\n")
     print(markdown_table(rows, {w.name(args.quick): w.baseline for w in chosen}))
     if args.json:

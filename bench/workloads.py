@@ -36,7 +36,8 @@ class Workload:
     def inputs(self, device: torch.device | str = "cpu", quick: bool = False) -> dict:
         generator = torch.Generator().manual_seed(self.seed)
         built = self.build(generator, **self.sizes(quick))
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in built.items()}
+        # Model-level workloads carry their nn.Module among the inputs; it moves like a tensor.
+        return {k: v.to(device) if isinstance(v, (torch.Tensor, torch.nn.Module)) else v for k, v in built.items()}
 
 
 def _randn(generator, *shape):
@@ -100,6 +101,12 @@ WORKLOADS: list[Workload] = [
     op_vs_twin("sym_outer_accum_", sym_outer_accum_inputs, dict(N=4096, D=257)),
     op_vs_twin("kfac_factor_update_", kfac_factor_update_inputs, dict(N=256, T=16, D=257, decay=0.95)),
 ]
+
+
+# The model-level workloads (the Fisher of an MLP against peers) live in their own module and add
+# themselves to WORKLOADS; imported here, below WORKLOADS, so that every user of this registry sees them.
+from . import fisher_workloads  # noqa: E402,F401
+from . import perturb_workloads  # noqa: E402,F401
 
 
 def select(names: list[str] | None, quick: bool = False) -> list[Workload]:
