@@ -251,7 +251,7 @@ class EmbeddingLayer(Layer):
     def per_sample_grads(self, s, e):
         idx, d, valid = self._factors()
         V, D = self.module.weight.shape
-        K, n, T = d.shape[0], e - s, idx.shape[1]
+        K, n = d.shape[0], e - s
         rows = (torch.arange(n, device=idx.device)[:, None] * V + idx[s:e]).masked_select(valid[s:e])
         vals = d[:, s:e][:, valid[s:e]]  # [K, M, D]
         out = d.new_zeros(K, n * V, D)

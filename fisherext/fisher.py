@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .capture import Capture, EmbeddingLayer, LinearLayer, iter_batches
+from .capture import Capture, LinearLayer, iter_batches
 from .fisher_matrix import DensePart, DiagPart, FisherMatrix, KronPart
 
 KINDS = ("true", "empirical", "mc")
@@ -129,16 +129,15 @@ class _Accumulator:
         self.structure = structure
         self.cap = cap
         self.chunk_bytes = chunk_bytes
-        params = [p for _, p in cap.params]
-        self.offsets = {}
+        self.offsets = {}  # parameter name -> (start, length) in the flat vector
         o = 0
-        for (name, p) in cap.params:
+        for name, p in cap.params:
             self.offsets[name] = (o, p.numel())
             o += p.numel()
         self.P = o
-        ref = params[0]
+        ref = cap.params[0][1]
         self.opts = dict(dtype=ref.dtype, device=ref.device)
-        self.diag_sums = {name: torch.zeros_like(p) for name, p in cap.params}
+        self.diag_sums = {name: torch.zeros_like(p) for name, p in cap.params} if structure in ("diag", "kfac") else {}
         self.full = torch.zeros(self.P, self.P, **self.opts) if structure == "full" else None
         self.blocks = {}
         self.kron = {}
