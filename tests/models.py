@@ -135,6 +135,19 @@ class NormNet(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class SameConvNet(nn.Module):
+    """Conv1d with 'same' padding (asymmetric for an even kernel), reflect mode and dilation + Tanh +
+    Linear; x: [N, 3, 10]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 4, padding="same", padding_mode="reflect", dilation=2)
+        self.fc = nn.Linear(40, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
 class TiedNet(nn.Module):
     """One Linear applied twice (weight tying): its per-sample gradient sums both uses."""
 
@@ -169,6 +182,7 @@ SPECS = {
     "bilinear": Spec(lambda: BilinearNet(), (4,), 13, "cross_entropy", 3, fallback=r"Bilinear|\bbil\b"),
     "norm": Spec(lambda: NormNet(), (3, 10), 15, "cross_entropy", 3),
     "tied": Spec(lambda: TiedNet(), (5,), 11, "cross_entropy", 3),
+    "same_conv": Spec(lambda: SameConvNet(), (3, 10), 9, "cross_entropy", 3),
 }
 
 # modules whose parameters KFAC approximates by Kronecker factors; every other parameter is diagonal

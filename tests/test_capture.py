@@ -16,7 +16,7 @@ from models import (
 )
 
 EXACT_KINDS = ["true", "empirical"]
-LAYER_MODELS = ["cnn", "seq", "norm", "scaleshift", "bilinear", "tied"]
+LAYER_MODELS = ["cnn", "seq", "norm", "same_conv", "scaleshift", "bilinear", "tied"]
 FALLBACK_MODELS = [n for n, s in SPECS.items() if s.fallback]
 
 
