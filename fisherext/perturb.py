@@ -28,6 +28,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from . import ops
 from .capture import check_batchnorm, resolve_params
+from .fisher import _check_inputs
 
 SCHEMES = ("central", "forward")
 METHODS = ("exact", "fd")
@@ -53,6 +54,9 @@ def _directions(v, selected, n=None) -> torch.Tensor:
         want = " or ".join(f"[{', '.join(map(str, s))}]" for s in shapes)
         raise ValueError(f"v: expected shape {want} over the {len(selected)} selected parameter tensors, "
                          f"got {tuple(v.shape)}")
+    device = selected[0][1].device
+    if v.device != device:
+        raise ValueError(f"v: is on {v.device} but the parameters are on {device}")
     if not torch.isfinite(v).all():
         raise ValueError("v: has non-finite entries")
     return v
@@ -134,6 +138,7 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
         raise ValueError(f"scheme: must be one of {SCHEMES}, got {scheme!r}")
     eps = _eps(eps)
     check_batchnorm(model)
+    _check_inputs(model, x)
     selected = resolve_params(model, params)
     v = _directions(v, selected, x.shape[0])
     if block:
@@ -176,6 +181,7 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
     ``vmap`` over stacked parameters), and likewise the K at θ − εv_k, instead of 2K separate forwards."""
     eps = _eps(eps)
     check_batchnorm(model)
+    _check_inputs(model, x)
     selected = resolve_params(model, params)
     P = sum(p.numel() for _, p in selected)
     if not isinstance(V, torch.Tensor) or not V.is_floating_point() or V.dim() != 2 or V.shape[1] != P:

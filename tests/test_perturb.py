@@ -497,3 +497,14 @@ def test_kl_vs_fisher_bad_eps_leaves_the_model_alone():
     x = randn((4, 5), 35)
     with untouched(model), pytest.raises(ValueError, match=names_argument("eps")):
         fx.kl_vs_fisher(model, x, randn(num_params(model), 36), [1e-2, math.nan])
+
+
+def test_fd_quadratic_rejects_non_tensor_inputs_and_misplaced_v():
+    model = make_model("mlp")
+    P = num_params(model)
+    with untouched(model):
+        with pytest.raises(TypeError, match="data: inputs x must be a tensor"):
+            fx.fd_quadratic(model, [[0.0] * 5], randn(P, 31))
+        with pytest.raises(ValueError, match="v: is on meta"):
+            fx.fd_quadratic(model, make_data("mlp", n=3)[0], randn(P, 31).to("meta"))
+
