@@ -26,15 +26,11 @@ from torch import nn
 from . import ops
 from .capture import Capture, LinearLayer, iter_batches
 from .fisher_matrix import DensePart, DiagPart, FisherMatrix, KronPart
+from .utils import check_choice
 
 KINDS = ("true", "empirical", "mc")
 STRUCTURES = ("diag", "full", "block", "kfac")
 LOSSES = ("cross_entropy", "mse")
-
-
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -252,9 +248,9 @@ def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag
     Returns:
         a FisherMatrix (``diag``, ``dense``, ``mv``, ``quad``, ``trace``, ``solve``, ``num_samples``).
     """
-    _choice("kind", kind, KINDS)
-    _choice("structure", structure, STRUCTURES)
-    _choice("loss", loss, LOSSES)
+    check_choice("kind", kind, KINDS)
+    check_choice("structure", structure, STRUCTURES)
+    check_choice("loss", loss, LOSSES)
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples: must be a positive integer, got {mc_samples!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):

@@ -57,6 +57,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .utils import check_choice
+
 PARAMS = ("sigma", "log_sigma")
 DIAGS = ("raw", "log")
 WHICH = ("mean", "L", "both")
@@ -76,11 +78,6 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------- checks
-
-
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _tensor(name, value, like=None):
@@ -153,7 +150,7 @@ def _check_samples(x, d, like):
 
 def univariate_pack(mu, sigma, param: str = "sigma") -> torch.Tensor:
     """θ = (μ, σ) for ``param="sigma"``, θ = (μ, log σ) for ``param="log_sigma"``: Tensor [2]."""
-    _choice("param", param, PARAMS)
+    check_choice("param", param, PARAMS)
     sigma = _tensor("sigma", sigma)
     mu = _tensor("mu", mu, sigma)
     _check_sigma("sigma", sigma)
@@ -163,7 +160,7 @@ def univariate_pack(mu, sigma, param: str = "sigma") -> torch.Tensor:
 
 def univariate_unpack(theta: torch.Tensor, param: str = "sigma"):
     """Inverse of ``univariate_pack``: (μ, σ)."""
-    _choice("param", param, PARAMS)
+    check_choice("param", param, PARAMS)
     if not isinstance(theta, torch.Tensor) or theta.shape != (2,):
         raise ValueError(f"theta: expected a tensor of shape (2,), got {getattr(theta, 'shape', type(theta))}")
     return theta[0], (theta[1] if param == "sigma" else torch.exp(theta[1]))
@@ -184,7 +181,7 @@ def univariate_score(x, mu, sigma, param: str = "sigma") -> torch.Tensor:
     With :math:`u = (x-\mu)/\sigma`: :math:`\partial_\mu = u/\sigma`,
     :math:`\partial_\sigma = (u^2 - 1)/\sigma`, :math:`\partial_{\log\sigma} = u^2 - 1`.
     """
-    _choice("param", param, PARAMS)
+    check_choice("param", param, PARAMS)
     sigma = _tensor("sigma", sigma)
     mu = _tensor("mu", mu, sigma)
     x = _tensor("x", x, sigma)
@@ -204,7 +201,7 @@ def univariate_fisher(mu, sigma, param: str = "sigma") -> torch.Tensor:
     :math:`F_{(\mu,\sigma)} = \mathrm{diag}(1/\sigma^2,\ 2/\sigma^2)` and
     :math:`F_{(\mu,\log\sigma)} = \mathrm{diag}(1/\sigma^2,\ 2)` (independent of μ).
     """
-    _choice("param", param, PARAMS)
+    check_choice("param", param, PARAMS)
     sigma = _tensor("sigma", sigma)
     _tensor("mu", mu, sigma)
     _check_sigma("sigma", sigma)
@@ -252,7 +249,7 @@ def _tril(d, device):
 
 def mvn_pack(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tensor:
     """θ = concat(μ, L[tril_indices]) with the diagonal of L raw or logged (module docstring): Tensor [P]."""
-    _choice("diag", diag, DIAGS)
+    check_choice("diag", diag, DIAGS)
     d = _check_mvn(mu, L)
     rows, cols, on_diag = _tril(d, L.device)
     ell = L[rows, cols]
@@ -263,7 +260,7 @@ def mvn_pack(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tens
 
 def mvn_unpack(theta: torch.Tensor, d: int, diag: str = "raw"):
     """Inverse of ``mvn_pack``: (μ [d], L [d, d]). Differentiable in θ."""
-    _choice("diag", diag, DIAGS)
+    check_choice("diag", diag, DIAGS)
     if not isinstance(d, int) or d < 1:
         raise ValueError(f"d: expected a positive int, got {d!r}")
     P = mvn_num_params(d)
@@ -318,7 +315,7 @@ def mvn_score(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, diag: str = "r
 
     Built entry-wise on the tril indices (never an n×d×d intermediate). ``x``: [n, d] (or [d]).
     """
-    _choice("diag", diag, DIAGS)
+    check_choice("diag", diag, DIAGS)
     d = _check_mvn(mu, L)
     x = _check_samples(x, d, L)
     x = x.reshape(-1, d)
@@ -358,7 +355,7 @@ def mvn_fisher_quad(mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor, diag
     The μ–L cross term is zero. For ``diag="log"`` the diagonal coordinates are first mapped by the
     chain rule, :math:`\Delta_{L,jj} = L_{jj}\Delta\theta_{jj}`. Cost: two triangular solves.
     """
-    _choice("diag", diag, DIAGS)
+    check_choice("diag", diag, DIAGS)
     d = _check_mvn(mu, L)
     delta = _check_vector("delta", delta, mvn_num_params(d), L)
     dmu, dL = _split_delta(delta, mu, L, diag)
@@ -376,7 +373,7 @@ def mvn_fisher_mv(mu: torch.Tensor, L: torch.Tensor, v: torch.Tensor, diag: str 
     polarization of ``mvn_fisher_quad``. ``diag="log"`` applies the chain-rule factor
     :math:`D = \mathrm{diag}(1,\dots,L_{jj},\dots)` on both sides (:math:`F_{\log} = D F_{\rm raw} D`).
     """
-    _choice("diag", diag, DIAGS)
+    check_choice("diag", diag, DIAGS)
     d = _check_mvn(mu, L)
     v = _check_vector("v", v, mvn_num_params(d), L)
     vmu, V = _split_delta(v, mu, L, diag)
@@ -415,7 +412,7 @@ def mvn_fisher(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Te
     d = 100 it is 5150² float64 = 212 MB. When only :math:`F v` or :math:`\Delta^\top F\Delta` is
     needed, use ``mvn_fisher_mv`` / ``mvn_fisher_quad``.
     """
-    _choice("diag", diag, DIAGS)
+    check_choice("diag", diag, DIAGS)
     d = _check_mvn(mu, L)
     P = mvn_num_params(d)
     eye = torch.eye(d, dtype=L.dtype, device=L.device)
@@ -478,7 +475,7 @@ def mvn_score_dot(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, delta: tor
     :math:`g_i^\top\Delta = a^\top z_i + z_i^\top A z_i - \mathrm{tr}(A)` (the L part is
     :math:`\langle L^{-\top}(z z^\top - I), \Delta_L\rangle`). O(n d²), no n×P array.
     """
-    _choice("diag", diag, DIAGS)
+    check_choice("diag", diag, DIAGS)
     d = _check_mvn(mu, L)
     x = _check_samples(x, d, L).reshape(-1, d)
     delta = _check_vector("delta", delta, mvn_num_params(d), L)
@@ -611,9 +608,9 @@ def kl_vs_fisher_study(d: int, which: str = "both", kind: str = "true", *, n: in
     has a non-positive diagonal (raw diagonal only) is not a Cholesky factor: its ``kl`` and ``ratio``
     are NaN.
     """
-    _choice("which", which, WHICH)
-    _choice("kind", kind, KINDS)
-    _choice("diag", diag, DIAGS)
+    check_choice("which", which, WHICH)
+    check_choice("kind", kind, KINDS)
+    check_choice("diag", diag, DIAGS)
     if not isinstance(d, int) or d < 1:
         raise ValueError(f"d: expected a positive int, got {d!r}")
     if kind == "empirical" and (not isinstance(n, int) or n < 2):

@@ -20,7 +20,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from .capture import Capture, check_batchnorm, resolve_params
-from .fisher import KINDS, LOSSES, _check_inputs, _choice, output_cotangents
+from .fisher import KINDS, LOSSES, _check_inputs, output_cotangents
+from .utils import check_choice
 
 QUANTITIES = ("trace", "quad")
 
@@ -33,9 +34,9 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     ``y`` is needed for kind="empirical"; ``v`` (a flat vector over the selected ``params``) for
     quantity="quad".
     """
-    _choice("kind", kind, KINDS)
-    _choice("quantity", quantity, QUANTITIES)
-    _choice("loss", loss, LOSSES)
+    check_choice("kind", kind, KINDS)
+    check_choice("quantity", quantity, QUANTITIES)
+    check_choice("loss", loss, LOSSES)
     _check_inputs(model, x)
     if x.shape[0] == 0:
         raise ValueError("x: the batch is empty")

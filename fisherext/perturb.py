@@ -29,6 +29,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from . import ops
 from .capture import check_batchnorm, resolve_params
 from .fisher import _check_inputs
+from .utils import check_choice
 
 SCHEMES = ("central", "forward")
 METHODS = ("exact", "fd")
@@ -134,8 +135,7 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
     one parameter tensor at a time and sums the results: the block-diagonal approximation of seed 001,
     kept for comparison only.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme: must be one of {SCHEMES}, got {scheme!r}")
+    check_choice("scheme", scheme, SCHEMES)
     eps = _eps(eps)
     check_batchnorm(model)
     _check_inputs(model, x)
@@ -231,8 +231,7 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
     per input. ``method="exact"`` uses forward mode in θ over reverse mode in x; ``"fd"`` central
     differences in θ (each input's own perturbed parameters, in one batched pass).
     """
-    if method not in METHODS:
-        raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     eps = _eps(eps)
     check_batchnorm(model)
     selected = resolve_params(model, params)

@@ -24,3 +24,10 @@ def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Ten
             f"got shape {tuple(vec.shape)}"
         )
     return [chunk.view_as(t) for chunk, t in zip(vec.split([t.numel() for t in like]), like)]
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raises ValueError naming the argument when ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
