@@ -16,10 +16,10 @@ direction and input), so ``bench.run`` checks it against the baseline.
   computes the seed's block-diagonal quantity: the like-for-like speed comparison (rel_err: float32
   finite-difference round-off only).
 - ``perturb_restore``: 128 parameter tensors of mixed sizes 1..4096 (268,260 floats):
-  ``ParameterPerturbation.set`` (one multi-tensor kernel call) + ``restore`` (one ``_foreach_copy_``)
-  against a Python loop of ``p.data.copy_(s); p.data.add_(v, alpha=ε)`` and ``p.data.copy_(s)`` per
-  tensor. The saved copy and the split direction are made once per model (both impls), as in a
-  finite-difference loop; each call returns the perturbed value of the largest tensor (one small clone in
+  ``ParameterPerturbation.set`` from the flat direction (one ``unflatten_axpy_`` call) + ``restore``
+  (one more, copying the flat saved vector back) against a Python loop of
+  ``p.data.copy_(s); p.data.add_(v, alpha=ε)`` and ``p.data.copy_(s)`` per tensor. The saved copy (and,
+  for the loop, the direction split per tensor) is made once per model, as in a finite-difference loop; each call returns the perturbed value of the largest tensor (one small clone in
   both impls), and the tests check every tensor and the bitwise restore.
 - ``fd_directions``: K unit directions over N = 256 inputs: ``fd_quadratic_directions`` (the 2K perturbed
   models in one batched forward) against K separate ``fd_quadratic`` calls (``reference``) and a
@@ -146,18 +146,18 @@ def _prepared(model, v, kind):
     cache = _STATE.setdefault(model, {})
     if key not in cache:
         params = list(model.parameters())
-        vs = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
         largest = max(params, key=lambda p: p.numel())
         if kind == "fisherext":
-            cache[key] = (ParameterPerturbation(list(model.named_parameters())), vs, largest)
+            cache[key] = (ParameterPerturbation(list(model.named_parameters())), largest)
         else:
+            vs = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
             cache[key] = (params, [p.detach().clone() for p in params], vs, largest)
     return cache[key]
 
 
 def fisherext_set_restore(model, v, eps):
-    state, vs, largest = _prepared(model, v, "fisherext")
-    state.set(vs, eps)
+    state, largest = _prepared(model, v, "fisherext")
+    state.set(v, eps)
     probe = largest.detach().clone()
     state.restore()
     return probe

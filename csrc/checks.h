@@ -5,10 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
-#include <initializer_list>
 #include <optional>
-#include <string>
-#include <utility>
 
 namespace fisherext {
 
@@ -114,34 +111,6 @@ inline void check_finite_scalar(const char* op, const char* name, double value, 
   TORCH_CHECK_VALUE(std::isfinite(value), "fisherext.", op, ": argument '", name, "' must be finite, got ",
                     value);
   TORCH_CHECK_VALUE(!positive || value > 0, "fisherext.", op, ": argument '", name, "' must be > 0, got ", value);
-}
-
-// Parallel tensor lists of an elementwise list op, the first being the reference `ref`: all the same
-// nonzero length; entry i of every list has the dtype (floating), device and numel of ref[i]; every
-// tensor is contiguous (elements pair up in memory order) and on ref[0]'s device (one launch).
-using NamedList = std::pair<const char*, at::TensorList>;
-
-inline void check_parallel_lists(const char* op, std::initializer_list<NamedList> lists) {
-  const NamedList& ref = *lists.begin();
-  for (const NamedList& list : lists) {
-    TORCH_CHECK_VALUE(!list.second.empty(), "fisherext.", op, ": argument '", list.first, "' is an empty list");
-    TORCH_CHECK_VALUE(list.second.size() == ref.second.size(), "fisherext.", op, ": argument '", list.first,
-                      "' has ", list.second.size(), " tensors but '", ref.first, "' has ", ref.second.size());
-  }
-  const std::string first = std::string(ref.first) + "[0]";
-  for (size_t i = 0; i < ref.second.size(); ++i) {
-    const at::Tensor& r = ref.second[i];
-    const std::string r_name = std::string(ref.first) + "[" + std::to_string(i) + "]";
-    for (const NamedList& list : lists) {
-      const at::Tensor& t = list.second[i];
-      const std::string name = std::string(list.first) + "[" + std::to_string(i) + "]";
-      check_like(op, name.c_str(), t, r_name.c_str(), r);
-      check_same_device(op, name.c_str(), t, first.c_str(), ref.second[0]);
-      TORCH_CHECK_VALUE(t.numel() == r.numel(), "fisherext.", op, ": argument '", name, "' has ", t.numel(),
-                        " elements but '", r_name, "' has ", r.numel());
-      TORCH_CHECK_VALUE(t.is_contiguous(), "fisherext.", op, ": argument '", name, "' must be contiguous");
-    }
-  }
 }
 
 // Logits [N, C] with N, C >= 1.

@@ -31,9 +31,10 @@ TORCH_LIBRARY(fisherext, m) {
       "float beta=1.0) -> ()");
   // K_n = J_n J_n^T [N, C, C] with J_n[c] = vec(sum_t delta_nct a_nt^T); delta [N, C, (T,) O].
   m.def("class_gram(Tensor a, Tensor delta) -> Tensor");
-  // out[i] <- x[i] + eps * v[i] for every entry i of the lists (contiguous; entry i of each list has
-  // the same dtype and numel), in one pass over all of them.
-  m.def("axpy_list_(Tensor(a!)[] out, Tensor[] x, Tensor[] v, float eps) -> ()");
+  // out[i] <- x[o_i : o_i + n_i] + eps * v[o_i : o_i + n_i] for every tensor i of the list, where x and v
+  // are flat [sum_i n_i], n_i = out[i].numel() and o_i = n_0 + ... + n_{i-1} (elements in memory order);
+  // a pure copy of x when v is None. One pass over the whole list.
+  m.def("unflatten_axpy_(Tensor(a!)[] out, Tensor x, Tensor? v, float eps) -> ()");
   // Logits [N, C] at theta + eps v, theta - eps v (and theta) -> per sample n, all [N]:
   //   quad     = sum_c (log p+_c - log p-_c)(p+_c - p-_c) / (2 eps)^2   (central-difference v^T F_n v)
   //   kl_plus  = KL(p0 || p+), kl_minus = KL(p0 || p-)   with logits_0,

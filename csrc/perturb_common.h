@@ -9,18 +9,46 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "checks.h"
 
 namespace fisherext {
 
-// ---- axpy_list_ ----
+// ---- unflatten_axpy_ ----
 
-inline void check_axpy_list(at::TensorList out, at::TensorList x, at::TensorList v, double eps) {
-  const char* op = "axpy_list_";
-  check_parallel_lists(op, {{"out", out}, {"x", x}, {"v", v}});
+// out: a nonempty list of contiguous tensors of x's dtype and device; x (and v): contiguous, 1-D, with as
+// many elements as the list together. Returns that number. Names are formatted only on failure: the
+// list is a model's parameters, checked on every perturbation.
+inline int64_t check_unflatten_axpy(at::TensorList out, const at::Tensor& x, const std::optional<at::Tensor>& v,
+                                    double eps) {
+  const char* op = "unflatten_axpy_";
+  TORCH_CHECK_VALUE(!out.empty(), "fisherext.", op, ": argument 'out' is an empty list");
+  check_float(op, "x", x);
+  int64_t total = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const at::Tensor& t = out[i];
+    if (!t.defined() || t.scalar_type() != x.scalar_type() || t.device() != x.device() || !t.is_contiguous()) {
+      const std::string name = "out[" + std::to_string(i) + "]";
+      check_like(op, name.c_str(), t, "x", x);
+      TORCH_CHECK_VALUE(t.is_contiguous(), "fisherext.", op, ": argument '", name, "' must be contiguous");
+    }
+    total += t.numel();
+  }
+  const auto check_flat = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous(), "fisherext.", op, ": argument '", name,
+                      "' must be a contiguous 1-D tensor, got shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.numel() == total, "fisherext.", op, ": argument '", name, "' has ", t.numel(),
+                      " elements but the tensors of 'out' have ", total, " together");
+  };
+  check_flat("x", x);
+  if (v.has_value() && v->defined()) {
+    check_like(op, "v", *v, "x", x);
+    check_flat("v", *v);
+  }
   check_finite_scalar(op, "eps", eps, /*positive=*/false);
+  return total;
 }
 
 // ---- fd_fisher_reduce ----

@@ -10,8 +10,8 @@ row-major (``vec(g)[o*I + i]``, the order of ``weight.flatten()``). No op here w
 per-sample gradients to memory; scratch is bounded by a fixed chunk size independent of N.
 Half and bfloat16 inputs are accumulated in float32.
 
-Kernel family K2 (perturb): ``axpy_list_`` sets parameters to ``theta_saved ± eps v`` for every tensor
-in one pass, and ``fd_fisher_reduce`` turns the logits at ``theta ± eps v`` into per-sample Fisher
+Kernel family K2 (perturb): ``unflatten_axpy_`` sets parameters to ``theta_saved ± eps v`` for every
+tensor in one pass (and copies them back), and ``fd_fisher_reduce`` turns the logits at ``theta ± eps v`` into per-sample Fisher
 quadratics and KL divergences in one pass over each row.
 """
 from __future__ import annotations
@@ -117,26 +117,24 @@ def _check_rows(op, x):
     return x.shape[0], x.shape[-1]
 
 
-def _check_parallel_lists(op, lists):
-    """Parallel tensor lists [(name, list)], the first the reference: see check_parallel_lists in checks.h."""
-    ref_name, ref = lists[0]
-    for name, tensors in lists:
-        if len(tensors) == 0:
-            raise ValueError(f"fisherext.{op}: argument '{name}' is an empty list")
-        if len(tensors) != len(ref):
-            raise ValueError(
-                f"fisherext.{op}: argument '{name}' has {len(tensors)} tensors but '{ref_name}' has {len(ref)}")
-    for i, r in enumerate(ref):
-        r_name = f"{ref_name}[{i}]"
-        for name, tensors in lists:
-            t, t_name = tensors[i], f"{name}[{i}]"
-            _check_like(op, t_name, t, r_name, r)
-            _check_same_device(op, t_name, t, f"{ref_name}[0]", ref[0])
-            if t.numel() != r.numel():
-                raise ValueError(
-                    f"fisherext.{op}: argument '{t_name}' has {t.numel()} elements but '{r_name}' has {r.numel()}")
-            if not t.is_contiguous():
-                raise ValueError(f"fisherext.{op}: argument '{t_name}' must be contiguous")
+def _check_unflatten_axpy(op, out, x, v):
+    """Mirror of check_unflatten_axpy in perturb_common.h."""
+    if len(out) == 0:
+        raise ValueError(f"fisherext.{op}: argument 'out' is an empty list")
+    _check_tensor(op, "x", x)
+    for i, t in enumerate(out):
+        _check_like(op, f"out[{i}]", t, "x", x)
+        if not t.is_contiguous():
+            raise ValueError(f"fisherext.{op}: argument 'out[{i}]' must be contiguous")
+    total = sum(t.numel() for t in out)
+    for name, t in [("x", x)] + ([("v", v)] if v is not None else []):
+        _check_like(op, name, t, "x", x)
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"fisherext.{op}: argument '{name}' must be a contiguous 1-D tensor, got shape "
+                             f"{list(t.shape)}")
+        if t.numel() != total:
+            raise ValueError(f"fisherext.{op}: argument '{name}' has {t.numel()} elements but the tensors of "
+                             f"'out' have {total} together")
 
 
 def _check_eps(op, eps, positive):
@@ -198,10 +196,10 @@ def _class_gram_fake(a, delta):
     return a.new_empty((N, C, C))
 
 
-@torch.library.register_fake("fisherext::axpy_list_")
-def _axpy_list_fake(out, x, v, eps):
-    _check_parallel_lists("axpy_list_", [("out", out), ("x", x), ("v", v)])
-    _check_eps("axpy_list_", eps, positive=False)
+@torch.library.register_fake("fisherext::unflatten_axpy_")
+def _unflatten_axpy_fake(out, x, v, eps):
+    _check_unflatten_axpy("unflatten_axpy_", out, x, v)
+    _check_eps("unflatten_axpy_", eps, positive=False)
 
 
 @torch.library.register_fake("fisherext::fd_fisher_reduce")
@@ -341,31 +339,42 @@ def class_gram(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.ops.fisherext.class_gram(_tensor_arg(op, "a", a), _tensor_arg(op, "delta", delta))
 
 
-def axpy_list_(out: Sequence[torch.Tensor], x: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
-               eps: float) -> Sequence[torch.Tensor]:
-    r"""Set every tensor of a list to a point on a line, in place: the parameter perturbation step.
+def unflatten_axpy_(out: Sequence[torch.Tensor], x: torch.Tensor, v: torch.Tensor | None = None,
+                    eps: float = 0.0) -> Sequence[torch.Tensor]:
+    r"""Set every tensor of a list from a flat vector, in place: the parameter perturbation step.
 
-    .. math:: \text{out}_i \leftarrow x_i + \varepsilon\, v_i \qquad \text{for every } i
+    .. math:: \text{out}_i \leftarrow x[o_i : o_i + n_i] + \varepsilon\, v[o_i : o_i + n_i],
+              \qquad n_i = \text{out}_i\text{.numel()},\quad o_i = n_0 + \dots + n_{i-1}
 
-    With ``out`` the parameters, ``x`` a saved copy of them and ``v`` a direction (one tensor per
-    parameter, e.g. ``fisherext.utils.unflatten(vec, params)``), this sets ``theta = theta_saved + eps v``
-    for all parameter tensors at once (``eps`` may be negative); evaluating at ``theta ± eps v`` this way
-    perturbs along the whole direction, not one tensor at a time. Restore the parameters with a bitwise
-    copy, ``torch._foreach_copy_(out, x)``, never by adding ``-eps v`` back (that drifts).
+    With ``out`` the parameters, ``x`` a flat saved copy of them (``fisherext.utils.flatten``) and ``v`` a
+    flat direction in the same order, this sets ``theta = theta_saved + eps v`` for all parameter tensors
+    at once (``eps`` may be negative), so evaluating at ``theta ± eps v`` perturbs along the whole
+    direction, not one tensor at a time. With ``v=None`` it copies ``x`` back bit for bit: the restore
+    step (never add ``-eps v`` back: that drifts).
 
-    Entry ``i`` of the three lists must have the same dtype and number of elements (elements pair up in
-    memory order, so shapes may differ) and be contiguous; all tensors must be on one device. Entries may
-    differ in dtype from each other. ``out[i]`` may be ``x[i]`` or ``v[i]`` itself, but must not partly
-    overlap them. Half and bfloat16 are computed in float32 and rounded once. One parallel pass on CPU;
-    on CUDA one kernel launch per dtype present (several only when a launch's metadata fills up), in the
-    style of apex's multi_tensor_apply. Not differentiable: call it under ``torch.no_grad()``.
+    Every tensor of ``out`` must be contiguous (elements pair up in memory order) and have the dtype and
+    device of ``x``; ``x`` and ``v`` are contiguous 1-D tensors of ``sum_i n_i`` elements and must not
+    overlap ``out``. Half and bfloat16 are computed in float32 and rounded once. One parallel pass on
+    CPU; one kernel launch on CUDA (several only when a launch's metadata fills up), in the style of
+    apex's multi_tensor_apply. The list travels to the kernel once, not once per operand, which is what
+    makes a perturb/restore of a model with hundreds of parameter tensors cheap. Not differentiable:
+    call it under ``torch.no_grad()``.
 
     Returns ``out``.
     """
-    op = "axpy_list_"
-    out_list = _tensor_list_arg(op, "out", out)
-    torch.ops.fisherext.axpy_list_(
-        out_list, _tensor_list_arg(op, "x", x), _tensor_list_arg(op, "v", v), _scalar_arg(op, "eps", eps))
+    try:
+        # Straight to the op: this runs once per perturbation, and checking a long list element by
+        # element in Python would cost more than the kernel. The C++ checks name the argument.
+        torch.ops.fisherext.unflatten_axpy_.default(out, x, v, eps)
+    except (TypeError, RuntimeError):
+        # The schema's parser rejected an argument's type: name it the way every other op does.
+        op = "unflatten_axpy_"
+        _tensor_list_arg(op, "out", out)
+        _tensor_arg(op, "x", x)
+        if v is not None:
+            _tensor_arg(op, "v", v)
+        _scalar_arg(op, "eps", eps)
+        raise
     return out
 
 

@@ -64,26 +64,59 @@ def _directions(v, selected, n=None) -> torch.Tensor:
 
 
 class ParameterPerturbation:
-    """Saves the selected parameters once; ``set(vs, eps)`` makes θ = θ₀ + eps·v (one multi-tensor
-    kernel launch), ``restore()`` copies θ₀ back bitwise."""
+    """Saves the selected parameters once, as one flat buffer per dtype; ``set(v, eps)`` makes
+    θ = θ₀ + eps·v for a flat direction v, ``restore()`` copies θ₀ back bit for bit. Each is one
+    multi-tensor kernel call per dtype present (a model usually has one)."""
 
     def __init__(self, selected):
-        self.params = [p for _, p in selected]
-        self.saved = [p.detach().clone(memory_format=torch.contiguous_format) for p in self.params]
-        # The kernel takes contiguous tensors and pairs elements in memory order: a parameter stored
-        # otherwise (channels_last, a transposed Parameter) is computed into a contiguous scratch, then copied.
-        self.scratch = {i: torch.empty_like(s) for i, (p, s) in enumerate(zip(self.params, self.saved))
-                        if not p.is_contiguous()}
+        params = [p for _, p in selected]
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        self.groups = [_Group([params[i] for i in idx], [(offsets[i], offsets[i + 1]) for i in idx],
+                              offsets[-1]) for idx in by_dtype.values()]
 
-    def set(self, vs: list[torch.Tensor], eps: float):
+    def set(self, v: torch.Tensor, eps: float):
+        """θ = θ₀ + eps·v, with v a flat contiguous vector over the selected parameters."""
         with torch.no_grad():
-            ops.axpy_list_([self.scratch.get(i, p.data) for i, p in enumerate(self.params)], self.saved, vs, eps)
-            for i, t in self.scratch.items():
-                self.params[i].data.copy_(t)
+            for g in self.groups:
+                g.write(g.take(v), eps)
 
     def restore(self):
         with torch.no_grad():
-            torch._foreach_copy_([p.data for p in self.params], self.saved)
+            for g in self.groups:
+                g.write(None, 0.0)
+
+
+class _Group:
+    """Parameters of one dtype: what the kernel writes, their flat saved values, and where their entries
+    lie in a flat direction over all selected parameters."""
+
+    def __init__(self, params, spans, total):
+        self.saved = torch.cat([p.detach().reshape(-1) for p in params])
+        # The kernel pairs elements in memory order, which is the flat order only for a contiguous
+        # tensor: a parameter stored otherwise (channels_last, a transposed Parameter) is computed into
+        # a contiguous scratch, then copied. The .data views are made once, not on every call.
+        data = [p.data for p in params]
+        self.targets = [d if d.is_contiguous() else torch.empty_like(d, memory_format=torch.contiguous_format)
+                        for d in data]
+        self.copies = [(d, t) for d, t in zip(data, self.targets) if d is not t]
+        whole = spans[0][0] == 0 and spans[-1][1] == total and all(
+            e == b for (_, e), (b, _) in zip(spans, spans[1:]))
+        self.index = None if whole else torch.cat(
+            [torch.arange(b, e, device=self.saved.device) for b, e in spans])
+
+    def take(self, v):
+        v = v if self.index is None else v.index_select(0, self.index)
+        return v.to(self.saved.dtype)
+
+    def write(self, v, eps):
+        ops.unflatten_axpy_(self.targets, self.saved, v, eps)
+        for d, t in self.copies:
+            d.copy_(t)
 
 
 def _split(v, selected):
@@ -98,10 +131,10 @@ def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params=None):
     restored bit for bit. ``v`` is a flat vector over the selected parameters."""
     selected = resolve_params(model, params)
     eps = _eps(eps, positive=False)
-    vs = _split(_directions(v, selected), selected)
+    v = _directions(v, selected).contiguous()
     state = ParameterPerturbation(selected)
     try:
-        state.set(vs, eps)
+        state.set(v, eps)
         yield model
     finally:
         state.restore()
@@ -155,14 +188,14 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
             plus = _per_input_logits(model, selected, x, v, eps)
             other = _per_input_logits(model, selected, x, v, -eps) if scheme == "central" else _logits(model, x)
     else:
-        vs = _split(v, selected)
+        v = v.contiguous()
         state = ParameterPerturbation(selected)
         try:
             with torch.no_grad():
-                state.set(vs, eps)
+                state.set(v, eps)
                 plus = _logits(model, x)
                 if scheme == "central":
-                    state.set(vs, -eps)
+                    state.set(v, -eps)
                     other = _logits(model, x)
         finally:
             state.restore()

@@ -71,9 +71,14 @@ def class_gram(a, delta):
     return (J @ J.transpose(1, 2)).to(a.dtype)
 
 
-def axpy_list(out, x, v, eps):
-    """Twin of ``axpy_list_``: returns [x_i + eps v_i] in the compute dtype, rounded to out_i's dtype and shape."""
-    return [(_compute(xi) + eps * _compute(vi)).reshape(o.shape).to(o.dtype) for o, xi, vi in zip(out, x, v)]
+def unflatten_axpy(out, x, v, eps):
+    """Twin of ``unflatten_axpy_``: returns the new value of every out_i, x_i + eps v_i in the compute dtype
+    rounded to out_i's dtype (x_i, v_i the slices of the flat x, v), or x_i itself when v is None."""
+    sizes = [o.numel() for o in out]
+    if v is None:
+        return [xi.view(o.shape).clone() for o, xi in zip(out, x.split(sizes))]
+    return [(_compute(xi) + eps * _compute(vi)).view(o.shape).to(o.dtype)
+            for o, xi, vi in zip(out, x.split(sizes), v.split(sizes))]
 
 
 def _kl(log_p, log_q):

@@ -8,7 +8,7 @@ import fisherext
 
 EXPECTED_OPS = {
     "linear_sq_grad", "linear_outer_accum_", "sym_outer_accum_", "class_gram",  # K1 fisher_accum
-    "axpy_list_", "fd_fisher_reduce",  # K2 perturb
+    "unflatten_axpy_", "fd_fisher_reduce",  # K2 perturb
 }
 
 

@@ -2,7 +2,7 @@
 input rejected with a clear error naming the op and the argument (wrapper, compiled op, fake kernel).
 
 Sizes cross the kernels' boundaries: CPU work items of 32768 elements; CUDA chunks of 65536 elements,
-76 tensors and 320 chunks per launch of the multi-tensor kernel (csrc/cuda/multi_tensor_apply.cuh);
+76 tensors (101 for a plain copy) and 320 chunks per launch of the multi-tensor kernel (csrc/cuda/multi_tensor_apply.cuh);
 one warp of 32 lanes per logit row.
 """
 import math
@@ -24,110 +24,114 @@ def randn(shape, dtype, device, seed, scale=1.0):
     return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
 
 
-def tensor_lists(shapes, dtype, device, seed=0):
-    """(out, x, v) lists of the given shapes; out starts as garbage that the op must overwrite."""
-    return tuple([randn(s, dtype, device, seed + 1000 * k + i) for i, s in enumerate(shapes)] for k in range(3))
+def list_and_flats(shapes, dtype, device, seed=0):
+    """(out, x, v): a list of the given shapes that starts as garbage the op must overwrite, and two flat
+    vectors with as many elements as the list together."""
+    out = [randn(s, dtype, device, seed + i) for i, s in enumerate(shapes)]
+    total = sum(o.numel() for o in out)
+    return out, randn((total,), dtype, device, seed + 1000), randn((total,), dtype, device, seed + 2000)
+
+
+def pieces(flat, out):
+    """The slices of a flat vector that belong to the tensors of out, shaped like them."""
+    return [f.view(o.shape) for f, o in zip(flat.split([o.numel() for o in out]), out)]
 
 
 # ---------------------------------------------------------------------------------------------------
-# axpy_list_
+# unflatten_axpy_
 
 SIZES = [(1,), (7,), (3, 43), (65537,)]  # 65537 crosses a CUDA chunk and two CPU work items
 LIST_CASES = {
     "one": [(1,)],
     "three": [(7,), (3, 43), (65537,)],
-    "130": [SIZES[i % 4] for i in range(130)],  # more tensors than one CUDA launch holds (76)
+    "130": [SIZES[i % 4] for i in range(130)],  # more tensors than one CUDA launch holds (76 slots with v, 101 without)
 }
 
 
 @pytest.mark.parametrize("eps", [0.37, -1e-3])
 @pytest.mark.parametrize("case", list(LIST_CASES))
-def test_axpy_list(case, eps, device, dtype):
-    out, x, v = tensor_lists(LIST_CASES[case], dtype, device)
-    x_before, v_before = [t.clone() for t in x], [t.clone() for t in v]
-    returned = ops.axpy_list_(out, x, v, eps)
+def test_unflatten_axpy(case, eps, device, dtype):
+    out, x, v = list_and_flats(LIST_CASES[case], dtype, device)
+    x_before, v_before = x.clone(), v.clone()
+    returned = ops.unflatten_axpy_(out, x, v, eps)
     assert returned is out
-    for o, xi, vi in zip(out, x, v):
+    for o, xi, vi in zip(out, pieces(x, out), pieces(v, out)):
         assert_close(o, (xi.double() + eps * vi.double()).to(dtype))
-    for o, twin in zip(out, ref.axpy_list(out, x, v, eps)):
+    for o, twin in zip(out, ref.unflatten_axpy(out, x, v, eps)):
         assert_close(o, twin)
-    assert all(map(torch.equal, x, x_before)) and all(map(torch.equal, v, v_before))
+    assert torch.equal(x, x_before) and torch.equal(v, v_before)
 
 
-def test_axpy_list_in_place_on_x_or_v(device, dtype):
-    """out may be x itself (theta += eps v) or v itself."""
-    _, x, v = tensor_lists(LIST_CASES["three"], dtype, device)
-    expected = [xi + 0.5 * vi for xi, vi in zip(x, v)]
-    on_x = [t.clone() for t in x]
-    ops.axpy_list_(on_x, on_x, v, 0.5)
-    on_v = [t.clone() for t in v]
-    ops.axpy_list_(on_v, x, on_v, 0.5)
-    for a, b, e in zip(on_x, on_v, expected):
-        assert_close(a, e)
-        assert_close(b, e)
+@pytest.mark.parametrize("case", list(LIST_CASES))
+def test_unflatten_copy_is_bitwise(case, device, dtype):
+    """Without v the op copies x into the list bit for bit, negative zeros and NaN payloads included
+    (x + 0 * v would turn -0.0 into +0.0)."""
+    out, x, _ = list_and_flats(LIST_CASES[case], dtype, device)
+    x[: x.numel() // 2] = -0.0
+    x[-1] = float("nan")
+    ops.unflatten_axpy_(out, x, None, 0.0)
+    got = torch.cat([o.reshape(-1) for o in out])
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    assert torch.equal(got.view(bits), x.view(bits))
+    for o, twin in zip(out, ref.unflatten_axpy(out, x, None, 0.0)):
+        assert torch.equal(o.view(bits), twin.view(bits))
 
 
-def test_axpy_list_pairs_elements_in_memory_order(device):
-    """Entry i needs the same numel, not the same shape: a direction from a flat vector fits any parameter."""
-    x = [randn((4, 3), torch.float64, device, 1), randn((5,), torch.float64, device, 2)]
-    vec = randn((17,), torch.float64, device, 3)
-    v = [vec[:12], vec[12:]]  # flat views
-    out = [torch.empty_like(t) for t in x]
-    ops.axpy_list_(out, x, v, 2.0)
-    assert_close(out[0], x[0] + 2.0 * vec[:12].view(4, 3))
-    assert_close(out[1], x[1] + 2.0 * vec[12:])
+def test_unflatten_axpy_pairs_elements_in_memory_order(device):
+    """Tensor i takes the next numel(out[i]) entries of the flat vectors, in memory (row-major) order:
+    the order of fisherext.utils.flatten."""
+    from fisherext.utils import flatten
 
-
-def test_axpy_list_mixed_dtypes(device):
-    """Entries of one list may differ in dtype (one CUDA launch sequence per dtype)."""
-    dtypes = [torch.float32, torch.float64, torch.float32, torch.bfloat16]
-    x = [randn((129,), dt, device, i) for i, dt in enumerate(dtypes)]
-    v = [randn((129,), dt, device, 10 + i) for i, dt in enumerate(dtypes)]
-    out = [torch.empty_like(t) for t in x]
-    ops.axpy_list_(out, x, v, -0.25)
-    for o, twin in zip(out, ref.axpy_list(out, x, v, -0.25)):
-        assert o.dtype == twin.dtype
-        assert_close(o, twin)
+    out = [randn((4, 3), torch.float64, device, 1), randn((5,), torch.float64, device, 2)]
+    x = flatten([randn((4, 3), torch.float64, device, 3), randn((5,), torch.float64, device, 4)])
+    v = randn((17,), torch.float64, device, 5)
+    ops.unflatten_axpy_(out, x, v, 2.0)
+    assert_close(out[0], x[:12].view(4, 3) + 2.0 * v[:12].view(4, 3))
+    assert_close(out[1], x[12:] + 2.0 * v[12:])
 
 
 @pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
-def test_axpy_list_low_precision_rounds_once(low, device):
+def test_unflatten_axpy_low_precision_rounds_once(low, device):
     """Computed in float32 and rounded once: within half an ulp of the exact value (2^-p relative, p the
     significand bits), plus float32 rounding far below the smallest half-precision step."""
-    out, x, v = tensor_lists(LIST_CASES["three"], low, device)
-    ops.axpy_list_(out, x, v, 1e-2)
+    out, x, v = list_and_flats(LIST_CASES["three"], low, device)
+    ops.unflatten_axpy_(out, x, v, 1e-2)
     bits = {torch.float16: 11, torch.bfloat16: 8}[low]
-    for o, xi, vi in zip(out, x, v):
+    for o, xi, vi in zip(out, pieces(x, out), pieces(v, out)):
         assert o.dtype == low
         exact = xi.double() + 1e-2 * vi.double()
         torch.testing.assert_close(o.double(), exact, rtol=1.01 * 2.0**-bits, atol=2.0**-24)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_axpy_list_cuda_metadata_boundaries():
-    """75 one-element tensors, then one of 301 chunks that fills the 76th slot and overflows the 320
-    chunks of a launch (its last 56 chunks carry over to the next launch), then 60 more tensors."""
+@pytest.mark.parametrize("with_v", [True, False], ids=["axpy", "copy"])
+def test_unflatten_axpy_cuda_metadata_boundaries(with_v):
+    """75 one-element tensors, then one of 301 chunks that overflows the 320 chunks of a launch (its last
+    56 chunks carry over to the next launch), then 60 more tensors: past the slot limits of both depths
+    (76 slots with v, 101 without)."""
     chunk = 65536
     shapes = [(1,)] * 75 + [(300 * chunk + 3,)] + [(7,)] * 60
-    out, x, v = tensor_lists(shapes, torch.float32, "cuda")
-    ops.axpy_list_(out, x, v, 0.125)
-    for o, xi, vi in zip(out, x, v):
-        assert_close(o, xi + 0.125 * vi)
+    out, x, v = list_and_flats(shapes, torch.float32, "cuda")
+    ops.unflatten_axpy_(out, x, v if with_v else None, 0.125)
+    for o, xi, vi in zip(out, pieces(x, out), pieces(v, out)):
+        assert_close(o, xi + 0.125 * vi if with_v else xi)
 
 
 def test_perturb_then_copy_restores_bitwise(device, dtype):
-    """theta <- theta_saved ± eps v, then a copy back from the saved tensors restores every bit; undoing
+    """theta <- theta_saved ± eps v, then a copy back from the saved vector restores every bit; undoing
     the step by arithmetic (the seeds' +eps, -2 eps, +eps) would not."""
-    params, _, v = tensor_lists(LIST_CASES["130"], dtype, device)
-    saved = [p.clone() for p in params]
-    ops.axpy_list_(params, saved, v, 1e-3)
-    ops.axpy_list_(params, saved, v, -1e-3)
-    torch._foreach_copy_(params, saved)
-    assert all(map(torch.equal, params, saved))
+    from fisherext.utils import flatten
 
-    ops.axpy_list_(params, params, v, 1e-3)
-    ops.axpy_list_(params, params, v, -1e-3)
-    assert not all(map(torch.equal, params, saved)), "arithmetic undo was expected to drift"
+    params, _, v = list_and_flats(LIST_CASES["130"], dtype, device)
+    saved = flatten(params).clone()
+    ops.unflatten_axpy_(params, saved, v, 1e-3)
+    ops.unflatten_axpy_(params, saved, v, -1e-3)
+    ops.unflatten_axpy_(params, saved, None, 0.0)
+    assert torch.equal(flatten(params), saved)
+
+    for step in (1e-3, -2e-3, 1e-3):
+        ops.unflatten_axpy_(params, flatten(params), v, step)
+    assert not torch.equal(flatten(params), saved), "arithmetic undo was expected to drift"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,7 +218,8 @@ def test_outputs_are_not_differentiable(device):
     """Both ops are for finite differences under no_grad: no output carries a grad_fn."""
     model = torch.nn.Linear(3, 4).to(device)
     params = list(model.parameters())
-    ops.axpy_list_(params, [p.detach().clone() for p in params], [torch.ones_like(p) for p in params], 0.1)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    ops.unflatten_axpy_(params, flat, torch.ones_like(flat), 0.1)
     assert all(p.grad_fn is None and p.requires_grad for p in params)
     out = model(torch.randn(5, 3, device=device))
     assert out.requires_grad
@@ -231,18 +236,20 @@ def exact_quad(logits0, jv):
 
 
 def fd_at(model, x, v, eps):
-    """fd_fisher_reduce of model(x) at theta ± eps v (all parameter tensors at once), restoring theta."""
+    """fd_fisher_reduce of model(x) at theta ± eps v (all parameter tensors at once, v one tensor per
+    parameter), restoring theta."""
     params = list(model.parameters())
-    saved = [p.detach().clone() for p in params]
+    saved = torch.cat([p.detach().reshape(-1) for p in params])
+    flat_v = torch.cat([t.reshape(-1) for t in v])
     with torch.no_grad():
         try:
-            ops.axpy_list_(params, saved, v, eps)
+            ops.unflatten_axpy_(params, saved, flat_v, eps)
             plus = model(x)
-            ops.axpy_list_(params, saved, v, -eps)
+            ops.unflatten_axpy_(params, saved, flat_v, -eps)
             minus = model(x)
         finally:
-            torch._foreach_copy_(params, saved)
-        assert all(map(torch.equal, params, saved))
+            ops.unflatten_axpy_(params, saved, None, 0.0)
+        assert torch.equal(torch.cat([p.reshape(-1) for p in params]), saved)
         return ops.fd_fisher_reduce(plus, minus, model(x), eps)
 
 
@@ -299,14 +306,11 @@ def test_fd_quad_perturbs_all_tensors_at_once(device):
 
 def opcheck_cases(device):
     f = torch.ops.fisherext
-    lists = tensor_lists([(3, 4), (5,), (65537,)], torch.float32, device)
-    mixed = ([torch.zeros(3, device=device), torch.zeros(2, dtype=torch.float64, device=device)],
-             [torch.ones(3, device=device), torch.ones(2, dtype=torch.float64, device=device)],
-             [torch.ones(3, device=device), torch.ones(2, dtype=torch.float64, device=device)])
+    out, x, v = list_and_flats([(3, 4), (5,), (65537,)], torch.float32, device)
     lp, lm, l0 = logits(9, 37, torch.float32, device, True)
     return [
-        (f.axpy_list_.default, (*lists, 0.5)),
-        (f.axpy_list_.default, (*mixed, -2.0)),
+        (f.unflatten_axpy_.default, (out, x, v, 0.5)),
+        (f.unflatten_axpy_.default, (out, x, None, 0.0)),
         (f.fd_fisher_reduce.default, (lp, lm, l0, 0.1)),
         (f.fd_fisher_reduce.default, (lp, lm, None, 0.1)),
         (f.fd_fisher_reduce.default, (lp.half(), lm.half(), None, 0.1)),
@@ -324,17 +328,17 @@ def test_compile_sees_fakes():
     """torch.compile traces both ops through their fakes (the in-place list op functionalized)."""
 
     def step(params, saved, v, x):
-        ops.axpy_list_(params, saved, v, 1e-2)
+        ops.unflatten_axpy_(params, saved, v, 1e-2)
         plus = x @ params[0]
-        ops.axpy_list_(params, saved, v, -1e-2)
+        ops.unflatten_axpy_(params, saved, v, -1e-2)
         minus = x @ params[0]
         return ops.fd_fisher_reduce(plus, minus, None, 1e-2)
 
-    saved = [torch.randn(4, 3, dtype=torch.float64)]
-    v = [torch.randn(4, 3, dtype=torch.float64)]
+    saved = torch.randn(12, dtype=torch.float64)
+    v = torch.randn(12, dtype=torch.float64)
     x = torch.randn(6, 4, dtype=torch.float64)
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    p_eager, p_compiled = [saved[0].clone()], [saved[0].clone()]
+    p_eager, p_compiled = [saved.view(4, 3).clone()], [saved.view(4, 3).clone()]
     for a, b in zip(compiled(p_compiled, saved, v, x), step(p_eager, saved, v, x)):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(p_compiled[0], p_eager[0])
@@ -350,19 +354,20 @@ def ts(*sizes, dtype=torch.float32):
 
 # (op name, args, exception type, substring the message must contain)
 BAD = [
-    ("axpy_list_", lambda: ([], [], [], 1.0), ValueError, "'out' is an empty list"),
-    ("axpy_list_", lambda: (ts(3), [], ts(3), 1.0), ValueError, "'x' is an empty list"),
-    ("axpy_list_", lambda: (ts(3, 4), ts(3), ts(3, 4), 1.0), ValueError, "'x' has 1 tensors but 'out' has 2"),
-    ("axpy_list_", lambda: (ts(3, 4), ts(3, 4), ts(3, 4, 5), 1.0), ValueError, "'v' has 3 tensors"),
-    ("axpy_list_", lambda: (ts(3, 4), ts(3, 5), ts(3, 4), 1.0), ValueError, "'x\\[1\\]' has 5 elements"),
-    ("axpy_list_", lambda: (ts(3, 4), ts(3, 4), [t(3), t(2, 3)], 1.0), ValueError, "'v\\[1\\]' has 6 elements"),
-    ("axpy_list_", lambda: (ts(3), ts(3), ts(3, dtype=torch.float64), 1.0), TypeError, "'v\\[0\\]' has dtype"),
-    ("axpy_list_", lambda: (ts(3, 2), [t(3), t(2, dtype=torch.float64)], ts(3, 2), 1.0), TypeError, "'x\\[1\\]'"),
-    ("axpy_list_", lambda: ([torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)], ts(3), 1.0),
-     TypeError, "'out\\[0\\]' must be a floating-point tensor"),
-    ("axpy_list_", lambda: (ts(12), [t(4, 3).T], ts(12), 1.0), ValueError, "'x\\[0\\]' must be contiguous"),
-    ("axpy_list_", lambda: (ts(3), ts(3), ts(3), float("nan")), ValueError, "'eps' must be finite"),
-    ("axpy_list_", lambda: (ts(3), ts(3), ts(3), float("inf")), ValueError, "'eps' must be finite"),
+    ("unflatten_axpy_", lambda: ([], t(0), None, 1.0), ValueError, "'out' is an empty list"),
+    ("unflatten_axpy_", lambda: (ts(3, 4), t(8), t(7), 1.0), ValueError, "'x' has 8 elements but the tensors of 'out' have 7"),
+    ("unflatten_axpy_", lambda: (ts(3, 4), t(7), t(6), 1.0), ValueError, "'v' has 6 elements"),
+    ("unflatten_axpy_", lambda: (ts(3, 4), t(7, 1), None, 1.0), ValueError, "'x' must be a contiguous 1-D tensor"),
+    ("unflatten_axpy_", lambda: (ts(6), t(6), t(6, 1), 1.0), ValueError,
+     "'v' must be a contiguous 1-D tensor"),
+    ("unflatten_axpy_", lambda: (ts(3), t(3), t(3, dtype=torch.float64), 1.0), TypeError, "'v' has dtype"),
+    ("unflatten_axpy_", lambda: ([t(3), t(2, dtype=torch.float64)], t(5), None, 1.0), TypeError,
+     "'out\\[1\\]' has dtype"),
+    ("unflatten_axpy_", lambda: ([torch.ones(3, dtype=torch.int64)], torch.ones(3, dtype=torch.int64), None, 1.0),
+     TypeError, "'x' must be a floating-point tensor"),
+    ("unflatten_axpy_", lambda: ([t(4, 3).T], t(12), None, 1.0), ValueError, "'out\\[0\\]' must be contiguous"),
+    ("unflatten_axpy_", lambda: (ts(3), t(3), t(3), float("nan")), ValueError, "'eps' must be finite"),
+    ("unflatten_axpy_", lambda: (ts(3), t(3), t(3), float("inf")), ValueError, "'eps' must be finite"),
     ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 4), None, 0.1), ValueError, "'logits_minus' must have the shape"),
     ("fd_fisher_reduce", lambda: (t(5, 3), t(5, 3), t(4, 3), 0.1), ValueError, "'logits_0' must have the shape"),
     ("fd_fisher_reduce", lambda: (t(5), t(5), None, 0.1), ValueError, "'logits_plus' must have shape \\[N, C\\]"),
@@ -392,10 +397,10 @@ def test_bad_input_names_the_argument(name, make_args, exc, msg, path):
 def test_device_mismatch_is_named():
     """Any meta tensor sends the call to the fake kernel, which names the tensor on the other device."""
     f = torch.ops.fisherext
-    with pytest.raises(ValueError, match=r"'out\[1\]' is on meta but 'out\[0\]' is on cpu"):
-        f.axpy_list_([t(3), t(2).to("meta")], ts(3, 2), ts(3, 2), 1.0)
-    with pytest.raises(ValueError, match=r"'x\[0\]' is on meta but 'out\[0\]' is on cpu"):
-        f.axpy_list_(ts(3), [t(3).to("meta")], ts(3), 1.0)
+    with pytest.raises(ValueError, match=r"'out\[1\]' is on meta but 'x' is on cpu"):
+        f.unflatten_axpy_([t(3), t(2).to("meta")], t(5), None, 1.0)
+    with pytest.raises(ValueError, match=r"'v' is on meta but 'x' is on cpu"):
+        f.unflatten_axpy_(ts(3), t(3), t(3).to("meta"), 1.0)
     with pytest.raises(ValueError, match="'logits_0' is on meta"):
         f.fd_fisher_reduce(t(5, 3), t(5, 3), t(5, 3).to("meta"), 0.1)
 
@@ -403,21 +408,23 @@ def test_device_mismatch_is_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cross_device_is_named():
     f = torch.ops.fisherext
-    with pytest.raises(ValueError, match=r"'v\[0\]' is on cpu but 'out\[0\]' is on cuda"):
-        f.axpy_list_([t(3).cuda()], [t(3).cuda()], ts(3), 1.0)
-    with pytest.raises(ValueError, match=r"'out\[1\]' is on cpu but 'out\[0\]' is on cuda"):
-        f.axpy_list_([t(3).cuda(), t(2)], [t(3).cuda(), t(2)], [t(3).cuda(), t(2)], 1.0)
+    with pytest.raises(ValueError, match=r"'v' is on cpu but 'x' is on cuda"):
+        f.unflatten_axpy_([t(3).cuda()], t(3).cuda(), t(3), 1.0)
+    with pytest.raises(ValueError, match=r"'out\[1\]' is on cpu but 'x' is on cuda"):
+        f.unflatten_axpy_([t(3).cuda(), t(2)], t(5).cuda(), None, 1.0)
     with pytest.raises(ValueError, match="'logits_minus' is on cpu"):
         f.fd_fisher_reduce(t(5, 3).cuda(), t(5, 3), None, 0.1)
 
 
 def test_wrapper_rejects_non_lists_and_bad_scalars():
-    with pytest.raises(TypeError, match="'x' must be a list of tensors"):
-        ops.axpy_list_(ts(3), t(3), ts(3), 1.0)
-    with pytest.raises(TypeError, match=r"'v\[1\]' must be a torch.Tensor"):
-        ops.axpy_list_(ts(3, 2), ts(3, 2), [t(3), [1.0, 2.0]], 1.0)
+    with pytest.raises(TypeError, match="'out' must be a list of tensors"):
+        ops.unflatten_axpy_(t(3), t(3), t(3), 1.0)
+    with pytest.raises(TypeError, match=r"'out\[1\]' must be a torch.Tensor"):
+        ops.unflatten_axpy_([t(3), [1.0, 2.0]], t(5), None, 1.0)
+    with pytest.raises(TypeError, match="'v' must be a torch.Tensor"):
+        ops.unflatten_axpy_(ts(3), t(3), [1.0, 2.0, 3.0], 1.0)
     with pytest.raises(TypeError, match="'eps' must be a real number"):
-        ops.axpy_list_(ts(3), ts(3), ts(3), "1e-3")
+        ops.unflatten_axpy_(ts(3), t(3), t(3), "1e-3")
     with pytest.raises(TypeError, match="'logits_0' must be a torch.Tensor"):
         ops.fd_fisher_reduce(t(5, 3), t(5, 3), [[0.0]], 0.1)
     with pytest.raises(ValueError, match="'eps' must be finite"):

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "checks.h"
@@ -15,53 +16,61 @@
 namespace fisherext {
 namespace {
 
-// ---- axpy_list_ ----
+// ---- unflatten_axpy_ ----
 
 // Elements below which work is not worth a thread (ATen's GRAIN_SIZE). It is also the size of an
-// axpy_list_ work item: small enough to balance a few large tensors over the threads.
+// unflatten_axpy_ work item: small enough to balance a few large tensors over the threads.
 constexpr int64_t kGrain = int64_t(1) << 15;
 
-// Elements [begin, begin + n) of tensor `index` of the lists.
+// Elements [begin, begin + n) of tensor `index` of the list, which start at `offset` in the flat x and v.
 struct Chunk {
   size_t index;
-  int64_t begin, n;
+  int64_t offset, begin, n;
 };
 
 std::vector<Chunk> list_chunks(at::TensorList tensors) {
   std::vector<Chunk> chunks;
-  for (size_t i = 0; i < tensors.size(); ++i)
+  int64_t offset = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
     for (int64_t b = 0; b < tensors[i].numel(); b += kGrain)
-      chunks.push_back({i, b, std::min(kGrain, tensors[i].numel() - b)});
+      chunks.push_back({i, offset + b, b, std::min(kGrain, tensors[i].numel() - b)});
+    offset += tensors[i].numel();
+  }
   return chunks;
 }
 
-// out = x + eps v in the compute dtype, rounded once to scalar_t. out may be x or v itself.
+// out = x + eps v in the compute dtype, rounded once to scalar_t.
 template <typename scalar_t>
-void axpy(scalar_t* out, const scalar_t* x, const scalar_t* v, at::opmath_type<scalar_t> eps, int64_t n) {
+void axpy(scalar_t* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ v,
+          at::opmath_type<scalar_t> eps, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = 0; i < n; ++i)
     out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + eps * static_cast<acc_t>(v[i]));
 }
 
-void axpy_list_cpu(at::TensorList out, at::TensorList x, at::TensorList v, double eps) {
-  check_axpy_list(out, x, v, eps);
-  // One parallel region over every (tensor, chunk) pair of the lists: many small parameter tensors
-  // share threads instead of each paying a parallel region of its own.
+void unflatten_axpy_cpu(at::TensorList out, const at::Tensor& x, const std::optional<at::Tensor>& v, double eps) {
+  const int64_t total = check_unflatten_axpy(out, x, v, eps);
+  const bool has_v = v.has_value() && v->defined();
+  // One parallel region over every (tensor, chunk) pair: many small parameter tensors share threads
+  // instead of each paying a parallel region of its own.
   const std::vector<Chunk> chunks = list_chunks(out);
-  int64_t total = 0;
-  for (const at::Tensor& t : out) total += t.numel();
   // Grain in chunks: on average at least kGrain elements per thread (many tiny tensors stay serial).
   const int64_t count = static_cast<int64_t>(chunks.size());
   const int64_t grain = std::max<int64_t>(1, (kGrain * count + total - 1) / std::max<int64_t>(total, 1));
-  at::parallel_for(0, count, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const Chunk& ch = chunks[c];
-      // Entries of the lists may differ in dtype (entry i matches across the lists).
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out[ch.index].scalar_type(), "axpy_list_cpu", [&] {
-        axpy(out[ch.index].data_ptr<scalar_t>() + ch.begin, x[ch.index].const_data_ptr<scalar_t>() + ch.begin,
-             v[ch.index].const_data_ptr<scalar_t>() + ch.begin, static_cast<at::opmath_type<scalar_t>>(eps), ch.n);
-      });
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "unflatten_axpy_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* vp = has_v ? v->const_data_ptr<scalar_t>() : nullptr;
+    const auto step = static_cast<at::opmath_type<scalar_t>>(eps);
+    at::parallel_for(0, count, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Chunk& ch = chunks[c];
+        scalar_t* dst = out[ch.index].data_ptr<scalar_t>() + ch.begin;
+        if (has_v)
+          axpy(dst, xp + ch.offset, vp + ch.offset, step, ch.n);
+        else
+          std::memcpy(dst, xp + ch.offset, ch.n * sizeof(scalar_t));  // bitwise, whatever the values
+      }
+    });
   });
 }
 
@@ -105,30 +114,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_fisher_reduce_cpu(const at::Te
   return p.outputs();
 }
 
-// ---- registrations for every backend (this file is always built) ----
-
-// Reached only when no list holds a tensor (the dispatcher then has no backend to pick): the checks
-// name the empty argument. A tensor on a device without a fisherext kernel lands here too.
-void axpy_list_no_backend(at::TensorList out, at::TensorList x, at::TensorList v, double eps) {
-  check_axpy_list(out, x, v, eps);
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "fisherext.axpy_list_: no kernel for tensors on ", out[0].device());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fisherext, CPU, m) {
-  m.impl("axpy_list_", &axpy_list_cpu);
+  m.impl("unflatten_axpy_", &unflatten_axpy_cpu);
   m.impl("fd_fisher_reduce", &fd_fisher_reduce_cpu);
-}
-
-TORCH_LIBRARY_IMPL(fisherext, CompositeExplicitAutograd, m) {
-  m.impl("axpy_list_", &axpy_list_no_backend);
 }
 
 // Neither op is differentiable (both serve finite differences under no_grad): autograd passes them
 // through, so outputs never require grad, instead of carrying a grad_fn that backpropagates nothing.
 TORCH_LIBRARY_IMPL(fisherext, Autograd, m) {
-  m.impl("axpy_list_", torch::CppFunction::makeFallthrough());
+  m.impl("unflatten_axpy_", torch::CppFunction::makeFallthrough());
   m.impl("fd_fisher_reduce", torch::CppFunction::makeFallthrough());
 }
 

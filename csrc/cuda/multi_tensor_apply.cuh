@@ -1,6 +1,6 @@
 // One kernel launch over a whole list of tensors (in the manner of apex's multi_tensor_apply).
 //
-// Entry i of the list is a tuple of Depth tensors of equal numel (e.g. out[i], x[i], v[i]), contiguous
+// Entry i of the list is a tuple of Depth operands of equal numel (e.g. out[i] and its slices of flat x and v), contiguous
 // and on the current device. Every entry is cut into chunks of kChunk elements, and a launch runs one
 // block per chunk. What block b works on (a tensor slot and a chunk index) and each slot's pointers and
 // numel travel in a metadata struct passed by value as the kernel argument, so a launch needs no

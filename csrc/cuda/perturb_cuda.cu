@@ -1,6 +1,6 @@
 // CUDA kernels of the perturb family (K2). Schemas and the math: csrc/fisherext.cpp and
 // csrc/perturb_common.h; the CPU kernels (csrc/cpu/perturb_cpu.cpp) have the same semantics.
-//   axpy_list_        one multi_tensor_apply launch per dtype present (multi_tensor_apply.cuh)
+//   unflatten_axpy_   one multi_tensor_apply launch (multi_tensor_apply.cuh; more only for very long lists)
 //   fd_fisher_reduce  one warp per row: each lane folds a strided slice of the row into online
 //                     softmax statistics (FdRowStats), then a shuffle butterfly merges the 32 lanes.
 #include <ATen/Dispatch.h>
@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "checks.h"
@@ -21,44 +22,65 @@
 namespace fisherext {
 namespace {
 
-// ---- axpy_list_ ----
+// ---- unflatten_axpy_ ----
 
-// out = x + eps v on one chunk, in the compute dtype and rounded once. out may be x or v itself
-// (each element is read and written by the same thread), hence no __restrict__.
+// out = x + eps v on one chunk, in the compute dtype and rounded once (ptr: out, x, v).
 template <typename scalar_t>
 struct AxpyChunk {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t eps;
 
   __device__ void operator()(void* const (&ptr)[3], int64_t begin, int n) const {
-    scalar_t* out = static_cast<scalar_t*>(ptr[0]) + begin;
-    const scalar_t* x = static_cast<const scalar_t*>(ptr[1]) + begin;
-    const scalar_t* v = static_cast<const scalar_t*>(ptr[2]) + begin;
+    scalar_t* __restrict__ out = static_cast<scalar_t*>(ptr[0]) + begin;
+    const scalar_t* __restrict__ x = static_cast<const scalar_t*>(ptr[1]) + begin;
+    const scalar_t* __restrict__ v = static_cast<const scalar_t*>(ptr[2]) + begin;
 #pragma unroll 4
     for (int i = threadIdx.x; i < n; i += blockDim.x)
       out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + eps * static_cast<acc_t>(v[i]));
   }
 };
 
-void axpy_list_cuda(at::TensorList out, at::TensorList x, at::TensorList v, double eps) {
-  check_axpy_list(out, x, v, eps);
-  const c10::cuda::CUDAGuard guard(out[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out[0].get_device()).stream();
-  // A kernel is compiled per dtype, so entries are grouped by dtype: one launch sequence per dtype
-  // present (a model usually has one).
-  std::vector<c10::ScalarType> dtypes;
-  for (const at::Tensor& t : out)
-    if (std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) == dtypes.end()) dtypes.push_back(t.scalar_type());
-  for (const c10::ScalarType dtype : dtypes) {
-    std::vector<mta::ListEntry<3>> entries;
-    for (size_t i = 0; i < out.size(); ++i)
-      if (out[i].scalar_type() == dtype)
-        entries.push_back({{out[i].data_ptr(), x[i].data_ptr(), v[i].data_ptr()}, out[i].numel()});
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "axpy_list_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      mta::multi_tensor_apply<3>(entries, AxpyChunk<scalar_t>{static_cast<acc_t>(eps)}, stream);
-    });
+// out = x on one chunk, bit for bit (ptr: out, x).
+template <typename scalar_t>
+struct CopyChunk {
+  __device__ void operator()(void* const (&ptr)[2], int64_t begin, int n) const {
+    scalar_t* __restrict__ out = static_cast<scalar_t*>(ptr[0]) + begin;
+    const scalar_t* __restrict__ x = static_cast<const scalar_t*>(ptr[1]) + begin;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = x[i];
   }
+};
+
+// Entry i of the list: out[i] and the slices of the flat operands that start at its offset.
+template <int Depth>
+std::vector<mta::ListEntry<Depth>> flat_entries(at::TensorList out, const std::array<const at::Tensor*, Depth - 1>& flat) {
+  std::vector<mta::ListEntry<Depth>> entries;
+  entries.reserve(out.size());
+  const int64_t itemsize = static_cast<int64_t>(out[0].element_size());
+  int64_t offset = 0;
+  for (const at::Tensor& t : out) {
+    mta::ListEntry<Depth> e;
+    e.ptr[0] = t.data_ptr();
+    for (int d = 1; d < Depth; ++d) e.ptr[d] = static_cast<char*>(flat[d - 1]->data_ptr()) + offset * itemsize;
+    e.numel = t.numel();
+    entries.push_back(e);
+    offset += t.numel();
+  }
+  return entries;
+}
+
+void unflatten_axpy_cuda(at::TensorList out, const at::Tensor& x, const std::optional<at::Tensor>& v, double eps) {
+  check_unflatten_axpy(out, x, v, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "unflatten_axpy_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (v.has_value() && v->defined())
+      mta::multi_tensor_apply<3>(flat_entries<3>(out, {&x, &*v}), AxpyChunk<scalar_t>{static_cast<acc_t>(eps)},
+                                 stream);
+    else
+      mta::multi_tensor_apply<2>(flat_entries<2>(out, {&x}), CopyChunk<scalar_t>{}, stream);
+  });
 }
 
 // ---- fd_fisher_reduce ----
@@ -139,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_fisher_reduce_cuda(const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fisherext, CUDA, m) {
-  m.impl("axpy_list_", &axpy_list_cuda);
+  m.impl("unflatten_axpy_", &unflatten_axpy_cuda);
   m.impl("fd_fisher_reduce", &fd_fisher_reduce_cuda);
 }
 
