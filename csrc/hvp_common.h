@@ -7,7 +7,6 @@
 #include <c10/macros/Macros.h>
 
 #include <optional>
-#include <tuple>
 
 #include "checks.h"
 
@@ -144,14 +143,20 @@ inline CgUpdateProblem prepare_cg_update(const at::Tensor& x, const at::Tensor& 
   return q;
 }
 
-inline std::tuple<FlatDims, at::Tensor> prepare_cg_direction(const at::Tensor& p, const at::Tensor& r,
-                                                             const at::Tensor& beta,
-                                                             const std::optional<at::Tensor>& inv_diag) {
+struct CgDirectionProblem {
+  FlatDims d;
+  at::Tensor inv_diag;  // undefined without a preconditioner
+};
+
+inline CgDirectionProblem prepare_cg_direction(const at::Tensor& p, const at::Tensor& r, const at::Tensor& beta,
+                                               const std::optional<at::Tensor>& inv_diag) {
   const char* op = "cg_direction_";
-  const FlatDims d = check_flat(op, "p", p);
+  CgDirectionProblem q;
+  q.d = check_flat(op, "p", p);
   check_flat_like(op, "r", r, "p", p);
-  check_column_scalar(op, "beta", beta, "p", p, d);
-  return {d, check_inv_diag(op, inv_diag, "p", p, d)};
+  check_column_scalar(op, "beta", beta, "p", p, q.d);
+  q.inv_diag = check_inv_diag(op, inv_diag, "p", p, q.d);
+  return q;
 }
 
 inline void check_lissa_update(const at::Tensor& h, const at::Tensor& v, const at::Tensor& Hh, double damping,

@@ -156,15 +156,15 @@ std::tuple<at::Tensor, at::Tensor> cg_update_cpu(at::Tensor& x, at::Tensor& r, c
 
 void cg_direction_cpu(at::Tensor& p, const at::Tensor& r, const at::Tensor& beta,
                       const std::optional<at::Tensor>& inv_diag) {
-  const auto [d, inv] = prepare_cg_direction(p, r, beta, inv_diag);
+  const CgDirectionProblem q = prepare_cg_direction(p, r, beta, inv_diag);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "cg_direction_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* p_ptr = p.data_ptr<scalar_t>();
     const scalar_t* r_ptr = r.const_data_ptr<scalar_t>();
     const acc_t* b = beta.const_data_ptr<acc_t>();
-    const scalar_t* inv_ptr = inv.defined() ? inv.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t K = d.K;
-    at::parallel_for(0, d.P, row_grain(K), [&](int64_t i0, int64_t i1) {
+    const scalar_t* inv_ptr = q.inv_diag.defined() ? q.inv_diag.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t K = q.d.K;
+    at::parallel_for(0, q.d.P, row_grain(K), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const acc_t w = inv_ptr ? static_cast<acc_t>(inv_ptr[i]) : acc_t(1);
         for (int64_t k = 0; k < K; ++k) {
