@@ -14,6 +14,14 @@
 //   csrc/cpu/perturb_cpu.cpp         CPU kernels
 //   csrc/cuda/perturb_cuda.cu        CUDA kernels (one launch over the lists: csrc/cuda/multi_tensor_apply.cuh)
 //   csrc/perturb_common.h            checks and the per-row math shared by both
+//
+// Kernel family K3 (hvp): the softmax cross-entropy Hessian H = diag(p) − p pᵀ of each logit row applied
+// to vectors (Gauss-Newton/Fisher-vector products) or factored into its square-root columns (true-Fisher
+// backprop), and fused flat-vector updates of the linear solvers (CG, LiSSA, Neumann), so that a solver
+// iteration is one matvec plus one launch.
+//   csrc/cpu/hvp_cpu.cpp             CPU kernels
+//   csrc/cuda/hvp_cuda.cu            CUDA kernels
+//   csrc/hvp_common.h                checks and the per-element math shared by both
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -42,6 +50,23 @@ TORCH_LIBRARY(fisherext, m) {
   m.def(
       "fd_fisher_reduce(Tensor logits_plus, Tensor logits_minus, Tensor? logits_0, float eps) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // K3 hvp. Per logit row z [N, C], p = softmax(z):
+  // H u = p ⊙ u − p (pᵀu) for u [N, C] or [K, N, C] (K directions sharing the logits); u's shape and dtype.
+  m.def("softmax_hvp(Tensor logits, Tensor u) -> Tensor");
+  // S [C, N, C] with S[k, n] = √p_nk (e_k − p_n), so Σ_k S[k, n] S[k, n]ᵀ = diag(p_n) − p_n p_nᵀ.
+  m.def("softmax_hessian_sqrt(Tensor logits) -> Tensor");
+  // Vectors [P] or [P, K] (columns), per-column scalars [] or [K] in the compute dtype, inv_diag [P]:
+  // x += alpha p; r −= alpha Ap; returns (rz, rr) = (Σ_i r_i z_i, Σ_i r_i²) of the new r, z = inv_diag ⊙ r.
+  m.def(
+      "cg_update_(Tensor(a!) x, Tensor(b!) r, Tensor p, Tensor Ap, Tensor alpha, Tensor? inv_diag=None) "
+      "-> (Tensor, Tensor)");
+  // p <- z + beta p, z = inv_diag ⊙ r (z = r without inv_diag).
+  m.def("cg_direction_(Tensor(a!) p, Tensor r, Tensor beta, Tensor? inv_diag=None) -> ()");
+  // h <- v + (1 − damping) h − Hh / scale.
+  m.def("lissa_update_(Tensor(a!) h, Tensor v, Tensor Hh, float damping, float scale) -> ()");
+  // term <- term − Aterm / scale; acc <- acc + term.
+  m.def("neumann_update_(Tensor(a!) term, Tensor(b!) acc, Tensor Aterm, float scale) -> ()");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -13,6 +13,11 @@ Half and bfloat16 inputs are accumulated in float32.
 Kernel family K2 (perturb): ``unflatten_axpy_`` sets parameters to ``theta_saved ± eps v`` for every
 tensor in one pass (and copies them back), and ``fd_fisher_reduce`` turns the logits at ``theta ± eps v`` into per-sample Fisher
 quadratics and KL divergences in one pass over each row.
+
+Kernel family K3 (hvp): the softmax cross-entropy Hessian ``H = diag(p) - p p^T`` of each logit row applied
+to vectors (``softmax_hvp``, differentiable) or factored into square-root columns (``softmax_hessian_sqrt``),
+and the fused flat-vector updates of the linear solvers in ``fisherext.solvers`` (``cg_update_``,
+``cg_direction_``, ``lissa_update_``, ``neumann_update_``).
 """
 from __future__ import annotations
 
@@ -137,12 +142,12 @@ def _check_unflatten_axpy(op, out, x, v):
                              f"'out' have {total} together")
 
 
-def _check_eps(op, eps, positive):
-    """Mirror of check_finite_scalar in checks.h (the schema has already made eps a float)."""
-    if not math.isfinite(eps):
-        raise ValueError(f"fisherext.{op}: argument 'eps' must be finite, got {eps}")
-    if positive and not eps > 0:
-        raise ValueError(f"fisherext.{op}: argument 'eps' must be > 0, got {eps}")
+def _check_finite_scalar(op, name, value, positive):
+    """Mirror of check_finite_scalar in checks.h (the schema has already made the value a float)."""
+    if not math.isfinite(value):
+        raise ValueError(f"fisherext.{op}: argument '{name}' must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"fisherext.{op}: argument '{name}' must be > 0, got {value}")
 
 
 def _check_logits(op, name, t):
@@ -163,6 +168,73 @@ def _check_logits_like(op, name, t, ref_name, ref):
 
 def _opmath_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_u(op, u, logits):
+    _check_like(op, "u", u, "logits", logits)
+    if u.dim() not in (2, 3) or u.shape[-2:] != logits.shape:
+        N, C = logits.shape
+        raise ValueError(
+            f"fisherext.{op}: argument 'u' must have shape {tuple(logits.shape)} or [K, {N}, {C}] to match "
+            f"'logits', got {tuple(u.shape)}")
+    if u.numel() == 0:
+        raise ValueError(f"fisherext.{op}: argument 'u' is empty (shape {tuple(u.shape)})")
+
+
+def _check_flat(op, name, x):
+    """Mirror of check_flat in hvp_common.h: a contiguous nonempty [P] or [P, K]; returns (P, K, columns)."""
+    _check_tensor(op, name, x)
+    if x.dim() not in (1, 2):
+        raise ValueError(f"fisherext.{op}: argument '{name}' must have shape [P] or [P, K], got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"fisherext.{op}: argument '{name}' is empty (shape {tuple(x.shape)})")
+    if not x.is_contiguous():
+        raise ValueError(f"fisherext.{op}: argument '{name}' must be contiguous")
+    return x.shape[0], (x.shape[1] if x.dim() == 2 else 1), x.dim() == 2
+
+
+def _check_flat_like(op, name, t, ref_name, ref):
+    _check_like(op, name, t, ref_name, ref)
+    if t.shape != ref.shape:
+        raise ValueError(
+            f"fisherext.{op}: argument '{name}' must have the shape {tuple(ref.shape)} of '{ref_name}', "
+            f"got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"fisherext.{op}: argument '{name}' must be contiguous")
+
+
+def _check_column_scalar(op, name, s, ref_name, ref, dims):
+    """A per-column scalar: [] for [P] vectors, [K] for [P, K]; the compute dtype of the vectors."""
+    _check_tensor(op, name, s)
+    want = _opmath_dtype(ref.dtype)
+    if s.dtype != want:
+        raise TypeError(
+            f"fisherext.{op}: argument '{name}' must have dtype {want} (the compute dtype of '{ref_name}' "
+            f"{ref.dtype}), got {s.dtype}")
+    _check_same_device(op, name, s, ref_name, ref)
+    _, K, columns = dims
+    if tuple(s.shape) != ((K,) if columns else ()):
+        want_shape = f"[{K}] (one per column)" if columns else "[]"
+        raise ValueError(
+            f"fisherext.{op}: argument '{name}' must have shape {want_shape} for '{ref_name}' of shape "
+            f"{tuple(ref.shape)}, got {tuple(s.shape)}")
+
+
+def _check_inv_diag(op, inv_diag, ref_name, ref, dims):
+    if inv_diag is None:
+        return
+    _check_like(op, "inv_diag", inv_diag, ref_name, ref)
+    P = dims[0]
+    if tuple(inv_diag.shape) != (P,):
+        raise ValueError(
+            f"fisherext.{op}: argument 'inv_diag' must have shape [{P}] (one entry per row of '{ref_name}'), "
+            f"got {tuple(inv_diag.shape)}")
+
+
+def _check_damping(op, damping):
+    _check_finite_scalar(op, "damping", damping, positive=False)
+    if not 0.0 <= damping < 1.0:
+        raise ValueError(f"fisherext.{op}: argument 'damping' must be in [0, 1), got {damping}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +271,7 @@ def _class_gram_fake(a, delta):
 @torch.library.register_fake("fisherext::unflatten_axpy_")
 def _unflatten_axpy_fake(out, x, v, eps):
     _check_unflatten_axpy("unflatten_axpy_", out, x, v)
-    _check_eps("unflatten_axpy_", eps, positive=False)
+    _check_finite_scalar("unflatten_axpy_", "eps", eps, positive=False)
 
 
 @torch.library.register_fake("fisherext::fd_fisher_reduce")
@@ -209,9 +281,94 @@ def _fd_fisher_reduce_fake(logits_plus, logits_minus, logits_0, eps):
     _check_logits_like(op, "logits_minus", logits_minus, "logits_plus", logits_plus)
     if logits_0 is not None:
         _check_logits_like(op, "logits_0", logits_0, "logits_plus", logits_plus)
-    _check_eps(op, eps, positive=True)
+    _check_finite_scalar(op, "eps", eps, positive=True)
     dtype = _opmath_dtype(logits_plus.dtype)
     return tuple(logits_plus.new_empty(logits_plus.shape[:1], dtype=dtype) for _ in range(3))
+
+
+@torch.library.register_fake("fisherext::softmax_hvp")
+def _softmax_hvp_fake(logits, u):
+    _check_logits("softmax_hvp", "logits", logits)
+    _check_u("softmax_hvp", u, logits)
+    return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fisherext::softmax_hessian_sqrt")
+def _softmax_hessian_sqrt_fake(logits):
+    _check_logits("softmax_hessian_sqrt", "logits", logits)
+    N, C = logits.shape
+    return logits.new_empty((C, N, C))
+
+
+@torch.library.register_fake("fisherext::cg_update_")
+def _cg_update_fake(x, r, p, Ap, alpha, inv_diag=None):
+    op = "cg_update_"
+    dims = _check_flat(op, "x", x)
+    for name, t in (("r", r), ("p", p), ("Ap", Ap)):
+        _check_flat_like(op, name, t, "x", x)
+    _check_column_scalar(op, "alpha", alpha, "x", x, dims)
+    _check_inv_diag(op, inv_diag, "x", x, dims)
+    return torch.empty_like(alpha), torch.empty_like(alpha)
+
+
+@torch.library.register_fake("fisherext::cg_direction_")
+def _cg_direction_fake(p, r, beta, inv_diag=None):
+    op = "cg_direction_"
+    dims = _check_flat(op, "p", p)
+    _check_flat_like(op, "r", r, "p", p)
+    _check_column_scalar(op, "beta", beta, "p", p, dims)
+    _check_inv_diag(op, inv_diag, "p", p, dims)
+
+
+@torch.library.register_fake("fisherext::lissa_update_")
+def _lissa_update_fake(h, v, Hh, damping, scale):
+    op = "lissa_update_"
+    _check_flat(op, "h", h)
+    _check_flat_like(op, "v", v, "h", h)
+    _check_flat_like(op, "Hh", Hh, "h", h)
+    _check_damping(op, damping)
+    _check_finite_scalar(op, "scale", scale, positive=True)
+
+
+@torch.library.register_fake("fisherext::neumann_update_")
+def _neumann_update_fake(term, acc, Aterm, scale):
+    op = "neumann_update_"
+    _check_flat(op, "term", term)
+    _check_flat_like(op, "acc", acc, "term", term)
+    _check_flat_like(op, "Aterm", Aterm, "term", term)
+    _check_finite_scalar(op, "scale", scale, positive=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd of softmax_hvp. With out = H u = p ⊙ (u − s), s = pᵀu, per row and direction:
+#   d/du:  H is symmetric, so the cotangent g maps to H g: the op itself.
+#   d/dz:  dp_c/dz_i = p_c (δ_ci − p_i) and ds/dz_i = p_i (u_i − s) = out_i give
+#          ∂out_c/∂z_i = p_c (δ_ci − p_i)(u_c − s) − p_c out_i, hence
+#          (gᵀ ∂out/∂z)_i = out_i (g_i − pᵀg) − p_i (gᵀout),  summed over the K directions sharing z.
+# Composed of differentiable ops, so it can be differentiated again.
+
+
+def _softmax_hvp_setup_context(ctx, inputs, output):
+    logits, _ = inputs
+    ctx.save_for_backward(logits, output)
+
+
+def _softmax_hvp_backward(ctx, grad):
+    logits, out = ctx.saved_tensors
+    grad_logits = grad_u = None
+    if ctx.needs_input_grad[1]:
+        grad_u = torch.ops.fisherext.softmax_hvp(logits, grad)
+    if ctx.needs_input_grad[0]:
+        dtype = _opmath_dtype(logits.dtype)
+        p = torch.softmax(logits.to(dtype), dim=-1)
+        g, o = grad.to(dtype), out.to(dtype)
+        gz = o * (g - (p * g).sum(-1, keepdim=True)) - p * (g * o).sum(-1, keepdim=True)
+        grad_logits = (gz.sum(0) if gz.dim() == 3 else gz).to(logits.dtype)
+    return grad_logits, grad_u
+
+
+torch.library.register_autograd(
+    "fisherext::softmax_hvp", _softmax_hvp_backward, setup_context=_softmax_hvp_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,8 +580,126 @@ def fd_fisher_reduce(logits_plus: torch.Tensor, logits_minus: torch.Tensor, logi
     """
     op = "fd_fisher_reduce"
     eps = _scalar_arg(op, "eps", eps)
-    _check_eps(op, eps, positive=True)
+    _check_finite_scalar(op, "eps", eps, positive=True)
     if logits_0 is not None:
         _tensor_arg(op, "logits_0", logits_0)
     return torch.ops.fisherext.fd_fisher_reduce(
         _tensor_arg(op, "logits_plus", logits_plus), _tensor_arg(op, "logits_minus", logits_minus), logits_0, eps)
+
+
+def softmax_hvp(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    r"""Softmax cross-entropy Hessian of each logit row applied to vectors.
+
+    With :math:`p_n = \mathrm{softmax}(z_n)` for the logit rows :math:`z_n` of ``logits`` [N, C],
+
+    .. math:: \text{out}_n = H_n u_n = p_n \odot u_n - p_n\,(p_n^\top u_n),
+              \qquad H_n = \nabla^2_{z} \big(-\log \mathrm{softmax}(z)_y\big)\big|_{z_n}
+              = \mathrm{diag}(p_n) - p_n p_n^\top
+
+    (independent of the label y). ``H_n`` is also the Fisher of the categorical distribution in logit space,
+    so ``J^T softmax_hvp(z, J v)`` is a Gauss-Newton / Fisher-vector product. ``u`` is [N, C], or [K, N, C]
+    for K directions sharing the logits (p is formed once per row). No 1/N: each row is one sample's Hessian.
+
+    Numerically stable (the row max is subtracted before exp) and computed as :math:`p \odot (u - p^\top u)`.
+    Half and bfloat16 are computed in float32 and rounded once. Differentiable with respect to both
+    arguments (``d/du`` is the op itself since H is symmetric; ``d/dlogits`` is
+    :math:`\text{out} \odot (g - p^\top g) - p\,(g^\top \text{out})` for the cotangent g).
+
+    Returns:
+        a tensor of u's shape and dtype.
+    """
+    op = "softmax_hvp"
+    return torch.ops.fisherext.softmax_hvp(_tensor_arg(op, "logits", logits), _tensor_arg(op, "u", u))
+
+
+def softmax_hessian_sqrt(logits: torch.Tensor) -> torch.Tensor:
+    r"""Square-root columns of the softmax cross-entropy Hessian of each logit row.
+
+    With :math:`p_n = \mathrm{softmax}(z_n)`, returns S of shape [C, N, C] with
+
+    .. math:: S[k, n, :] = \sqrt{p_{nk}}\,(e_k - p_n), \qquad
+              \sum_k S[k, n, :]\, S[k, n, :]^\top = \mathrm{diag}(p_n) - p_n p_n^\top = \Lambda_n
+
+    (using :math:`\sum_k p_{nk} = 1`). Backpropagating the C slices ``S[k]`` as output cotangents gives
+    per-sample gradients :math:`g_{nk} = J_n^\top S[k, n]` with :math:`\sum_k g_{nk} g_{nk}^\top = J_n^\top
+    \Lambda_n J_n`, the true Fisher of sample n, in one batched backward (``kind="true"`` in
+    ``fisherext.fisher``). Stable softmax; half/bfloat16 computed in float32. Output dtype of ``logits``.
+
+    Not differentiable: the output never requires grad (autograd passes the op through), since the
+    factor is a constant cotangent for backprop, formed from detached logits.
+    """
+    return torch.ops.fisherext.softmax_hessian_sqrt(_tensor_arg("softmax_hessian_sqrt", "logits", logits))
+
+
+def cg_update_(x: torch.Tensor, r: torch.Tensor, p: torch.Tensor, Ap: torch.Tensor, alpha: torch.Tensor,
+               inv_diag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The fused conjugate-gradient step: update the iterate and residual, and reduce the new residual.
+
+    Vectors are contiguous [P], or [P, K] with K right-hand sides as columns; ``alpha`` holds one step
+    per column ([] or [K]) in the compute dtype (float32 for half/bfloat16 vectors, else their dtype), so a
+    solver feeds its own device-side reductions back without a host sync. Per column k, in place:
+
+    .. math:: x \mathrel{+}= \alpha_k\, p, \qquad r \mathrel{-}= \alpha_k\, A p
+
+    and, of the new (stored) r, with :math:`z = \mathrm{inv\_diag} \odot r` (``z = r`` without a
+    preconditioner), returns the per-column
+
+    .. math:: rz_k = \sum_i r_{ik} z_{ik}, \qquad rr_k = \sum_i r_{ik}^2
+
+    (shape of ``alpha``, compute dtype). The sums accumulate in float64 on both backends (the op is
+    memory-bound) from fixed chunks combined in a fixed order, so they do not depend on the thread count.
+    One parallel pass on CPU; on CUDA one update-and-partial-sum launch plus a tiny one combining the
+    partials. ``x`` and ``r`` must not overlap each other or ``p``/``Ap``. Returns ``(rz, rr)``.
+    """
+    op = "cg_update_"
+    return torch.ops.fisherext.cg_update_(
+        _tensor_arg(op, "x", x), _tensor_arg(op, "r", r), _tensor_arg(op, "p", p), _tensor_arg(op, "Ap", Ap),
+        _tensor_arg(op, "alpha", alpha), None if inv_diag is None else _tensor_arg(op, "inv_diag", inv_diag))
+
+
+def cg_direction_(p: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
+                  inv_diag: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The conjugate-gradient direction update, in place: per column k,
+
+    .. math:: p \leftarrow z + \beta_k\, p, \qquad z = \mathrm{inv\_diag} \odot r \ (z = r \text{ without})
+
+    Shapes and dtypes as in :func:`cg_update_` (``beta`` [] or [K] in the compute dtype). Returns ``p``.
+    """
+    op = "cg_direction_"
+    torch.ops.fisherext.cg_direction_(
+        _tensor_arg(op, "p", p), _tensor_arg(op, "r", r), _tensor_arg(op, "beta", beta),
+        None if inv_diag is None else _tensor_arg(op, "inv_diag", inv_diag))
+    return p
+
+
+def lissa_update_(h: torch.Tensor, v: torch.Tensor, Hh: torch.Tensor, damping: float, scale: float) -> torch.Tensor:
+    r"""One LiSSA recurrence step (Agarwal et al.; Koh & Liang), in place:
+
+    .. math:: h \leftarrow v + (1 - d)\, h - \frac{H h}{s}
+
+    with ``Hh`` the operator applied to the current h, damping d in [0, 1) and scale s > 0. Its fixed
+    point is :math:`h = s\,(H + d s I)^{-1} v`. Computed in the compute dtype and rounded once.
+    Returns ``h``.
+    """
+    op = "lissa_update_"
+    damping, scale = _scalar_arg(op, "damping", damping), _scalar_arg(op, "scale", scale)
+    torch.ops.fisherext.lissa_update_(
+        _tensor_arg(op, "h", h), _tensor_arg(op, "v", v), _tensor_arg(op, "Hh", Hh), damping, scale)
+    return h
+
+
+def neumann_update_(term: torch.Tensor, acc: torch.Tensor, Aterm: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""One step of the Neumann series :math:`\sum_k (I - A/s)^k b`, in place:
+
+    .. math:: \text{term} \leftarrow \text{term} - \frac{A\,\text{term}}{s}, \qquad
+              \text{acc} \leftarrow \text{acc} + \text{term}
+
+    with ``Aterm`` the operator applied to the current term and scale s > 0; ``acc`` adds the rounded new
+    term. Returns ``(term, acc)``.
+    """
+    op = "neumann_update_"
+    scale = _scalar_arg(op, "scale", scale)
+    torch.ops.fisherext.neumann_update_(
+        _tensor_arg(op, "term", term), _tensor_arg(op, "acc", acc), _tensor_arg(op, "Aterm", Aterm), scale)
+    return term, acc

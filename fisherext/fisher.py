@@ -5,7 +5,8 @@ Normalization: :math:`F = \frac1N \sum_n F_n` with the per-sample loss
 
 - ``kind="true"``: :math:`F_n = \mathbb E_{y\sim p(y|x_n)}[g g^\top] = J_n^\top \Lambda_n J_n`, exact over
   the outputs. Softmax cross entropy: :math:`\Lambda = \mathrm{diag}(p) - pp^\top = SS^\top` with
-  :math:`S_{:,c} = \sqrt{p_c}(e_c - p)`; the C columns of S are backpropagated in one batched pass.
+  :math:`S_{:,c} = \sqrt{p_c}(e_c - p)` (``fisherext.ops.softmax_hessian_sqrt``); the C columns of S are
+  backpropagated in one batched pass.
   Gaussian regression (``loss="mse"``, unit variance, :math:`\ell = \tfrac12\|f(x)-y\|^2`): :math:`\Lambda = I`.
 - ``kind="empirical"``: :math:`F_n = g_n g_n^\top` with the data label.
 - ``kind="mc"``: :math:`F_n = \frac1M \sum_m g_{nm} g_{nm}^\top`, labels :math:`y_m \sim p(y|x_n)`.
@@ -59,10 +60,9 @@ def output_cotangents(out: torch.Tensor, y, kind: str, loss: str, mc_samples: in
     N, C = out.shape
     ones = out.new_ones
     if loss == "cross_entropy":
-        p = torch.softmax(out, dim=1)
         if kind == "true":
-            eye = torch.eye(C, dtype=out.dtype, device=out.device)
-            return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None]), ones(C)
+            return ops.softmax_hessian_sqrt(out), ones(C)
+        p = torch.softmax(out, dim=1)
         if kind == "empirical":
             labels = _labels(y, N, C)
             return (p - nn.functional.one_hot(labels, C).to(p.dtype))[None], ones(1)

@@ -99,3 +99,60 @@ def fd_fisher_reduce(logits_plus, logits_minus, logits_0, eps):
         return quad, _kl(log_minus, log_plus), _kl(log_plus, log_minus)
     log_0 = torch.log_softmax(_compute(logits_0), -1)
     return quad, _kl(log_0, log_plus), _kl(log_0, log_minus)
+
+
+# ---- K3 hvp ----
+
+
+def softmax_hvp(logits, u):
+    """Twin of ``softmax_hvp``: (diag(p) - p p^T) u per row by explicit matrices, u's dtype."""
+    p = torch.softmax(_compute(logits), -1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [N, C, C]
+    return torch.einsum("ncd,...nd->...nc", H, _compute(u)).to(u.dtype)
+
+
+def softmax_hessian_sqrt(logits):
+    """Twin of ``softmax_hessian_sqrt``: S[k, n] = sqrt(p_nk) (e_k - p_n), [C, N, C]."""
+    p = torch.softmax(_compute(logits), -1)
+    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+    return (p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])).to(logits.dtype)
+
+
+def _columns(t, vec):
+    """Per-column scalar t ([] or [K]) broadcast against vec ([P] or [P, K])."""
+    return t if vec.dim() == 1 else t[None, :]
+
+
+def _preconditioned(r, inv_diag):
+    """z = inv_diag ⊙ r along the rows of r ([P] or [P, K]); z = r without a preconditioner."""
+    if inv_diag is None:
+        return r
+    inv = inv_diag.to(r.dtype)
+    return r * (inv if r.dim() == 1 else inv[:, None])
+
+
+def cg_update(x, r, p, Ap, alpha, inv_diag=None):
+    """Twin of ``cg_update_``: returns (x + alpha p, r - alpha Ap, rz, rr), the sums in float64 of the
+    rounded new r and cast to alpha's dtype."""
+    a = _columns(alpha, x)
+    x_new = (_compute(x) + a * _compute(p)).to(x.dtype)
+    r_new = (_compute(r) - a * _compute(Ap)).to(r.dtype)
+    r64 = r_new.double()
+    z64 = _preconditioned(r64, inv_diag)
+    return x_new, r_new, (r64 * z64).sum(0).to(alpha.dtype), (r64 * r64).sum(0).to(alpha.dtype)
+
+
+def cg_direction(p, r, beta, inv_diag=None):
+    """Twin of ``cg_direction_``: returns z + beta p, z = inv_diag ⊙ r."""
+    return (_preconditioned(_compute(r), inv_diag) + _columns(beta, p) * _compute(p)).to(p.dtype)
+
+
+def lissa_update(h, v, Hh, damping, scale):
+    """Twin of ``lissa_update_``: returns v + (1 - damping) h - Hh / scale."""
+    return (_compute(v) + (1.0 - damping) * _compute(h) - _compute(Hh) / scale).to(h.dtype)
+
+
+def neumann_update(term, acc, Aterm, scale):
+    """Twin of ``neumann_update_``: returns (term - Aterm / scale, acc + that term)."""
+    new_term = (_compute(term) - _compute(Aterm) / scale).to(term.dtype)
+    return new_term, (_compute(acc) + _compute(new_term)).to(acc.dtype)

@@ -1,0 +1,189 @@
+// Shared by the CPU and CUDA kernels of the hvp family (K3): argument checks, the prepared problems
+// (contiguous inputs, sizes, outputs) and the per-element math, written once so that both backends
+// compute the same formulas (they differ only in summation order).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/macros/Macros.h>
+
+#include <optional>
+
+#include "checks.h"
+
+namespace fisherext {
+
+// ---- softmax_hvp / softmax_hessian_sqrt ----
+//
+// Per row of logits z with p = softmax(z), the Hessian of −log softmax(z)_y w.r.t. z is
+// H = diag(p) − p pᵀ (for every label y). softmax_hvp applies it: H u = p ⊙ (u − pᵀu);
+// softmax_hessian_sqrt returns its C square-root columns S[k] = √p_k (e_k − p), Σ_k S[k] S[k]ᵀ = H.
+// Both need per row only max_c z_c and Σ_c exp(z_c − max), so that p_c = exp(z_c − max) / sum
+// never overflows.
+
+// Checked, contiguous inputs of softmax_hvp and its output (u's shape and dtype).
+struct SoftmaxHvpProblem {
+  at::Tensor logits, u, out;
+  int64_t K, N, C;  // u is [K, N, C]; K = 1 for u [N, C]
+};
+
+inline SoftmaxHvpProblem prepare_softmax_hvp(const at::Tensor& logits, const at::Tensor& u) {
+  const char* op = "softmax_hvp";
+  check_logits(op, "logits", logits);
+  check_like(op, "u", u, "logits", logits);
+  const bool batched = u.dim() == 3;
+  TORCH_CHECK_VALUE((u.dim() == 2 || batched) && u.sizes().slice(u.dim() - 2) == logits.sizes(), "fisherext.",
+                    op, ": argument 'u' must have shape ", logits.sizes(), " or [K, ", logits.size(0), ", ",
+                    logits.size(1), "] to match 'logits', got ", u.sizes());
+  check_nonempty(op, "u", u);
+  SoftmaxHvpProblem p;
+  p.logits = logits.contiguous();
+  p.u = u.contiguous();
+  p.out = at::empty(u.sizes(), u.options());
+  p.K = batched ? u.size(0) : 1;
+  p.N = logits.size(0);
+  p.C = logits.size(1);
+  return p;
+}
+
+struct SoftmaxSqrtProblem {
+  at::Tensor logits, out;  // out [C, N, C]
+  int64_t N, C;
+};
+
+inline SoftmaxSqrtProblem prepare_softmax_hessian_sqrt(const at::Tensor& logits) {
+  check_logits("softmax_hessian_sqrt", "logits", logits);
+  SoftmaxSqrtProblem p;
+  p.logits = logits.contiguous();
+  p.N = logits.size(0);
+  p.C = logits.size(1);
+  p.out = at::empty({p.C, p.N, p.C}, logits.options());
+  return p;
+}
+
+// ---- fused solver updates on flat vectors ----
+//
+// Vectors are contiguous [P] or [P, K] (K right-hand sides as columns, element (i, k) at i*K + k); the
+// per-column scalars alpha/beta are [] (for [P]) or [K], in the compute dtype of the vectors (float32
+// for half/bfloat16), so a solver passes its reductions back in without a host sync.
+
+// Sizes of the vectors of one solver op.
+struct FlatDims {
+  int64_t P, K;
+  bool columns;  // [P, K] (else [P], K = 1)
+};
+
+inline FlatDims check_flat(const char* op, const char* name, const at::Tensor& x) {
+  check_float(op, name, x);
+  TORCH_CHECK_VALUE(x.dim() == 1 || x.dim() == 2, "fisherext.", op, ": argument '", name,
+                    "' must have shape [P] or [P, K], got ", x.sizes());
+  check_nonempty(op, name, x);
+  TORCH_CHECK_VALUE(x.is_contiguous(), "fisherext.", op, ": argument '", name, "' must be contiguous");
+  return {x.size(0), x.dim() == 2 ? x.size(1) : 1, x.dim() == 2};
+}
+
+// Another vector of the op: dtype, device and shape of `ref`, contiguous.
+inline void check_flat_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                            const at::Tensor& ref) {
+  check_like(op, name, t, ref_name, ref);
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "fisherext.", op, ": argument '", name, "' must have the shape ",
+                    ref.sizes(), " of '", ref_name, "', got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "fisherext.", op, ": argument '", name, "' must be contiguous");
+}
+
+// A per-column scalar: shape [] for vectors [P], [K] for [P, K]; the compute dtype of `ref`.
+inline void check_column_scalar(const char* op, const char* name, const at::Tensor& s, const char* ref_name,
+                                const at::Tensor& ref, const FlatDims& d) {
+  check_float(op, name, s);
+  const c10::ScalarType want = opmath_type(ref.scalar_type());
+  TORCH_CHECK_TYPE(s.scalar_type() == want, "fisherext.", op, ": argument '", name, "' must have dtype ", want,
+                   " (the compute dtype of '", ref_name, "' ", ref.scalar_type(), "), got ", s.scalar_type());
+  check_same_device(op, name, s, ref_name, ref);
+  const bool ok = d.columns ? (s.dim() == 1 && s.size(0) == d.K) : s.dim() == 0;
+  TORCH_CHECK_VALUE(ok, "fisherext.", op, ": argument '", name, "' must have shape ",
+                    d.columns ? "[" + std::to_string(d.K) + "] (one per column)" : std::string("[]"), " for '",
+                    ref_name, "' of shape ", ref.sizes(), ", got ", s.sizes());
+}
+
+// The optional inverse diagonal preconditioner [P]; returns it contiguous (undefined when absent).
+inline at::Tensor check_inv_diag(const char* op, const std::optional<at::Tensor>& inv_diag, const char* ref_name,
+                                 const at::Tensor& ref, const FlatDims& d) {
+  if (!inv_diag.has_value() || !inv_diag->defined()) return at::Tensor();
+  check_like(op, "inv_diag", *inv_diag, ref_name, ref);
+  TORCH_CHECK_VALUE(inv_diag->dim() == 1 && inv_diag->size(0) == d.P, "fisherext.", op,
+                    ": argument 'inv_diag' must have shape [", d.P, "] (one entry per row of '", ref_name,
+                    "'), got ", inv_diag->sizes());
+  return inv_diag->contiguous();
+}
+
+// Reductions of cg_update_ accumulate in double on both backends: the op is memory-bound, so the wider
+// adds cost nothing measurable, and rz, rr (which set CG's step sizes and stopping test) carry no
+// cancellation error from long float32 sums.
+using reduce_t = double;
+
+// Checked inputs of cg_update_ and its outputs rz, rr ([] or [K], compute dtype).
+struct CgUpdateProblem {
+  FlatDims d;
+  at::Tensor inv_diag;  // undefined without a preconditioner
+  at::Tensor rz, rr;
+};
+
+inline CgUpdateProblem prepare_cg_update(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p,
+                                         const at::Tensor& Ap, const at::Tensor& alpha,
+                                         const std::optional<at::Tensor>& inv_diag) {
+  const char* op = "cg_update_";
+  CgUpdateProblem q;
+  q.d = check_flat(op, "x", x);
+  check_flat_like(op, "r", r, "x", x);
+  check_flat_like(op, "p", p, "x", x);
+  check_flat_like(op, "Ap", Ap, "x", x);
+  check_column_scalar(op, "alpha", alpha, "x", x, q.d);
+  q.inv_diag = check_inv_diag(op, inv_diag, "x", x, q.d);
+  q.rz = at::empty(alpha.sizes(), alpha.options());
+  q.rr = at::empty(alpha.sizes(), alpha.options());
+  return q;
+}
+
+struct CgDirectionProblem {
+  FlatDims d;
+  at::Tensor inv_diag;  // undefined without a preconditioner
+};
+
+inline CgDirectionProblem prepare_cg_direction(const at::Tensor& p, const at::Tensor& r, const at::Tensor& beta,
+                                               const std::optional<at::Tensor>& inv_diag) {
+  const char* op = "cg_direction_";
+  CgDirectionProblem q;
+  q.d = check_flat(op, "p", p);
+  check_flat_like(op, "r", r, "p", p);
+  check_column_scalar(op, "beta", beta, "p", p, q.d);
+  q.inv_diag = check_inv_diag(op, inv_diag, "p", p, q.d);
+  return q;
+}
+
+inline void check_lissa_update(const at::Tensor& h, const at::Tensor& v, const at::Tensor& Hh, double damping,
+                               double scale) {
+  const char* op = "lissa_update_";
+  check_flat(op, "h", h);
+  check_flat_like(op, "v", v, "h", h);
+  check_flat_like(op, "Hh", Hh, "h", h);
+  check_finite_scalar(op, "damping", damping, /*positive=*/false);
+  TORCH_CHECK_VALUE(damping >= 0 && damping < 1, "fisherext.", op, ": argument 'damping' must be in [0, 1), got ",
+                    damping);
+  check_finite_scalar(op, "scale", scale, /*positive=*/true);
+}
+
+inline void check_neumann_update(const at::Tensor& term, const at::Tensor& acc, const at::Tensor& Aterm,
+                                 double scale) {
+  const char* op = "neumann_update_";
+  check_flat(op, "term", term);
+  check_flat_like(op, "acc", acc, "term", term);
+  check_flat_like(op, "Aterm", Aterm, "term", term);
+  check_finite_scalar(op, "scale", scale, /*positive=*/true);
+}
+
+// h ← v + (1 − damping) h − Hh / scale, with keep = 1 − damping and inv_scale = 1 / scale.
+template <typename acc_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t lissa_step(acc_t v, acc_t h, acc_t Hh, acc_t keep, acc_t inv_scale) {
+  return v + keep * h - Hh * inv_scale;
+}
+
+}  // namespace fisherext
