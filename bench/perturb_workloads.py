@@ -21,9 +21,13 @@ direction and input), so ``bench.run`` checks it against the baseline.
   ``p.data.copy_(s); p.data.add_(v, alpha=ε)`` and ``p.data.copy_(s)`` per tensor. The saved copy (and,
   for the loop, the direction split per tensor) is made once per model, as in a finite-difference loop; each call returns the perturbed value of the largest tensor (one small clone in
   both impls), and the tests check every tensor and the bitwise restore.
-- ``fd_directions``: K unit directions over N = 256 inputs: ``fd_quadratic_directions`` (the 2K perturbed
+- ``fd_directions``: K unit directions over N inputs: ``fd_quadratic_directions`` (the 2K perturbed
   models in one batched forward) against K separate ``fd_quadratic`` calls (``reference``) and a
   hand-written loop that sets θ ± εv_k through ``.data`` per tensor and runs the batch (``autograd-loop``).
+  Batching saves the per-evaluation overhead (perturb, restore, 2K small forwards), not arithmetic: both
+  run the same 2K forwards' flops. So it pays where evaluations are small (a few inputs, as in seed 001's
+  per-input analysis, or a GPU, where a small forward is launch-bound) and not where one forward of N
+  inputs already keeps the CPU busy; the workload runs at both ends, N = 8 and N = 256.
 """
 from __future__ import annotations
 
@@ -42,7 +46,6 @@ from fisherext.perturb import ParameterPerturbation
 from .workloads import WORKLOADS, Workload
 
 EPS = 1e-3
-FD_N = 256  # inputs of the fd_directions workload
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -72,11 +75,11 @@ def quadratic_inputs(generator, N):
     return {"model": model, "x": x, "v": seed_direction(model, x[:1]), "eps": EPS}
 
 
-def directions_inputs(generator, K):
+def directions_inputs(generator, K, N):
     model = seed_network()
     P = sum(p.numel() for p in model.parameters())
     V = torch.randn(K, P, generator=generator)
-    return {"model": model, "x": _digits(FD_N), "V": V / V.norm(dim=1, keepdim=True), "eps": EPS}
+    return {"model": model, "x": _digits(N), "V": V / V.norm(dim=1, keepdim=True), "eps": EPS}
 
 
 class TensorList(nn.Module):
@@ -217,9 +220,9 @@ PERTURB_WORKLOADS = [
              baseline="autograd-loop", quick_dims=dict(N=32)),
     Workload("perturb_restore", restore_inputs, dict(tensors=128),
              {"autograd-loop": loop_set_restore, "fisherext": fisherext_set_restore}, baseline="autograd-loop"),
-    Workload("fd_directions", directions_inputs, dict(K=16),
-             {"reference": separate_calls, "fisherext": fisherext_directions, "autograd-loop": hand_loop_directions},
-             baseline="reference", quick_dims=dict(K=4)),
+    *(Workload("fd_directions", directions_inputs, dict(K=16, N=N),
+               {"reference": separate_calls, "fisherext": fisherext_directions, "autograd-loop": hand_loop_directions},
+               baseline="reference", quick_dims=dict(K=4, N=N)) for N in (8, 256)),
 ]
 
 # One registry: bench.workloads imports this module at its end, so --only, bench.run and pytest-benchmark see these.
