@@ -1,5 +1,7 @@
 """fisherext.linop: the LinearOperator protocol (products, dense, scipy view, input checks), DenseOperator
 and as_operator (tensors, FisherMatrix, operators)."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,12 @@ def test_to_scipy_round_trip(dtype):
     bottom = eigsh(S, k=1, which="SA", return_eigenvectors=False)
     np.testing.assert_allclose(top, [8.0], rtol=rtol)
     np.testing.assert_allclose(bottom, [-6.0], rtol=rtol)
+
+
+def test_to_scipy_without_scipy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy.sparse.linalg", None)   # makes the import fail
+    with pytest.raises(ImportError, match="to_scipy: needs scipy"):
+        CountingOperator(matrix()).to_scipy()
 
 
 def test_as_operator():
