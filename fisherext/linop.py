@@ -28,7 +28,8 @@ class LinearOperator:
     """Abstract symmetric operator over flat parameter vectors of length P (see the module docstring).
 
     Subclasses implement ``_matmat(X)``: X [P, K] (already validated: a tensor of the operator's dtype on
-    its device) -> A X [P, K].
+    its device) -> A X [P, K]. Inputs of another floating dtype are converted to the operator's dtype;
+    inputs on another device are refused.
     """
 
     def __init__(self, P: int, dtype: torch.dtype, device: torch.device | str):
@@ -142,6 +143,8 @@ class DenseOperator(LinearOperator):
             raise TypeError(f"M: expected a floating-point tensor, got {M.dtype}")
         if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
             raise ValueError(f"M: expected a non-empty square matrix, got shape {tuple(M.shape)}")
+        if not torch.isfinite(M).all():
+            raise ValueError("M: has non-finite entries")
         # the spectral methods assume symmetry; a loose check (√eps relative) still lets autograd Hessians,
         # symmetric up to rounding, through
         scale = M.abs().max()

@@ -198,7 +198,7 @@ def hutchinson_trace(A, n: int = 100, *, distribution: str = "rademacher", block
     :math:`\mathbb{E}[z z^\top] = I`, unbiased.
 
     For Rademacher probes (independent ±1 entries) :math:`\mathrm{Var}(z^\top A z) = 2\sum_{i\ne j}A_{ij}^2`,
-    the smallest of any distribution with independent entries; for Gaussian probes it is
+    the smallest over probes with i.i.d. zero-mean unit-variance entries; for Gaussian probes it is
     :math:`2\|A\|_F^2`. The standard error reported is :math:`s/\sqrt n`, with s the sample standard
     deviation of the n values :math:`z_i^\top A z_i` (nan for n = 1). Probes go through ``A @ Z`` in
     blocks of ``block_size`` columns (default: about 2²⁰ probe entries per block, at most n).

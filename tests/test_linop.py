@@ -157,6 +157,8 @@ def test_dense_operator_checks_its_matrix():
     asymmetric[0, 1] = 1e-3
     with pytest.raises(ValueError, match="symmetric"):
         DenseOperator(asymmetric)
+    with pytest.raises(ValueError, match="M: has non-finite"):
+        DenseOperator(torch.full((3, 3), float("nan")))
     rounding = matrix()
     rounding[0, 1] += 1e-14   # symmetric up to rounding, as an autograd Hessian is: accepted
     DenseOperator(rounding)
