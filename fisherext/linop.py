@@ -63,7 +63,7 @@ class LinearOperator:
             raise TypeError(f"{name}: expected a floating-point tensor, got {X.dtype}")
         if X.dim() != ndim or X.shape[0] != P:
             raise ValueError(f"{name}: expected shape {want} (P = {P}), got {tuple(X.shape)}")
-        # compare device types and explicit indices: torch.device("cuda") and "cuda:0" are the same device
+        # an operator declared on "cuda" (no index) accepts its inputs on the current CUDA device
         if X.device.type != self._device.type or (
                 self._device.index is not None and X.device.index is not None and X.device != self._device):
             raise ValueError(f"{name}: is on {X.device} but the operator is on {self._device}")
