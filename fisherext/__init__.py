@@ -5,16 +5,18 @@ The compiled kernels live in ``fisherext._C`` and are reached through ``torch.op
 """
 import torch  # noqa: F401  (must be imported before the extension is loaded)
 
-from . import gaussian, ops, reference, solvers, utils
+from . import gaussian, linop, ops, reference, solvers, spectral, utils
 from ._ops import build_info
 from .fisher import fisher
 from .fisher_matrix import FisherMatrix
+from .linop import LinearOperator
 from .measures import per_sample_fisher
 from .perturb import fd_quadratic, fd_quadratic_directions, input_sensitivity, kl_vs_fisher, perturbed
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FisherMatrix", "build_info", "fd_quadratic", "fd_quadratic_directions", "fisher", "gaussian", "input_sensitivity",
-    "kl_vs_fisher", "ops", "per_sample_fisher", "perturbed", "reference", "solvers", "utils", "__version__",
+    "FisherMatrix", "LinearOperator", "build_info", "fd_quadratic", "fd_quadratic_directions", "fisher", "gaussian",
+    "input_sensitivity", "kl_vs_fisher", "linop", "ops", "per_sample_fisher", "perturbed", "reference", "solvers",
+    "spectral", "utils", "__version__",
 ]
