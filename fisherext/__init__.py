@@ -10,13 +10,15 @@ from ._ops import build_info
 from .fisher import fisher
 from .fisher_matrix import FisherMatrix
 from .linop import LinearOperator
+from .hvp import hvp
 from .measures import per_sample_fisher
+from .operators import FisherOperator, GGNOperator, HessianOperator
 from .perturb import fd_quadratic, fd_quadratic_directions, input_sensitivity, kl_vs_fisher, perturbed
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FisherMatrix", "LinearOperator", "build_info", "fd_quadratic", "fd_quadratic_directions", "fisher", "gaussian",
-    "input_sensitivity", "kl_vs_fisher", "linop", "ops", "per_sample_fisher", "perturbed", "reference", "solvers",
+    "FisherMatrix", "FisherOperator", "GGNOperator", "HessianOperator", "LinearOperator", "build_info", "fd_quadratic", "fd_quadratic_directions", "fisher", "gaussian",
+    "hvp", "input_sensitivity", "kl_vs_fisher", "linop", "ops", "per_sample_fisher", "perturbed", "reference", "solvers",
     "spectral", "utils", "__version__",
 ]

@@ -1,0 +1,92 @@
+r"""Curvature of a model's mean loss over a data set as linear operators: Hessian, GGN and Fisher.
+
+Each operator is a ``fisherext.linop.LinearOperator`` over the flat vector of the selected parameters
+(``params=``, default all that require grad), so ``A @ v``, ``A @ X`` ([P, K]: K vectors in one pass
+over the data), ``A.shape``, ``A.dense()`` and ``A.to_scipy()`` work, and every solver in
+``fisherext.solvers`` and spectral method in ``fisherext.spectral`` accepts it. Products stream over the
+data in batches and are normalized by the number of samples (the curvature of the mean loss), whatever
+the batching; the math is in ``fisherext.hvp``. The model's parameters are read at each product, so an
+operator follows the model as it trains.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fisher import KINDS
+from .hvp import FunctionalModel, _check_loss_fn, fisher_batch, ggn_batch, hessian_batch, likelihood, stream
+from .linop import LinearOperator
+from .utils import check_choice
+
+
+class _CurvatureOperator(LinearOperator):
+    def __init__(self, model: nn.Module, data, *, params=None, batch_size: int | None = None, progress: bool = False):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        self.fm = FunctionalModel(model, params)
+        super().__init__(self.fm.P, self.fm.dtype, self.fm.device)
+        self.data, self.batch_size, self.progress = data, batch_size, progress
+
+    def _batch(self, x, y, V, offset):
+        raise NotImplementedError
+
+    def _matmat(self, X):
+        V = X.T.contiguous()  # the products take vectors as rows
+        return stream(self.fm, self.data, self.batch_size, self._batch, V, self.progress, type(self).__name__).T
+
+
+class HessianOperator(_CurvatureOperator):
+    r""":math:`H = \nabla^2_\theta \frac1N\sum_n \ell(f(x_n), y_n)`, by forward-over-reverse products.
+
+    ``loss_fn(outputs, targets)`` returns a batch's mean loss. H may be indefinite.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, data, **kw):
+        _check_loss_fn(loss_fn)
+        super().__init__(model, data, **kw)
+        self.loss_fn = loss_fn
+
+    def _batch(self, x, y, V, offset):
+        return hessian_batch(self.fm, self.loss_fn, x, y, V)
+
+
+class GGNOperator(HessianOperator):
+    r"""Generalized Gauss-Newton :math:`G = \frac1N\sum_n J_n^\top \nabla^2_z\ell\, J_n` (PSD for a loss
+    convex in the outputs); softmax cross-entropy uses the fused output-space kernel."""
+
+    def _batch(self, x, y, V, offset):
+        return ggn_batch(self.fm, self.loss_fn, x, y, V)
+
+
+class FisherOperator(_CurvatureOperator):
+    r"""Fisher :math:`F = \frac1N\sum_n J_n^\top \hat\Lambda_n J_n`, kinds and normalization as in
+    ``fisherext.fisher`` (``A @ v`` equals ``fisher(..., structure="full").mv(v)`` without the P×P matrix).
+
+    ``loss_fn`` names the likelihood: "cross_entropy" or "mse" (or ``F.cross_entropy``,
+    ``nn.CrossEntropyLoss()``, ``F.mse_loss``, ``nn.MSELoss()``; "mse" is the unit-variance Gaussian,
+    :math:`\Lambda = I`, as in ``fisher``). ``kind="mc"`` draws its labels from ``seed`` afresh at every
+    product, so the operator is one fixed matrix (as a solver needs).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, data, *, kind: str = "true", mc_samples: int = 1, seed: int = 0,
+                 **kw):
+        check_choice("kind", kind, KINDS)
+        self.loss = likelihood(loss_fn)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples: must be a positive integer, got {mc_samples!r}")
+        super().__init__(model, data, **kw)
+        self.kind, self.mc_samples, self.seed = kind, mc_samples, seed
+        self._generator = None
+
+    def _matmat(self, X):
+        if self.kind == "mc":
+            self._generator = torch.Generator(self.device).manual_seed(self.seed)
+        return super()._matmat(X)
+
+    def _batch(self, x, y, V, offset):
+        return fisher_batch(self.fm, self.loss, self.kind, x, y, V, mc_samples=self.mc_samples,
+                            generator=self._generator, offset=offset)
+
+
+__all__ = ["FisherOperator", "GGNOperator", "HessianOperator"]
