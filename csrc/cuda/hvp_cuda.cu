@@ -1,0 +1,321 @@
+// CUDA kernels of the hvp family (K3). Schemas and the math: csrc/fisherext.cpp and csrc/hvp_common.h;
+// the CPU kernels (csrc/cpu/hvp_cpu.cpp) have the same semantics.
+//   softmax_hvp, softmax_hessian_sqrt   one warp per logit row: lanes stride over the classes, shuffle
+//                                        reductions give the row max, Σ exp and each direction's pᵀu
+//   cg_update_                           one grid-stride launch updating x, r and writing per-block
+//                                        partial sums, then a tiny launch adding the partials of each
+//                                        column in a fixed order (deterministic, no atomics)
+//   cg_direction_, lissa_update_, neumann_update_   one grid-stride elementwise launch
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "hvp_common.h"
+
+namespace fisherext {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = kThreads / kWarp;  // one warp per logit row
+constexpr int64_t kMaxGrid = 65535;
+constexpr int64_t kMaxReduceBlocks = 256;  // blocks per column of cg_update_: the partials stay tiny
+
+cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+unsigned grid_for(int64_t work, int64_t per_block) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxGrid)));
+}
+
+template <typename T>
+__device__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ T warp_max(T v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Softmax statistics of one row, held by every lane of the warp: p_c = exp(z_c − max) · inv_sum.
+template <typename acc_t>
+struct RowSoftmax {
+  acc_t max, inv_sum;
+  __device__ acc_t prob(acc_t z) const { return exp(z - max) * inv_sum; }
+};
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__device__ RowSoftmax<acc_t> row_softmax(const scalar_t* z, int64_t C, int lane) {
+  acc_t m = -INFINITY;
+  for (int64_t c = lane; c < C; c += kWarp) m = max(m, static_cast<acc_t>(z[c]));
+  m = warp_max(m);
+  acc_t s = 0;
+  for (int64_t c = lane; c < C; c += kWarp) s += exp(static_cast<acc_t>(z[c]) - m);
+  return {m, acc_t(1) / warp_sum(s)};
+}
+
+// ---- softmax_hvp ----
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    softmax_hvp_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ u, scalar_t* __restrict__ out,
+                       int64_t K, int64_t N, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  // The row index is the same for all lanes of a warp, so whole warps enter and leave the loop and every
+  // shuffle has all 32 lanes present.
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; n < N;
+       n += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const scalar_t* zn = z + n * C;
+    const RowSoftmax<acc_t> sm = row_softmax(zn, C, lane);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t row = (k * N + n) * C;
+      acc_t s = 0;
+      for (int64_t c = lane; c < C; c += kWarp) s += sm.prob(static_cast<acc_t>(zn[c])) * static_cast<acc_t>(u[row + c]);
+      s = warp_sum(s);
+      for (int64_t c = lane; c < C; c += kWarp)
+        out[row + c] = static_cast<scalar_t>(sm.prob(static_cast<acc_t>(zn[c])) * (static_cast<acc_t>(u[row + c]) - s));
+    }
+  }
+}
+
+at::Tensor softmax_hvp_cuda(const at::Tensor& logits, const at::Tensor& u) {
+  const SoftmaxHvpProblem q = prepare_softmax_hvp(logits, u);
+  const c10::cuda::CUDAGuard guard(q.u.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.u.scalar_type(), "softmax_hvp_cuda", [&] {
+    softmax_hvp_kernel<scalar_t><<<grid_for(q.N, kRowsPerBlock), kThreads, 0, current_stream(q.u)>>>(
+        q.logits.const_data_ptr<scalar_t>(), q.u.const_data_ptr<scalar_t>(), q.out.data_ptr<scalar_t>(), q.K, q.N,
+        q.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return q.out;
+}
+
+// ---- softmax_hessian_sqrt ----
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    softmax_hessian_sqrt_kernel(const scalar_t* __restrict__ z, scalar_t* __restrict__ out, int64_t N, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; n < N;
+       n += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const scalar_t* zn = z + n * C;
+    const RowSoftmax<acc_t> sm = row_softmax(zn, C, lane);
+    for (int64_t k = 0; k < C; ++k) {
+      const acc_t root = sqrt(sm.prob(static_cast<acc_t>(zn[k])));
+      scalar_t* s = out + (k * N + n) * C;  // consecutive lanes write consecutive classes
+      for (int64_t c = lane; c < C; c += kWarp)
+        s[c] = static_cast<scalar_t>(root * ((c == k ? acc_t(1) : acc_t(0)) - sm.prob(static_cast<acc_t>(zn[c]))));
+    }
+  }
+}
+
+at::Tensor softmax_hessian_sqrt_cuda(const at::Tensor& logits) {
+  const SoftmaxSqrtProblem q = prepare_softmax_hessian_sqrt(logits);
+  const c10::cuda::CUDAGuard guard(q.logits.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.logits.scalar_type(), "softmax_hessian_sqrt_cuda", [&] {
+    softmax_hessian_sqrt_kernel<scalar_t><<<grid_for(q.N, kRowsPerBlock), kThreads, 0, current_stream(q.logits)>>>(
+        q.logits.const_data_ptr<scalar_t>(), q.out.data_ptr<scalar_t>(), q.N, q.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return q.out;
+}
+
+// ---- cg_update_ ----
+
+// Sum of (a, b) over the block, valid in thread 0; a fixed tree, so the same inputs give the same bits.
+__device__ void block_sum2(reduce_t& a, reduce_t& b) {
+  __shared__ reduce_t shared[2][kThreads / kWarp];
+  a = warp_sum(a);
+  b = warp_sum(b);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) {
+    shared[0][warp] = a;
+    shared[1][warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kThreads / kWarp ? shared[0][lane] : reduce_t(0);
+    b = lane < kThreads / kWarp ? shared[1][lane] : reduce_t(0);
+    a = warp_sum(a);
+    b = warp_sum(b);
+  }
+  __syncthreads();  // shared is reused by the next column of the calling loop
+}
+
+// Block (bx, ·) updates rows bx, bx + gridDim.x·blockDim.x, ... of column k (strided over blockIdx.y)
+// and writes its partial (rz, rr) to partial[(k * gridDim.x + bx) * 2 + {0, 1}].
+template <typename scalar_t, bool kHasInv>
+__global__ void __launch_bounds__(kThreads)
+    cg_update_kernel(scalar_t* __restrict__ x, scalar_t* __restrict__ r, const scalar_t* __restrict__ p,
+                     const scalar_t* __restrict__ Ap, const at::opmath_type<scalar_t>* __restrict__ alpha,
+                     const scalar_t* __restrict__ inv, reduce_t* __restrict__ partial, int64_t P, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t k = blockIdx.y; k < K; k += gridDim.y) {
+    const acc_t a = alpha[k];
+    reduce_t rz = 0, rr = 0;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < P;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t e = i * K + k;
+      x[e] = static_cast<scalar_t>(static_cast<acc_t>(x[e]) + a * static_cast<acc_t>(p[e]));
+      const scalar_t r_new = static_cast<scalar_t>(static_cast<acc_t>(r[e]) - a * static_cast<acc_t>(Ap[e]));
+      r[e] = r_new;
+      // The sums are of the r that is stored (rounded), the one the next iteration continues from.
+      const reduce_t rv = static_cast<reduce_t>(r_new);
+      rr += rv * rv;
+      if constexpr (kHasInv) rz += rv * rv * static_cast<reduce_t>(inv[i]);
+    }
+    block_sum2(rz, rr);
+    if (threadIdx.x == 0) {
+      partial[(k * gridDim.x + blockIdx.x) * 2] = kHasInv ? rz : rr;
+      partial[(k * gridDim.x + blockIdx.x) * 2 + 1] = rr;
+    }
+  }
+}
+
+// Column k's partials of every block, added by block k (strided) in a fixed order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    cg_finish_kernel(const reduce_t* __restrict__ partial, int64_t blocks, int64_t K, acc_t* __restrict__ rz_out,
+                     acc_t* __restrict__ rr_out) {
+  for (int64_t k = blockIdx.x; k < K; k += gridDim.x) {
+    reduce_t rz = 0, rr = 0;
+    for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x) {
+      rz += partial[(k * blocks + b) * 2];
+      rr += partial[(k * blocks + b) * 2 + 1];
+    }
+    block_sum2(rz, rr);
+    if (threadIdx.x == 0) {
+      rz_out[k] = static_cast<acc_t>(rz);
+      rr_out[k] = static_cast<acc_t>(rr);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cg_update_cuda(at::Tensor& x, at::Tensor& r, const at::Tensor& p,
+                                                  const at::Tensor& Ap, const at::Tensor& alpha,
+                                                  const std::optional<at::Tensor>& inv_diag) {
+  const CgUpdateProblem q = prepare_cg_update(x, r, p, Ap, alpha, inv_diag);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = current_stream(x);
+  const int64_t blocks = std::min<int64_t>((q.d.P + kThreads - 1) / kThreads, kMaxReduceBlocks);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(q.d.K, kMaxGrid)));
+  const at::Tensor partial = at::empty({q.d.K * blocks * 2}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cg_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* inv = q.inv_diag.defined() ? q.inv_diag.const_data_ptr<scalar_t>() : nullptr;
+    if (inv)
+      cg_update_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(),
+          alpha.const_data_ptr<acc_t>(), inv, partial.data_ptr<reduce_t>(), q.d.P, q.d.K);
+    else
+      cg_update_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(),
+          alpha.const_data_ptr<acc_t>(), nullptr, partial.data_ptr<reduce_t>(), q.d.P, q.d.K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cg_finish_kernel<acc_t><<<grid_for(q.d.K, 1), kThreads, 0, stream>>>(
+        partial.const_data_ptr<reduce_t>(), blocks, q.d.K, q.rz.data_ptr<acc_t>(), q.rr.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {q.rz, q.rr};
+}
+
+// ---- cg_direction_, lissa_update_, neumann_update_ ----
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    cg_direction_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ r,
+                        const at::opmath_type<scalar_t>* __restrict__ beta, const scalar_t* __restrict__ inv,
+                        int64_t numel, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t w = inv ? static_cast<acc_t>(inv[e / K]) : acc_t(1);
+    p[e] = static_cast<scalar_t>(w * static_cast<acc_t>(r[e]) + beta[e % K] * static_cast<acc_t>(p[e]));
+  }
+}
+
+void cg_direction_cuda(at::Tensor& p, const at::Tensor& r, const at::Tensor& beta,
+                       const std::optional<at::Tensor>& inv_diag) {
+  const CgDirectionProblem q = prepare_cg_direction(p, r, beta, inv_diag);
+  const c10::cuda::CUDAGuard guard(p.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "cg_direction_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cg_direction_kernel<scalar_t><<<grid_for(p.numel(), kThreads), kThreads, 0, current_stream(p)>>>(
+        p.data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), beta.const_data_ptr<acc_t>(),
+        q.inv_diag.defined() ? q.inv_diag.const_data_ptr<scalar_t>() : nullptr, p.numel(), q.d.K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    lissa_update_kernel(scalar_t* __restrict__ h, const scalar_t* __restrict__ v, const scalar_t* __restrict__ Hh,
+                        at::opmath_type<scalar_t> keep, at::opmath_type<scalar_t> inv_scale, int64_t numel) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    h[e] = static_cast<scalar_t>(lissa_step(static_cast<acc_t>(v[e]), static_cast<acc_t>(h[e]),
+                                            static_cast<acc_t>(Hh[e]), keep, inv_scale));
+}
+
+void lissa_update_cuda(at::Tensor& h, const at::Tensor& v, const at::Tensor& Hh, double damping, double scale) {
+  check_lissa_update(h, v, Hh, damping, scale);
+  const c10::cuda::CUDAGuard guard(h.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "lissa_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    lissa_update_kernel<scalar_t><<<grid_for(h.numel(), kThreads), kThreads, 0, current_stream(h)>>>(
+        h.data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), Hh.const_data_ptr<scalar_t>(),
+        static_cast<acc_t>(1.0 - damping), static_cast<acc_t>(1.0 / scale), h.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    neumann_update_kernel(scalar_t* __restrict__ term, scalar_t* __restrict__ acc, const scalar_t* __restrict__ Aterm,
+                          at::opmath_type<scalar_t> inv_scale, int64_t numel) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const scalar_t t = static_cast<scalar_t>(static_cast<acc_t>(term[e]) - static_cast<acc_t>(Aterm[e]) * inv_scale);
+    term[e] = t;
+    acc[e] = static_cast<scalar_t>(static_cast<acc_t>(acc[e]) + static_cast<acc_t>(t));
+  }
+}
+
+void neumann_update_cuda(at::Tensor& term, at::Tensor& acc, const at::Tensor& Aterm, double scale) {
+  check_neumann_update(term, acc, Aterm, scale);
+  const c10::cuda::CUDAGuard guard(term.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, term.scalar_type(), "neumann_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    neumann_update_kernel<scalar_t><<<grid_for(term.numel(), kThreads), kThreads, 0, current_stream(term)>>>(
+        term.data_ptr<scalar_t>(), acc.data_ptr<scalar_t>(), Aterm.const_data_ptr<scalar_t>(),
+        static_cast<acc_t>(1.0 / scale), term.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisherext, CUDA, m) {
+  m.impl("softmax_hvp", &softmax_hvp_cuda);
+  m.impl("softmax_hessian_sqrt", &softmax_hessian_sqrt_cuda);
+  m.impl("cg_update_", &cg_update_cuda);
+  m.impl("cg_direction_", &cg_direction_cuda);
+  m.impl("lissa_update_", &lissa_update_cuda);
+  m.impl("neumann_update_", &neumann_update_cuda);
+}
+
+}  // namespace fisherext
