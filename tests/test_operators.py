@@ -1,0 +1,137 @@
+"""The curvature operators (fisherext.operators: Hessian, GGN, Fisher) as linear operators: dense forms,
+parameter subsets, columns, scipy, the Fisher against fisherext.fisher, and the solvers and spectral
+methods run on them, against explicit matrices (tests/curvature.py), float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fisherext
+from conftest import assert_close
+from curvature import MODELS, directions, explicit_ggn, explicit_hessian, setup
+from fisherext import FisherOperator, GGNOperator, HessianOperator
+from models import flat_indices, num_params
+
+
+def test_ggn_differs_from_hessian_and_is_psd():
+    """The test models are not at a minimum: H is indefinite, G is not; the two differ."""
+    model, data, loss_fn = setup("mlp")
+    H = explicit_hessian(model, loss_fn, *data)
+    G = GGNOperator(model, loss_fn, data).dense()
+    assert torch.linalg.eigvalsh(H).min() < -1e-6
+    assert torch.linalg.eigvalsh(G).min() > -1e-10
+    assert (G - H).abs().max() > 1e-3 * H.abs().max()
+
+
+def test_params_subset_is_the_submatrix():
+    model, data, loss_fn = setup("mlp")
+    H = explicit_hessian(model, loss_fn, *data)
+    names = ["fc2.weight", "fc2.bias"]
+    idx = flat_indices(model, names)
+    A = HessianOperator(model, loss_fn, data, params=names)
+    assert A.shape == (idx.numel(), idx.numel())
+    assert_close(A.dense(), H[idx][:, idx])
+
+
+def test_operator_columns_and_vectors():
+    """A @ X with X [P, K] (one pass over the data) equals K separate A @ v, and hvp's rows."""
+    model, data, loss_fn = setup("cnn")
+    A = HessianOperator(model, loss_fn, data, batch_size=4)
+    X = directions(A.shape[0], K=4).T
+    cols = A @ X
+    for k in range(4):
+        assert_close(cols[:, k], A @ X[:, k].contiguous())
+    assert_close(cols.T, fisherext.hvp(model, loss_fn, data, X.T))
+
+
+def test_operator_follows_the_model():
+    """Parameters are read at each product, not captured at construction."""
+    model, data, loss_fn = setup("mlp")
+    A = HessianOperator(model, loss_fn, data)
+    v = directions(A.shape[0], K=1)[0]
+    before = A @ v
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    after = A @ v
+    assert (after - before).abs().max() > 1e-3 * before.abs().max()
+    assert_close(after, explicit_hessian(model, loss_fn, *data) @ v)
+
+
+def test_to_scipy_extreme_eigenvalues_match():
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    model, data, loss_fn = setup("mlp")
+    H = explicit_hessian(model, loss_fn, *data)
+    top = scipy_linalg.eigsh(HessianOperator(model, loss_fn, data).to_scipy(), k=1, which="LA",
+                             return_eigenvectors=False)
+    assert top[0] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical", "mc"])
+@pytest.mark.parametrize("name", ["mlp", "mlp_reg", "cnn"])
+def test_fisher_operator_equals_full_fisher(name, kind):
+    """A @ v equals fisher(structure="full") (tested against per-sample loops in test_fisher.py): same
+    kinds, normalization and MC labels (the same seeded generator)."""
+    model, data, _ = setup(name)
+    loss = MODELS[name]
+    gen = torch.Generator().manual_seed(5)
+    dense = fisherext.fisher(model, data, kind=kind, structure="full", loss=loss, mc_samples=3, generator=gen).dense()
+    A = FisherOperator(model, loss, data, kind=kind, mc_samples=3, seed=5)
+    V = directions(A.shape[0]).T
+    assert_close(A @ V, dense @ V)
+
+
+def test_true_fisher_is_the_ggn_for_cross_entropy():
+    model, data, _ = setup("mlp")
+    V = directions(num_params(model)).T
+    assert_close(FisherOperator(model, nn.CrossEntropyLoss(), data) @ V, GGNOperator(model, F.cross_entropy, data) @ V)
+
+
+def test_mc_fisher_operator_is_one_fixed_matrix():
+    """Labels are redrawn from the same seed at every product: A v is reproducible and A symmetric."""
+    model, data, _ = setup("mlp")
+    A = FisherOperator(model, "cross_entropy", data, kind="mc", seed=3)
+    D = A.dense()
+    assert torch.equal(A @ D[:, 0].contiguous(), A @ D[:, 0].contiguous())
+    assert_close(D, D.T)
+
+
+# ---- solvers and spectral methods on the operators ----------------------------------------------------
+
+
+def test_lanczos_finds_the_hessians_negative_and_top_eigenvalues():
+    """The test MLP is not at a minimum: its Hessian has negative eigenvalues, found from products alone."""
+    model, data, loss_fn = setup("mlp")
+    exact = torch.linalg.eigvalsh(explicit_hessian(model, loss_fn, *data))
+    assert exact[0] < -1e-6
+    A = HessianOperator(model, loss_fn, data)
+    low, _ = fisherext.spectral.lanczos(A, 2, which="smallest", m=A.shape[0])
+    high, _ = fisherext.spectral.power_iteration(A, k=1, maxiter=500, tol=1e-10)
+    assert_close(low.sort().values, exact[:2])
+    assert high[0].item() == pytest.approx(exact.abs().max().item() * exact[exact.abs().argmax()].sign().item(),
+                                           rel=1e-6)
+
+
+def test_cg_on_the_damped_ggn_with_a_fisher_diagonal_preconditioner():
+    """(G + λI) x = b by CG, preconditioned by fisher(structure="diag"): the dense solve's answer."""
+    model, data, loss_fn = setup("cnn")
+    A = GGNOperator(model, loss_fn, data)
+    b = directions(A.shape[0], K=2).T.contiguous()
+    damping = 1e-2
+    expected = torch.linalg.solve(explicit_ggn(model, "cross_entropy", *data) + damping * torch.eye(A.shape[0],
+                                                                                                   dtype=b.dtype), b)
+    diag = fisherext.fisher(model, data, structure="diag").diag()
+    x, info = fisherext.solvers.cg(A, b, damping=damping, tol=1e-10, preconditioner=diag, return_info=True)
+    assert bool(info["converged"].all())
+    assert_close(x, expected)
+
+
+def test_hutchinson_trace_of_the_fisher_operator():
+    """Within four standard errors of the exact trace (the diagonal from fisher())."""
+    model, data, _ = setup("mlp")
+    A = FisherOperator(model, "cross_entropy", data)
+    exact = fisherext.fisher(model, data, structure="diag").diag().sum().item()
+    est, err = fisherext.spectral.hutchinson_trace(A, 400, generator=torch.Generator().manual_seed(0),
+                                                   return_std=True)
+    assert abs(float(est) - exact) < 4 * float(err)
+    assert float(err) < 0.2 * exact
