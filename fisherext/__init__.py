@@ -5,7 +5,7 @@ The compiled kernels live in ``fisherext._C`` and are reached through ``torch.op
 """
 import torch  # noqa: F401  (must be imported before the extension is loaded)
 
-from . import gaussian, linop, ops, reference, solvers, spectral, utils
+from . import gaussian, influence, linop, ops, reference, solvers, spectral, utils
 from ._ops import build_info
 from .fisher import fisher
 from .fisher_matrix import FisherMatrix
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FisherMatrix", "FisherOperator", "GGNOperator", "HessianOperator", "LinearOperator", "build_info", "fd_quadratic", "fd_quadratic_directions", "fisher", "gaussian",
-    "hvp", "input_sensitivity", "kl_vs_fisher", "linop", "ops", "per_sample_fisher", "perturbed", "reference", "solvers",
+    "hvp", "influence", "input_sensitivity", "kl_vs_fisher", "linop", "ops", "per_sample_fisher", "perturbed", "reference", "solvers",
     "spectral", "utils", "__version__",
 ]
