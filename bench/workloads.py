@@ -107,6 +107,7 @@ WORKLOADS: list[Workload] = [
 # themselves to WORKLOADS; imported here, below WORKLOADS, so that every user of this registry sees them.
 from . import fisher_workloads  # noqa: E402,F401
 from . import perturb_workloads  # noqa: E402,F401
+from . import influence_workloads  # noqa: E402,F401
 
 
 def select(names: list[str] | None, quick: bool = False) -> list[Workload]:
