@@ -108,6 +108,7 @@ WORKLOADS: list[Workload] = [
 from . import fisher_workloads  # noqa: E402,F401
 from . import perturb_workloads  # noqa: E402,F401
 from . import hvp_workloads  # noqa: E402,F401
+from . import influence_workloads  # noqa: E402,F401
 
 
 def select(names: list[str] | None, quick: bool = False) -> list[Workload]:
