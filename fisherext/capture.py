@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from . import ops
+from .utils import all_finite
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -66,8 +67,9 @@ def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Paramete
     for name, p in chosen:
         if not p.is_floating_point():
             raise TypeError(f"params: parameter {name!r} is not floating point ({p.dtype})")
-        if not torch.isfinite(p).all():
-            raise ValueError(f"params: parameter {name!r} has non-finite values")
+    if not all_finite([p for _, p in chosen]):
+        name = next(name for name, p in chosen if not torch.isfinite(p).all())
+        raise ValueError(f"params: parameter {name!r} has non-finite values")
     return chosen
 
 

@@ -28,15 +28,15 @@ pass (its graph); each vector then costs one more backward.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.autograd.forward_ad as fwAD
+from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from . import ops
 from .capture import check_batchnorm, iter_batches, resolve_params
 from .fisher import KINDS, LOSSES, _check_inputs, output_cotangents
 from .perturb import ParameterPerturbation, _eps
-from .utils import check_choice
+from .utils import all_finite, check_choice
 
 METHODS = ("exact", "ggn", "fd")
 
@@ -79,7 +79,7 @@ class FunctionalModel:
                              f"selected parameter tensors, got {tuple(v.shape)}")
         if v.device != self.device:
             raise ValueError(f"{name}: is on {v.device} but the parameters are on {self.device}")
-        if not torch.isfinite(v).all():
+        if not all_finite([v]):
             raise ValueError(f"{name}: has non-finite entries")
         single = v.dim() == 1
         return (v.unsqueeze(0) if single else v).to(self.dtype), single

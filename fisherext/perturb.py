@@ -29,7 +29,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from . import ops
 from .capture import check_batchnorm, resolve_params
 from .fisher import _check_inputs
-from .utils import check_choice
+from .utils import all_finite, check_choice
 
 SCHEMES = ("central", "forward")
 METHODS = ("exact", "fd")
@@ -58,7 +58,7 @@ def _directions(v, selected, n=None) -> torch.Tensor:
     device = selected[0][1].device
     if v.device != device:
         raise ValueError(f"v: is on {v.device} but the parameters are on {device}")
-    if not torch.isfinite(v).all():
+    if not all_finite([v]):
         raise ValueError("v: has non-finite entries")
     return v
 
@@ -208,10 +208,18 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
 
 
 def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, *, eps: float = 1e-3,
-                            params=None) -> torch.Tensor:
+                            params=None, batched: bool | None = None) -> torch.Tensor:
     r"""Central-difference :math:`v_k^\top F_n v_k` for K directions ``V`` [K, P] over the same inputs:
-    Tensor [K, N]. The K models at θ + εv_k run as one batched forward (``functional_call`` under
-    ``vmap`` over stacked parameters), and likewise the K at θ − εv_k, instead of 2K separate forwards."""
+    Tensor [K, N], from one fused reduction over all K·N rows.
+
+    ``batched=True``: the K models at θ + εv_k run as one forward (``functional_call`` under ``vmap`` over
+    stacked parameters, K copies of them in memory), and likewise the K at θ − εv_k. ``False``: 2K
+    forwards with the parameters moved in place by the multi-tensor kernel from one saved copy, restored
+    bit for bit at the end (also on an exception). ``None`` (default): batched on CUDA, where a small
+    model's forwards are launch-bound; in place on CPU, where each forward is already compute-bound and
+    the stacked copies only add memory traffic (measured on the 85k-parameter digits MLP with K = 16:
+    24 ms in place against 34 ms for vmap at N = 256 inputs; within 15% of each other at N = 8).
+    """
     eps = _eps(eps)
     check_batchnorm(model)
     _check_inputs(model, x)
@@ -220,8 +228,19 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
     if not isinstance(V, torch.Tensor) or not V.is_floating_point() or V.dim() != 2 or V.shape[1] != P:
         raise ValueError(f"V: expected a floating-point tensor of shape [K, {P}], got "
                          f"{getattr(V, 'dtype', type(V).__name__)} {tuple(getattr(V, 'shape', ()))}")
-    if not torch.isfinite(V).all():
+    if not all_finite([V]):
         raise ValueError("V: has non-finite entries")
+    if batched is None:
+        batched = selected[0][1].device.type == "cuda"
+    with torch.no_grad():
+        plus, minus = (_stacked_logits if batched else _in_place_logits)(model, selected, x, V.contiguous(), eps)
+    K, N = V.shape[0], x.shape[0]
+    quad, _, _ = ops.fd_fisher_reduce(plus.reshape(K * N, -1), minus.reshape(K * N, -1), None, eps)
+    return quad.view(K, N)
+
+
+def _stacked_logits(model, selected, x, V, eps):
+    """Logits [K, N, C] at θ ± εv_k: one vmapped forward per sign over stacked parameters."""
     names = [n for n, _ in selected]
     base = {n: p.detach() for n, p in selected}
 
@@ -229,12 +248,22 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
         moved = {n: torch.add(base[n], t, alpha=step) for n, t in zip(names, _split(v, selected))}
         return functional_call(model, moved, (x,))
 
-    with torch.no_grad():
-        plus = vmap(lambda v: logits_at(v, eps))(V)  # [K, N, C]
-        minus = vmap(lambda v: logits_at(v, -eps))(V)
-    K, N = V.shape[0], x.shape[0]
-    quad, _, _ = ops.fd_fisher_reduce(plus.reshape(K * N, -1), minus.reshape(K * N, -1), None, eps)
-    return quad.view(K, N)
+    return vmap(lambda v: logits_at(v, eps))(V), vmap(lambda v: logits_at(v, -eps))(V)
+
+
+def _in_place_logits(model, selected, x, V, eps):
+    """Logits [K, N, C] at θ ± εv_k: 2K forwards, the parameters set by the kernel from one saved copy."""
+    state = ParameterPerturbation(selected)
+    plus, minus = [], []
+    try:
+        for v in V:
+            state.set(v, eps)
+            plus.append(_logits(model, x))
+            state.set(v, -eps)
+            minus.append(_logits(model, x))
+    finally:
+        state.restore()
+    return torch.stack(plus), torch.stack(minus)
 
 
 def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params=None) -> torch.Tensor:

@@ -274,12 +274,13 @@ def test_block_is_not_the_full_quadratic():
     assert_close(block, 2 * weight_only, torch.float32)  # the bias block equals the weight block here
 
 
-def test_fd_quadratic_directions_equals_k_calls_and_the_exact_values():
+@pytest.mark.parametrize("batched", [True, False, None], ids=["vmap", "in-place", "default"])
+def test_fd_quadratic_directions_equals_k_calls_and_the_exact_values(batched):
     model = with_grads(tanh_mlp())
     x = randn((8, 5), 20)
     V = randn((3, num_params(model)), 21)
     with untouched(model):
-        out = fx.fd_quadratic_directions(model, x, V, eps=1e-4)
+        out = fx.fd_quadratic_directions(model, x, V, eps=1e-4, batched=batched)
     assert out.shape == (3, 8)
     separate = torch.stack([fx.fd_quadratic(model, x, V[k], eps=1e-4) for k in range(3)])
     assert rel_err(out, separate) < 1e-9
@@ -299,6 +300,8 @@ def test_fd_quadratic_conv_and_norm_models(name):
         per_input = fx.fd_quadratic(model, x, V, eps=1e-4)
         block = fx.fd_quadratic(model, x, v, eps=1e-4, block=True)
         directions = fx.fd_quadratic_directions(model, x, V[:2], eps=1e-4)
+        stacked = fx.fd_quadratic_directions(model, x, V[:2], eps=1e-4, batched=True)
+    assert rel_err(stacked, directions) < 1e-9
     assert rel_err(shared, exact_quad(model, x, v)) < 1e-5
     assert rel_err(per_input, torch.cat([exact_quad(model, x[n:n + 1], V[n]) for n in range(5)])) < 1e-5
     exact_blocks = per_tensor_sum(lambda vt, names: exact_quad(model, x, vt, params=names), model, v)
@@ -322,6 +325,16 @@ def test_fd_quadratic_restores_when_the_forward_raises(scheme, fail_at):
     x = randn((4, 5), 26)
     with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
         fx.fd_quadratic(model, x, randn(num_params(model), 27), eps=1e-2, scheme=scheme)
+    assert model.calls == fail_at
+
+
+@pytest.mark.parametrize("fail_at", [1, 4])
+def test_fd_quadratic_directions_restores_when_the_forward_raises(fail_at):
+    """The in-place path moves the model's own parameters: a forward that raises at θ + εv_1 (call 1) or
+    at θ − εv_2 (call 4) leaves them bit for bit as they were."""
+    model = FailingForward(with_grads(tanh_mlp()), fail_at)
+    with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
+        fx.fd_quadratic_directions(model, randn((4, 5), 28), randn((3, num_params(model)), 29), batched=False)
     assert model.calls == fail_at
 
 
