@@ -158,7 +158,7 @@ def _check_logits(op, name, t):
         raise ValueError(f"fisherext.{op}: argument '{name}' is empty (shape {tuple(t.shape)})")
 
 
-def _check_logits_like(op, name, t, ref_name, ref):
+def _check_same_shape(op, name, t, ref_name, ref):
     _check_like(op, name, t, ref_name, ref)
     if t.shape != ref.shape:
         raise ValueError(
@@ -194,11 +194,7 @@ def _check_flat(op, name, x):
 
 
 def _check_flat_like(op, name, t, ref_name, ref):
-    _check_like(op, name, t, ref_name, ref)
-    if t.shape != ref.shape:
-        raise ValueError(
-            f"fisherext.{op}: argument '{name}' must have the shape {tuple(ref.shape)} of '{ref_name}', "
-            f"got {tuple(t.shape)}")
+    _check_same_shape(op, name, t, ref_name, ref)
     if not t.is_contiguous():
         raise ValueError(f"fisherext.{op}: argument '{name}' must be contiguous")
 
@@ -278,9 +274,9 @@ def _unflatten_axpy_fake(out, x, v, eps):
 def _fd_fisher_reduce_fake(logits_plus, logits_minus, logits_0, eps):
     op = "fd_fisher_reduce"
     _check_logits(op, "logits_plus", logits_plus)
-    _check_logits_like(op, "logits_minus", logits_minus, "logits_plus", logits_plus)
+    _check_same_shape(op, "logits_minus", logits_minus, "logits_plus", logits_plus)
     if logits_0 is not None:
-        _check_logits_like(op, "logits_0", logits_0, "logits_plus", logits_plus)
+        _check_same_shape(op, "logits_0", logits_0, "logits_plus", logits_plus)
     _check_finite_scalar(op, "eps", eps, positive=True)
     dtype = _opmath_dtype(logits_plus.dtype)
     return tuple(logits_plus.new_empty(logits_plus.shape[:1], dtype=dtype) for _ in range(3))
