@@ -55,6 +55,12 @@ def extension():
     use_cuda, why = want_cuda()
     log(f"torch {torch.__version__}; CUDA kernels: {'yes' if use_cuda else 'no'} ({why})")
     cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an OpenMP pragma inlined from ATen's headers: without -fopenmp our kernels
+        # compile it away and run on one thread. libgomp resolves to the copy torch has already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     define_macros = []
     include_dirs = [os.path.join(HERE, "csrc")]
@@ -83,6 +89,7 @@ def extension():
         library_dirs=library_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link,
         py_limited_api=False,
     )
 
