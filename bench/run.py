@@ -99,8 +99,9 @@ def main(argv=None) -> int:
     timing = TIMING[args.quick]
     fewer = (f" (down to {MIN_REPEATS} for calls over {timing['max_total_s'] / timing['repeats']:.1f} s)"
              if timing["repeats"] > MIN_REPEATS else "")
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, float32; "
-          f"median of {timing['repeats']} repeats after a warm-up{fewer}; peak extra memory of one call "
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"float32 (influence: float64); median of {timing['repeats']} repeats after a warm-up{fewer}; "
+          f"peak extra memory of one call "
           f"({'allocated CUDA memory' if args.device == 'cuda' else 'growth of the resident set'})\n")
     print(markdown_table(rows, {w.name(args.quick): w.baseline for w in chosen}))
     if args.json:
