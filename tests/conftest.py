@@ -63,3 +63,15 @@ def check_bad_input(name, args, exc, msg, path):
     if snapshot is not None:
         assert _equal(args[0], snapshot), "a rejected call must leave 'out' untouched"
 
+
+
+def bad_input_test(cases):
+    """The bad-input test of an op family: every case (op name, args factory, exception type, message
+    pattern) through the wrapper, the compiled op and the fake kernel (see check_bad_input)."""
+
+    @pytest.mark.parametrize("path", ["wrapper", "compiled", "fake"])
+    @pytest.mark.parametrize("name,make_args,exc,msg", cases, ids=[f"{c[0]}-{i}" for i, c in enumerate(cases)])
+    def test_bad_input_names_the_argument(name, make_args, exc, msg, path):
+        check_bad_input(name, make_args(), exc, msg, path)
+
+    return test_bad_input_names_the_argument

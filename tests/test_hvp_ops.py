@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fisherext.reference as ref
-from conftest import assert_close, check_bad_input
+from conftest import assert_close, bad_input_test
 from fisherext import ops
 
 LOW = [torch.float16, torch.bfloat16]
@@ -402,10 +402,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("path", ["wrapper", "compiled", "fake"])
-@pytest.mark.parametrize("name,make_args,exc,msg", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
-def test_bad_input_names_the_argument(name, make_args, exc, msg, path):
-    check_bad_input(name, make_args(), exc, msg, path)
+test_bad_input_names_the_argument = bad_input_test(BAD)
 
 
 def test_device_mismatch_is_named():

@@ -3,7 +3,7 @@ error naming the argument, by the Python wrapper, the compiled kernel and the fa
 import pytest
 import torch
 
-from conftest import check_bad_input
+from conftest import bad_input_test
 from fisherext import ops
 
 F = torch.float32
@@ -68,10 +68,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("path", ["wrapper", "compiled", "fake"])
-@pytest.mark.parametrize("name,make_args,exc,msg", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
-def test_bad_input_names_the_argument(name, make_args, exc, msg, path):
-    check_bad_input(name, make_args(), exc, msg, path)
+test_bad_input_names_the_argument = bad_input_test(BAD)
 
 
 def test_wrapper_rejects_non_tensors_and_bad_scalars():
