@@ -27,10 +27,13 @@ direction and input), so ``bench.run`` checks it against the baseline.
 - ``fd_directions``: K unit directions over N inputs: ``fd_quadratic_directions`` (the 2K perturbed
   models in one batched forward) against K separate ``fd_quadratic`` calls (``reference``) and a
   hand-written loop that sets θ ± εv_k through ``.data`` per tensor and runs the batch (``autograd-loop``).
-  Batching saves the per-evaluation overhead (perturb, restore, 2K small forwards), not arithmetic: both
-  run the same 2K forwards' flops. So it pays where evaluations are small (a few inputs, as in seed 001's
-  per-input analysis, or a GPU, where a small forward is launch-bound) and not where one forward of N
-  inputs already keeps the CPU busy; the workload runs at both ends, N = 8 and N = 256.
+  fisherext runs its default strategy: on CPU "linear" (one forward in which each nn.Linear adds
+  ±ε V_k h to the rows of direction k) for N ≤ 16 inputs, "in_place" (2K forwards, parameters moved by
+  the multi-tensor kernel) above. No strategy saves arithmetic against separate evaluations: they save
+  per-evaluation overhead and memory traffic. So batching pays where evaluations are small (a few
+  inputs, as in seed 001's per-input analysis, or a GPU, where a small forward is launch-bound) and not
+  where one forward of N inputs already keeps the CPU busy; the workload runs at both ends, N = 8 and
+  N = 256.
 """
 from __future__ import annotations
 

@@ -274,18 +274,70 @@ def test_block_is_not_the_full_quadratic():
     assert_close(block, 2 * weight_only, torch.float32)  # the bias block equals the weight block here
 
 
-@pytest.mark.parametrize("batched", [True, False, None], ids=["vmap", "in-place", "default"])
-def test_fd_quadratic_directions_equals_k_calls_and_the_exact_values(batched):
+@pytest.mark.parametrize("strategy", ["vmap", "in_place", "linear", "auto"])
+def test_fd_quadratic_directions_equals_k_calls_and_the_exact_values(strategy):
     model = with_grads(tanh_mlp())
     x = randn((8, 5), 20)
     V = randn((3, num_params(model)), 21)
     with untouched(model):
-        out = fx.fd_quadratic_directions(model, x, V, eps=1e-4, batched=batched)
+        out = fx.fd_quadratic_directions(model, x, V, eps=1e-4, strategy=strategy)
     assert out.shape == (3, 8)
     separate = torch.stack([fx.fd_quadratic(model, x, V[k], eps=1e-4) for k in range(3)])
     assert rel_err(out, separate) < 1e-9
     exact = torch.stack([exact_quad(model, x, V[k]) for k in range(3)])
     assert rel_err(out, exact) < 1e-6
+
+
+class ReusedWeight(nn.Module):
+    """Uses its first Linear's weight outside that module too: the "linear" strategy must notice."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.head(torch.tanh(nn.functional.linear(h, self.fc.weight)))
+
+
+@pytest.mark.parametrize("case", ["tied", "seq", "subset", "reused", "float32"])
+def test_fd_quadratic_directions_linear_strategy_equals_in_place(case):
+    """The "linear" strategy (±ε V_k h added to each nn.Linear's output) against moving the parameters:
+    a Linear applied twice, a Linear over sequence positions [N, T, I] (Embedding left out by params=),
+    only some weights and biases selected, a weight also used outside its module (falls back), and
+    float32 parameters with a float64 V."""
+    params, dtype = None, torch.float64
+    if case == "tied":
+        model = make_model("tied")
+    elif case == "seq":
+        model, params = make_model("seq"), ["proj.weight", "proj.bias", "head.weight"]
+    elif case == "subset":
+        model, params = tanh_mlp(), ["fc1.weight", "fc2.bias"]
+    elif case == "reused":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            model = ReusedWeight().double().eval()
+    else:
+        model, dtype = tanh_mlp(dtype=torch.float32), torch.float32
+    x = make_data(case, n=6)[0] if case in ("tied", "seq") else randn((6, 5), 30, dtype)
+    P = sum(p.numel() for _, p in fx.capture.resolve_params(model, params))
+    V = randn((4, P), 31)
+    with untouched(model):
+        linear = fx.fd_quadratic_directions(model, x, V, eps=1e-4, params=params, strategy="linear")
+        in_place = fx.fd_quadratic_directions(model, x, V, eps=1e-4, params=params, strategy="in_place")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks left behind"
+    assert rel_err(linear, in_place) < (1e-3 if dtype == torch.float32 else 1e-7)
+    exact = torch.stack([exact_quad(model, x, V[k].to(dtype), params=params) for k in range(4)])
+    assert rel_err(linear, exact) < (1e-2 if dtype == torch.float32 else 1e-6)
+
+
+def test_fd_quadratic_directions_linear_strategy_needs_linear_parameters():
+    model = make_model("cnn")
+    x, _ = make_data("cnn", n=3)
+    with pytest.raises(ValueError, match="strategy: 'linear' needs"):
+        fx.fd_quadratic_directions(model, x, randn((2, num_params(model)), 32), strategy="linear")
+    with pytest.raises(ValueError, match="strategy: must be one of"):
+        fx.fd_quadratic_directions(model, x, randn((2, num_params(model)), 32), strategy="batched")
 
 
 @pytest.mark.parametrize("name", ["cnn", "norm"])
@@ -300,7 +352,7 @@ def test_fd_quadratic_conv_and_norm_models(name):
         per_input = fx.fd_quadratic(model, x, V, eps=1e-4)
         block = fx.fd_quadratic(model, x, v, eps=1e-4, block=True)
         directions = fx.fd_quadratic_directions(model, x, V[:2], eps=1e-4)
-        stacked = fx.fd_quadratic_directions(model, x, V[:2], eps=1e-4, batched=True)
+        stacked = fx.fd_quadratic_directions(model, x, V[:2], eps=1e-4, strategy="vmap")
     assert rel_err(stacked, directions) < 1e-9
     assert rel_err(shared, exact_quad(model, x, v)) < 1e-5
     assert rel_err(per_input, torch.cat([exact_quad(model, x[n:n + 1], V[n]) for n in range(5)])) < 1e-5
@@ -334,7 +386,7 @@ def test_fd_quadratic_directions_restores_when_the_forward_raises(fail_at):
     at θ − εv_2 (call 4) leaves them bit for bit as they were."""
     model = FailingForward(with_grads(tanh_mlp()), fail_at)
     with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
-        fx.fd_quadratic_directions(model, randn((4, 5), 28), randn((3, num_params(model)), 29), batched=False)
+        fx.fd_quadratic_directions(model, randn((4, 5), 28), randn((3, num_params(model)), 29), strategy="in_place")
     assert model.calls == fail_at
 
 
