@@ -310,20 +310,17 @@ def _linear_logits(model, selected, owners, x, V, eps):
 
     def perturb(module, args, out):
         watch.depth -= 1
-        h = args[0]
-        rows = h.reshape(2, K, N, *h.shape[1:])  # rows ordered (sign, direction, input)
-        shape = (2, K, N, *out.shape[1:])
-        ones = [1] * (len(shape) - 4)  # positions between the input and the feature axis
-        delta = 0
+        # Rows are ordered (direction, sign, input): the rows of direction k, both signs, are one block,
+        # so V_k meets them in one batched GEMM with no reordering copy (V_k's transpose as strides).
+        O = out.shape[-1]
+        span = out.numel() // (2 * K * O)  # inputs times positions per (direction, sign)
+        delta = None
         if "weight" in owners[module]:
-            # one batched GEMM over the K directions, both signs' rows together; the transposed V_k is
-            # passed as strides (a copy of V would cost more than the product)
-            by_k = rows.transpose(0, 1).reshape(K, -1, h.shape[-1])
-            delta = torch.bmm(by_k, pieces[id(module.weight)].transpose(1, 2)).view(
-                K, 2, N, *out.shape[1:]).transpose(0, 1)
+            delta = torch.bmm(args[0].reshape(K, 2 * span, -1), pieces[id(module.weight)].transpose(1, 2))
         if "bias" in owners[module]:
-            delta = delta + pieces[id(module.bias)].view(1, K, 1, *ones, -1)
-        return out + (steps.view(2, 1, 1, *ones, 1) * delta).expand(shape).reshape(out.shape)
+            bias = pieces[id(module.bias)][:, None, :]
+            delta = bias.expand(K, 2 * span, O) if delta is None else delta + bias
+        return out + (delta.reshape(K, 2, span * O) * steps.view(1, 2, 1)).view(out.shape)
 
     handles = []
     try:
@@ -337,7 +334,8 @@ def _linear_logits(model, selected, owners, x, V, eps):
             handle.remove()
     if watch.seen:
         return None
-    return out[: K * N].view(K, N, -1), out[K * N:].view(K, N, -1)
+    out = out.view(K, 2, N, -1)
+    return out[:, 0], out[:, 1]
 
 
 def _stacked_logits(model, selected, x, V, eps):
