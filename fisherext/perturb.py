@@ -229,9 +229,9 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
       It does twice the arithmetic of the others, so it pays for few inputs.
     - ``"auto"`` (default): "vmap" on CUDA, where a small model's forwards are launch-bound; on CPU
       "linear" for at most 16 inputs where the model allows it, else "in_place" (measured on the
-      85k-parameter digits MLP with K = 16, in one process: at N = 8 inputs linear 3.9 ms, vmap 5.5 ms,
-      in place 8.3 ms, 16 separate ``fd_quadratic`` calls 16 ms; at N = 256 in place 34 ms, vmap 41 ms,
-      linear 95 ms).
+      85k-parameter digits MLP with K = 16, in one process: at N = 8 inputs linear 2.7 ms, vmap 4.3 ms,
+      in place 5.4 ms, 16 separate ``fd_quadratic`` calls 10.4 ms; at N = 256 in place 30 ms, vmap 39 ms,
+      linear 61 ms).
     """
     check_choice("strategy", strategy, STRATEGIES)
     eps = _eps(eps)
