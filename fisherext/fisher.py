@@ -27,7 +27,7 @@ from torch import nn
 from . import ops
 from .capture import Capture, LinearLayer, iter_batches
 from .fisher_matrix import DensePart, DiagPart, FisherMatrix, KronPart
-from .utils import check_choice
+from .utils import check_choice, check_positive_int
 
 KINDS = ("true", "empirical", "mc")
 STRUCTURES = ("diag", "full", "block", "kfac")
@@ -251,10 +251,8 @@ def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag
     check_choice("kind", kind, KINDS)
     check_choice("structure", structure, STRUCTURES)
     check_choice("loss", loss, LOSSES)
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples: must be a positive integer, got {mc_samples!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    check_positive_int("mc_samples", mc_samples)
+    check_positive_int("batch_size", batch_size, optional=True)
     cap = Capture(model, params)
     ref = cap.params[0][1]
     budget = memory_budget if memory_budget is not None else default_memory_budget(ref.device)

@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from . import ops
 from .capture import check_batchnorm, iter_batches, resolve_params
-from .fisher import KINDS, LOSSES, _check_inputs, output_cotangents
+from .fisher import LOSSES, _check_inputs, output_cotangents
 from .perturb import ParameterPerturbation, _eps
 from .utils import all_finite, check_choice
 
@@ -291,4 +291,4 @@ def hvp(model: nn.Module, loss_fn, data, v: torch.Tensor, *, method: str = "exac
     return out[0] if single else out
 
 
-__all__ = ["FunctionalModel", "KINDS", "METHODS", "fisher_batch", "ggn_batch", "hessian_batch", "hvp"]
+__all__ = ["FunctionalModel", "METHODS", "fisher_batch", "ggn_batch", "hessian_batch", "hvp"]

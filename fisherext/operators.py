@@ -16,19 +16,18 @@ from torch import nn
 from .fisher import KINDS
 from .hvp import FunctionalModel, _check_loss_fn, fisher_batch, ggn_batch, hessian_batch, likelihood, stream
 from .linop import LinearOperator
-from .utils import check_choice
+from .utils import check_choice, check_positive_int
 
 
 class _CurvatureOperator(LinearOperator):
     def __init__(self, model: nn.Module, data, *, params=None, batch_size: int | None = None, progress: bool = False):
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size, optional=True)
         self.fm = FunctionalModel(model, params)
         super().__init__(self.fm.P, self.fm.dtype, self.fm.device)
         self.data, self.batch_size, self.progress = data, batch_size, progress
 
     def _batch(self, x, y, V, offset):
+        """The product for one batch's mean loss with the rows of V [K, P] (each subclass its own)."""
         raise NotImplementedError
 
     def _matmat(self, X):
@@ -37,7 +36,7 @@ class _CurvatureOperator(LinearOperator):
 
 
 class HessianOperator(_CurvatureOperator):
-    r""":math:`H = \nabla^2_\theta \frac1N\sum_n \ell(f(x_n), y_n)`, by forward-over-reverse products.
+    r""":math:`H = \nabla^2_\theta \frac1N\sum_n \ell(f(x_n), y_n)`, by double backprop (see hvp).
 
     ``loss_fn(outputs, targets)`` returns a batch's mean loss. H may be indefinite.
     """
@@ -73,8 +72,7 @@ class FisherOperator(_CurvatureOperator):
                  **kw):
         check_choice("kind", kind, KINDS)
         self.loss = likelihood(loss_fn)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples: must be a positive integer, got {mc_samples!r}")
+        check_positive_int("mc_samples", mc_samples)
         super().__init__(model, data, **kw)
         self.kind, self.mc_samples, self.seed = kind, mc_samples, seed
         self._generator = None

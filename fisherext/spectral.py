@@ -21,27 +21,21 @@ from dataclasses import dataclass
 import torch
 
 from .linop import as_operator
-from .utils import check_choice
+from .utils import check_choice, check_positive_int
 
 WHICH = ("largest", "smallest", "magnitude")
 DISTRIBUTIONS = ("rademacher", "gaussian")
 BLOCK_ELEMENTS = 1 << 20   # probe entries per product A @ Z (memory per block, not a tuning knob)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    return value
-
-
 def _check_k(k, P: int) -> None:
-    _positive_int("k", k)
+    check_positive_int("k", k)
     if k > P:
         raise ValueError(f"k: asked for {k} eigenpairs of a {P} x {P} operator; k must be at most P = {P}")
 
 
 def _check_krylov_dim(m, k: int) -> None:
-    _positive_int("m", m)
+    check_positive_int("m", m)
     if m < k:
         raise ValueError(f"m: the Krylov dimension must be at least k = {k}, got {m}")
 
@@ -87,7 +81,7 @@ def power_iteration(A, k: int = 1, *, maxiter: int = 100, tol: float = 1e-6,
     A = as_operator(A)
     P = A.shape[0]
     _check_k(k, P)
-    _positive_int("maxiter", maxiter)
+    check_positive_int("maxiter", maxiter)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol: must be a non-negative number, got {tol!r}")
     X = torch.linalg.qr(_probes((P, k), "gaussian", generator, A)).Q
@@ -208,12 +202,12 @@ def hutchinson_trace(A, n: int = 100, *, distribution: str = "rademacher", block
     """
     A = as_operator(A)
     P = A.shape[0]
-    _positive_int("n", n)
+    check_positive_int("n", n)
     check_choice("distribution", distribution, DISTRIBUTIONS)
     if block_size is None:
         block_size = max(1, min(n, BLOCK_ELEMENTS // P))
     else:
-        _positive_int("block_size", block_size)
+        check_positive_int("block_size", block_size)
     starts = range(0, n, block_size)
     values = []
     for start in _progress(starts, progress, "hutchinson_trace", total=len(starts)):
@@ -273,9 +267,9 @@ def slq_density(A, *, m: int = 80, n: int = 10, grid: torch.Tensor | None = None
     """
     A = as_operator(A)
     P = A.shape[0]
-    _positive_int("m", m)
-    _positive_int("n", n)
-    _positive_int("points", points)
+    check_positive_int("m", m)
+    check_positive_int("n", n)
+    check_positive_int("points", points)
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
                               or not math.isfinite(sigma) or sigma <= 0):
         raise ValueError(f"sigma: must be a positive number, got {sigma!r}")

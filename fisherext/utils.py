@@ -33,6 +33,15 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 
+def check_positive_int(name: str, value, optional: bool = False):
+    """Returns ``value`` when it is an int ≥ 1 (or None, when ``optional``); else ValueError naming it."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    return value
+
+
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every entry of every tensor is finite: one min/max pass per tensor (NaN propagates through
     both, ±inf lands in one) and a single host sync. ``torch.isfinite(t).all()`` is 6-10x slower on CPU
