@@ -35,8 +35,8 @@ from torch.func import functional_call, grad, jvp, vmap
 from . import ops
 from .capture import check_batchnorm, iter_batches, resolve_params
 from .fisher import LOSSES, _check_inputs, output_cotangents
-from .perturb import ParameterPerturbation, _eps
-from .utils import all_finite, check_choice
+from .perturb import ParameterPerturbation, _directions, _eps
+from .utils import check_choice
 
 METHODS = ("exact", "ggn", "fd")
 
@@ -47,9 +47,9 @@ class FunctionalModel:
     def __init__(self, model: nn.Module, params=None):
         check_batchnorm(model)
         self.model = model
-        selected = resolve_params(model, params)
-        self.names = [n for n, _ in selected]
-        self.params = [p for _, p in selected]
+        self.selected = resolve_params(model, params)
+        self.names = [n for n, _ in self.selected]
+        self.params = [p for _, p in self.selected]
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.P = sum(self.sizes)
@@ -68,19 +68,9 @@ class FunctionalModel:
     def forward(self, x):
         return lambda params: functional_call(self.model, params, (x,))
 
-    def vectors(self, v, name="v") -> tuple[torch.Tensor, bool]:
+    def vectors(self, v) -> tuple[torch.Tensor, bool]:
         """v [P] or [K, P] → ([K, P] in the parameters' dtype, whether v was one vector)."""
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor of length {self.P}, got {type(v).__name__}")
-        if not v.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {v.dtype}")
-        if v.dim() not in (1, 2) or v.shape[-1] != self.P:
-            raise ValueError(f"{name}: expected shape [{self.P}] or [K, {self.P}] over the {len(self.names)} "
-                             f"selected parameter tensors, got {tuple(v.shape)}")
-        if v.device != self.device:
-            raise ValueError(f"{name}: is on {v.device} but the parameters are on {self.device}")
-        if not all_finite([v]):
-            raise ValueError(f"{name}: has non-finite entries")
+        v = _directions(v, self.selected, "K")
         single = v.dim() == 1
         return (v.unsqueeze(0) if single else v).to(self.dtype), single
 
@@ -210,19 +200,14 @@ def fisher_batch(fm: FunctionalModel, loss: str, kind: str, x, y, V: torch.Tenso
 
 def _mean_loss_grad(fm: FunctionalModel, loss_fn, data, batch_size) -> torch.Tensor:
     """∇L(θ) of the mean loss over the data at the model's current parameters, flat [P]."""
-    total, acc = 0, torch.zeros(fm.P, dtype=fm.dtype, device=fm.device)
-    for x, y in iter_batches(data, batch_size):
-        if x.shape[0] == 0:
-            continue
+
+    def batch_grad(x, y, V, offset):
         leaves = fm.leaves()
         with torch.enable_grad():
             loss = loss_fn(fm.forward(x)(dict(zip(fm.names, leaves))), y)
-            g = _grads([loss], leaves, [torch.ones_like(loss)])
-        acc += x.shape[0] * torch.cat([t.reshape(-1) for t in g])
-        total += x.shape[0]
-    if total == 0:
-        raise ValueError("data: no samples")
-    return acc / total
+            return torch.cat([t.reshape(-1) for t in _grads([loss], leaves, [torch.ones_like(loss)])])[None]
+
+    return stream(fm, data, batch_size, batch_grad, None)[0]
 
 
 def fd_product(fm: FunctionalModel, loss_fn, data, V: torch.Tensor, r: float, batch_size=None) -> torch.Tensor:
@@ -242,7 +227,8 @@ def fd_product(fm: FunctionalModel, loss_fn, data, V: torch.Tensor, r: float, ba
     return torch.stack(rows)
 
 
-def stream(fm: FunctionalModel, data, batch_size, product, V: torch.Tensor, progress=False, desc="") -> torch.Tensor:
+def stream(fm: FunctionalModel, data, batch_size, product, V: torch.Tensor | None, progress=False,
+           desc="") -> torch.Tensor:
     """Σ_b n_b · product(x_b, y_b, V, offset) / N over the batches of the data. [K, P]"""
     batches = iter_batches(data, batch_size)
     if progress:

@@ -48,15 +48,15 @@ def _eps(eps, positive=True) -> float:
 
 
 def _directions(v, selected, n=None) -> torch.Tensor:
-    """v as [P] (one direction) or, when n is given, also [n, P] (one direction per input)."""
+    """v as [P] (one direction) or, when n is given, also [n, P]: n rows, or any number for n="K"."""
     P = sum(p.numel() for _, p in selected)
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"v: expected a tensor of length {P}, got {type(v).__name__}")
     if not v.is_floating_point():
         raise TypeError(f"v: expected a floating-point tensor, got {v.dtype}")
-    shapes = [(P,)] + ([(n, P)] if n is not None else [])
-    if tuple(v.shape) not in shapes:
-        want = " or ".join(f"[{', '.join(map(str, s))}]" for s in shapes)
+    rows_ok = n is not None and v.dim() == 2 and v.shape[1] == P and (n == "K" or v.shape[0] == n)
+    if tuple(v.shape) != (P,) and not rows_ok:
+        want = f"[{P}]" + ("" if n is None else f" or [{n}, {P}]")
         raise ValueError(f"v: expected shape {want} over the {len(selected)} selected parameter tensors, "
                          f"got {tuple(v.shape)}")
     device = selected[0][1].device
@@ -124,9 +124,14 @@ class _Group:
 
 
 def _split(v, selected):
-    # contiguous pieces (v may be a column of a matrix): the multi-tensor kernel pairs elements in memory order
+    # v may be a column of a matrix: made contiguous so that each piece is a view of the parameter's shape
     return [t.view_as(p).to(p.dtype) for t, (_, p) in zip(v.contiguous().split([p.numel() for _, p in selected]),
                                                           selected)]
+
+
+def _moved(selected, v, step):
+    """{name: θ + step·v} as new tensors, for functional_call (under vmap: one model per row of v)."""
+    return {n: p.detach() + step * t for (n, p), t in zip(selected, _split(v, selected))}
 
 
 @contextmanager
@@ -153,12 +158,8 @@ def _logits(model, x):
 
 def _per_input_logits(model, selected, x, V, eps):
     """Logits of input n at θ + eps·V[n], for every n: one batched forward over stacked parameters."""
-    names = [n for n, _ in selected]
-    base = {n: p.detach() for n, p in selected}
-
     def one(x_n, v_n):
-        moved = {n: base[n] + eps * t for n, t in zip(names, _split(v_n, selected))}
-        return functional_call(model, moved, (x_n.unsqueeze(0),)).squeeze(0)
+        return functional_call(model, _moved(selected, v_n, eps), (x_n.unsqueeze(0),)).squeeze(0)
 
     return vmap(one)(x, V)
 
@@ -340,12 +341,8 @@ def _linear_logits(model, selected, owners, x, V, eps):
 
 def _stacked_logits(model, selected, x, V, eps):
     """Logits [K, N, C] at θ ± εv_k: one vmapped forward per sign over stacked parameters."""
-    names = [n for n, _ in selected]
-    base = {n: p.detach() for n, p in selected}
-
     def logits_at(v, step):
-        moved = {n: torch.add(base[n], t, alpha=step) for n, t in zip(names, _split(v, selected))}
-        return functional_call(model, moved, (x,))
+        return functional_call(model, _moved(selected, v, step), (x,))
 
     return vmap(lambda v: logits_at(v, eps))(V), vmap(lambda v: logits_at(v, -eps))(V)
 
@@ -422,7 +419,7 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
     def finite(x_n, v_n):
         grads = []
         for sign in (1.0, -1.0):
-            moved = {n: base[n] + sign * eps * t for n, t in zip(names, _split(v_n, selected))}
+            moved = _moved(selected, v_n, sign * eps)
             J_log = jacrev(lambda x_n: log_probs(moved, x_n))(x_n)  # [C, *x]
             p = log_probs(moved, x_n).exp().reshape(-1, *([1] * x_n.dim()))
             grads.append((p * J_log, J_log))
