@@ -90,9 +90,12 @@ inline void check_flat_like(const char* op, const char* name, const at::Tensor& 
   TORCH_CHECK_VALUE(t.is_contiguous(), "fisherext.", op, ": argument '", name, "' must be contiguous");
 }
 
-// A per-column scalar: shape [] for vectors [P], [K] for [P, K]; the compute dtype of `ref`.
-inline void check_column_scalar(const char* op, const char* name, const at::Tensor& s, const char* ref_name,
-                                const at::Tensor& ref, const FlatDims& d) {
+// A per-column scalar: shape [] for vectors [P], [K] for [P, K]; the compute dtype of `ref`. Returns it
+// contiguous, as the kernels index it s[k]: any strides are accepted (an expanded 0-dim step shared by all
+// columns is the natural way to pass one), since a copy of K elements is nothing next to the P·K of the
+// vectors, and a contiguous s (every solver's) is returned as is.
+inline at::Tensor check_column_scalar(const char* op, const char* name, const at::Tensor& s, const char* ref_name,
+                                      const at::Tensor& ref, const FlatDims& d) {
   check_float(op, name, s);
   const c10::ScalarType want = opmath_type(ref.scalar_type());
   TORCH_CHECK_TYPE(s.scalar_type() == want, "fisherext.", op, ": argument '", name, "' must have dtype ", want,
@@ -102,6 +105,7 @@ inline void check_column_scalar(const char* op, const char* name, const at::Tens
   TORCH_CHECK_VALUE(ok, "fisherext.", op, ": argument '", name, "' must have shape ",
                     d.columns ? "[" + std::to_string(d.K) + "] (one per column)" : std::string("[]"), " for '",
                     ref_name, "' of shape ", ref.sizes(), ", got ", s.sizes());
+  return s.contiguous();
 }
 
 // The optional inverse diagonal preconditioner [P]; returns it contiguous (undefined when absent).
@@ -123,6 +127,7 @@ using reduce_t = double;
 // Checked inputs of cg_update_ and its outputs rz, rr ([] or [K], compute dtype).
 struct CgUpdateProblem {
   FlatDims d;
+  at::Tensor alpha;     // contiguous
   at::Tensor inv_diag;  // undefined without a preconditioner
   at::Tensor rz, rr;
 };
@@ -136,7 +141,7 @@ inline CgUpdateProblem prepare_cg_update(const at::Tensor& x, const at::Tensor& 
   check_flat_like(op, "r", r, "x", x);
   check_flat_like(op, "p", p, "x", x);
   check_flat_like(op, "Ap", Ap, "x", x);
-  check_column_scalar(op, "alpha", alpha, "x", x, q.d);
+  q.alpha = check_column_scalar(op, "alpha", alpha, "x", x, q.d);
   q.inv_diag = check_inv_diag(op, inv_diag, "x", x, q.d);
   q.rz = at::empty(alpha.sizes(), alpha.options());
   q.rr = at::empty(alpha.sizes(), alpha.options());
@@ -145,6 +150,7 @@ inline CgUpdateProblem prepare_cg_update(const at::Tensor& x, const at::Tensor& 
 
 struct CgDirectionProblem {
   FlatDims d;
+  at::Tensor beta;      // contiguous
   at::Tensor inv_diag;  // undefined without a preconditioner
 };
 
@@ -154,7 +160,7 @@ inline CgDirectionProblem prepare_cg_direction(const at::Tensor& p, const at::Te
   CgDirectionProblem q;
   q.d = check_flat(op, "p", p);
   check_flat_like(op, "r", r, "p", p);
-  check_column_scalar(op, "beta", beta, "p", p, q.d);
+  q.beta = check_column_scalar(op, "beta", beta, "p", p, q.d);
   q.inv_diag = check_inv_diag(op, inv_diag, "p", p, q.d);
   return q;
 }

@@ -633,7 +633,9 @@ def cg_update_(x: torch.Tensor, r: torch.Tensor, p: torch.Tensor, Ap: torch.Tens
 
     Vectors are contiguous [P], or [P, K] with K right-hand sides as columns; ``alpha`` holds one step
     per column ([] or [K]) in the compute dtype (float32 for half/bfloat16 vectors, else their dtype), so a
-    solver feeds its own device-side reductions back without a host sync. Per column k, in place:
+    solver feeds its own device-side reductions back without a host sync. ``alpha`` and ``inv_diag`` may
+    have any strides (e.g. one step expanded to all columns); non-contiguous ones are copied (K and P
+    elements). Per column k, in place:
 
     .. math:: x \mathrel{+}= \alpha_k\, p, \qquad r \mathrel{-}= \alpha_k\, A p
 

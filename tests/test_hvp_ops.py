@@ -234,6 +234,72 @@ def test_cg_update_reduction_independent_of_threads():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def strided_like(t, layout):
+    """t's values in a non-contiguous layout: every other element of a larger tensor, or (t constant) an
+    expanded 0-dim tensor, whose K entries share one memory location."""
+    if layout == "every_other":
+        return torch.stack([t, torch.full_like(t, float("nan"))], -1)[..., 0]
+    assert torch.all(t == t.reshape(-1)[0])
+    return t.reshape(-1)[0].clone().expand(t.shape)
+
+
+@pytest.mark.parametrize("layout", ["every_other", "expanded"])
+def test_solver_scalars_of_any_layout(layout, device, dtype):
+    """alpha, beta and inv_diag are read at their strides (made contiguous, not misread as contiguous):
+    the same bits as contiguous ones (their neighbours in the every-other layout are NaN, so a misread
+    shows)."""
+    P, K = 37, 5
+    x, r, p, Ap = (flat(P, K, dtype, device, s) for s in range(4))
+    const = layout == "expanded"
+    alpha = torch.full((K,), 0.375, dtype=dtype, device=device) if const else column_scalar(K, dtype, device, 4)
+    inv = torch.full((P,), 1.5, dtype=dtype, device=device) if const else randn((P,), dtype, device, 5).abs()
+    strided_alpha, strided_inv = strided_like(alpha, layout), strided_like(inv, layout)
+    assert not strided_alpha.is_contiguous() and not strided_inv.is_contiguous()
+    results = []
+    for a, d in ((alpha, inv), (strided_alpha, strided_inv)):
+        xs, rs, ps = x.clone(), r.clone(), p.clone()
+        rz, rr = ops.cg_update_(xs, rs, p, Ap, a, d)
+        ops.cg_direction_(ps, rs, a, d)
+        results.append((xs, rs, rz, rr, ps))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    assert_close(results[1][0], (x.double() + alpha.double() * p.double()).to(dtype))
+
+
+# Before the fix the kernels read an expanded alpha/beta of one element as K contiguous ones: with
+# K = 2^22 that runs 16 MB past its storage and crashed the interpreter, hence a subprocess.
+_EXPANDED_SCALAR_SCRIPT = """
+import torch
+from fisherext import ops
+K, device = 2**22, "{device}"
+x, r, p, Ap = (torch.randn(1, K, device=device) for _ in range(4))
+x0, r0, p0 = x.clone(), r.clone(), p.clone()
+half = torch.tensor(0.5, device=device).expand(K)
+rz, rr = ops.cg_update_(x, r, p, Ap, half)
+assert torch.equal(x, x0 + 0.5 * p) and torch.equal(r, r0 - 0.5 * Ap), "cg_update_ misread alpha"
+assert torch.equal(rr, r.square()[0]) and torch.equal(rz, rr), "cg_update_ misreduced"
+ops.cg_direction_(p, r, half)
+assert torch.equal(p, r + 0.5 * p0), "cg_direction_ misread beta"
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_expanded_scalar_over_many_columns(device):
+    import os
+    import subprocess
+    import sys
+
+    import fisherext
+
+    # The child imports the fisherext under test, wherever it was imported from here.
+    root = os.path.dirname(os.path.dirname(fisherext.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", _EXPANDED_SCALAR_SCRIPT.format(device=device)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stdout, run.stderr[-2000:])
+
+
 @pytest.mark.parametrize("precond", [False, True], ids=["plain", "precond"])
 @pytest.mark.parametrize("K", [None, 1, 7], ids=["P", "K1", "K7"])
 @pytest.mark.parametrize("P", PS)

@@ -94,14 +94,14 @@ at::Tensor softmax_hessian_sqrt_cpu(const at::Tensor& logits) {
 
 template <typename scalar_t, bool kHasInv>
 void cg_update_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p, const at::Tensor& Ap,
-                      const at::Tensor& alpha, const CgUpdateProblem& q) {
+                      const CgUpdateProblem& q) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t P = q.d.P, K = q.d.K;
   scalar_t* x_ptr = x.data_ptr<scalar_t>();
   scalar_t* r_ptr = r.data_ptr<scalar_t>();
   const scalar_t* p_ptr = p.const_data_ptr<scalar_t>();
   const scalar_t* Ap_ptr = Ap.const_data_ptr<scalar_t>();
-  const acc_t* a = alpha.const_data_ptr<acc_t>();
+  const acc_t* a = q.alpha.const_data_ptr<acc_t>();
   const scalar_t* inv = kHasInv ? q.inv_diag.const_data_ptr<scalar_t>() : nullptr;
   // Fixed chunks of rows, each with its own partial sums [rz(K) | rr(K)]: how the chunks are spread
   // over threads cannot change the rounding of the result.
@@ -145,9 +145,9 @@ std::tuple<at::Tensor, at::Tensor> cg_update_cpu(at::Tensor& x, at::Tensor& r, c
   const CgUpdateProblem q = prepare_cg_update(x, r, p, Ap, alpha, inv_diag);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cg_update_cpu", [&] {
     if (q.inv_diag.defined())
-      cg_update_kernel<scalar_t, true>(x, r, p, Ap, alpha, q);
+      cg_update_kernel<scalar_t, true>(x, r, p, Ap, q);
     else
-      cg_update_kernel<scalar_t, false>(x, r, p, Ap, alpha, q);
+      cg_update_kernel<scalar_t, false>(x, r, p, Ap, q);
   });
   return {q.rz, q.rr};
 }
@@ -161,7 +161,7 @@ void cg_direction_cpu(at::Tensor& p, const at::Tensor& r, const at::Tensor& beta
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* p_ptr = p.data_ptr<scalar_t>();
     const scalar_t* r_ptr = r.const_data_ptr<scalar_t>();
-    const acc_t* b = beta.const_data_ptr<acc_t>();
+    const acc_t* b = q.beta.const_data_ptr<acc_t>();
     const scalar_t* inv_ptr = q.inv_diag.defined() ? q.inv_diag.const_data_ptr<scalar_t>() : nullptr;
     const int64_t K = q.d.K;
     at::parallel_for(0, q.d.P, row_grain(K), [&](int64_t i0, int64_t i1) {

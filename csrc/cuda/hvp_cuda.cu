@@ -218,11 +218,11 @@ std::tuple<at::Tensor, at::Tensor> cg_update_cuda(at::Tensor& x, at::Tensor& r, 
     if (inv)
       cg_update_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(),
-          alpha.const_data_ptr<acc_t>(), inv, partial.data_ptr<reduce_t>(), q.d.P, q.d.K);
+          q.alpha.const_data_ptr<acc_t>(), inv, partial.data_ptr<reduce_t>(), q.d.P, q.d.K);
     else
       cg_update_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(),
-          alpha.const_data_ptr<acc_t>(), nullptr, partial.data_ptr<reduce_t>(), q.d.P, q.d.K);
+          q.alpha.const_data_ptr<acc_t>(), nullptr, partial.data_ptr<reduce_t>(), q.d.P, q.d.K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cg_finish_kernel<acc_t><<<grid_for(q.d.K, 1), kThreads, 0, stream>>>(
         partial.const_data_ptr<reduce_t>(), blocks, q.d.K, q.rz.data_ptr<acc_t>(), q.rr.data_ptr<acc_t>());
@@ -253,7 +253,7 @@ void cg_direction_cuda(at::Tensor& p, const at::Tensor& r, const at::Tensor& bet
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "cg_direction_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cg_direction_kernel<scalar_t><<<grid_for(p.numel(), kThreads), kThreads, 0, current_stream(p)>>>(
-        p.data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), beta.const_data_ptr<acc_t>(),
+        p.data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), q.beta.const_data_ptr<acc_t>(),
         q.inv_diag.defined() ? q.inv_diag.const_data_ptr<scalar_t>() : nullptr, p.numel(), q.d.K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
