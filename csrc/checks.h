@@ -1,11 +1,16 @@
 // Argument checks shared by the CPU and CUDA kernels of every op. Each failure names the op and the
 // argument: dtype problems raise TypeError, shapes/devices/empty inputs raise ValueError.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 namespace fisherext {
 
@@ -83,12 +88,60 @@ inline void check_weight(const char* op, const std::optional<at::Tensor>& weight
                     weight->sizes());
 }
 
-// A square accumulator out [D, D] matching `ref`'s dtype and device.
+// Whether no two elements of t share a memory location. ATen's has_internal_overlap decides only dense
+// tensors (a strided view such as a column slice is TooHard), so this takes the dimensions in increasing
+// stride and requires each stride to exceed the largest offset reachable through the smaller ones:
+// sufficient for distinct elements, true for every slice of a dense tensor, and false for any expanded
+// (zero stride) or self-overlapping as_strided view.
+inline bool has_distinct_elements(const at::Tensor& t) {
+  c10::SmallVector<std::pair<int64_t, int64_t>, 4> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t i = 0; i < t.dim(); ++i)
+    if (t.size(i) > 1) dims.emplace_back(t.stride(i), t.size(i));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return false;
+    reach += stride * (size - 1);
+  }
+  return true;
+}
+
+// A square accumulator out [D, D] matching `ref`'s dtype and device, one memory location per element (an
+// element written twice would keep whichever write lands last).
 inline void check_square_out(const char* op, const at::Tensor& out, const char* ref_name,
                              const at::Tensor& ref, int64_t D) {
   check_like(op, "out", out, ref_name, ref);
   TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == D && out.size(1) == D, "fisherext.", op,
                     ": argument 'out' must have shape [", D, ", ", D, "], got ", out.sizes());
+  TORCH_CHECK_VALUE(has_distinct_elements(out), "fisherext.", op,
+                    ": argument 'out' has elements that share memory (strides ", out.strides(),
+                    ", e.g. an expanded tensor); an in-place output needs one memory location per element");
+}
+
+// An argument by name for check_no_overlap; undefined for an absent optional argument.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& tensor;
+};
+
+// In-place ops write their outputs while still reading the other arguments (through __restrict__
+// pointers, on both backends), so an output that shares memory with another argument gives garbage:
+// refused, for every written argument against every other one. ATen decides overlap exactly between
+// dense tensors and answers TooHard when either is not dense; that passes, because every op reads and
+// writes a non-dense argument through a contiguous copy (vectors that must be contiguous are dense).
+inline void check_no_overlap(const char* op, std::initializer_list<NamedTensor> written,
+                             std::initializer_list<NamedTensor> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    const auto refuse_overlap = [&](const NamedTensor& other) {
+      if (!other.tensor.defined()) return;
+      const at::MemOverlapStatus s = at::get_overlap_status(w->tensor, other.tensor);
+      TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, "fisherext.", op,
+                        ": argument '", w->name, "' overlaps argument '", other.name,
+                        "' in memory (an in-place output must not share memory with another argument)");
+    };
+    std::for_each(w + 1, written.end(), refuse_overlap);
+    std::for_each(read.begin(), read.end(), refuse_overlap);
+  }
 }
 
 // x [N, D] or [N, T, D] for sym_outer_accum_: returns {N, T, D}.

@@ -32,6 +32,28 @@ inline at::Tensor optional_compute(const std::optional<at::Tensor>& w) {
   return (w.has_value() && w->defined()) ? as_compute(*w) : at::Tensor();
 }
 
+// Checked arguments of linear_outer_accum_ (both backends); returns the sizes.
+inline LinearDims check_linear_outer_accum(const at::Tensor& out, const at::Tensor& a, const at::Tensor& delta,
+                                           const std::optional<at::Tensor>& weight) {
+  const char* op = "linear_outer_accum_";
+  const LinearDims d = check_linear(op, a, delta, /*class_axis=*/false);
+  check_weight(op, weight, "a", a, d.N);
+  check_square_out(op, out, "a", a, d.O * d.I);
+  check_no_overlap(op, {{"out", out}}, {{"a", a}, {"delta", delta}, {"weight", weight.value_or(at::Tensor())}});
+  return d;
+}
+
+// Checked arguments of sym_outer_accum_ (both backends); returns the sizes {N, T, D = I}.
+inline LinearDims check_sym_outer_accum(const at::Tensor& out, const at::Tensor& x,
+                                        const std::optional<at::Tensor>& weight) {
+  const char* op = "sym_outer_accum_";
+  const LinearDims d = check_rows(op, x);
+  check_weight(op, weight, "x", x, d.N);
+  check_square_out(op, out, "x", x, d.I);
+  check_no_overlap(op, {{"out", out}}, {{"x", x}, {"weight", weight.value_or(at::Tensor())}});
+  return d;
+}
+
 // Runs `body(work)` on out, or on a contiguous compute-dtype copy that is written back afterwards.
 template <typename Body>
 void update_in_place(const at::Tensor& out, Body body) {

@@ -143,6 +143,8 @@ inline CgUpdateProblem prepare_cg_update(const at::Tensor& x, const at::Tensor& 
   check_flat_like(op, "Ap", Ap, "x", x);
   q.alpha = check_column_scalar(op, "alpha", alpha, "x", x, q.d);
   q.inv_diag = check_inv_diag(op, inv_diag, "x", x, q.d);
+  check_no_overlap(op, {{"x", x}, {"r", r}},
+                   {{"p", p}, {"Ap", Ap}, {"alpha", alpha}, {"inv_diag", inv_diag.value_or(at::Tensor())}});
   q.rz = at::empty(alpha.sizes(), alpha.options());
   q.rr = at::empty(alpha.sizes(), alpha.options());
   return q;
@@ -162,6 +164,7 @@ inline CgDirectionProblem prepare_cg_direction(const at::Tensor& p, const at::Te
   check_flat_like(op, "r", r, "p", p);
   q.beta = check_column_scalar(op, "beta", beta, "p", p, q.d);
   q.inv_diag = check_inv_diag(op, inv_diag, "p", p, q.d);
+  check_no_overlap(op, {{"p", p}}, {{"r", r}, {"beta", beta}, {"inv_diag", inv_diag.value_or(at::Tensor())}});
   return q;
 }
 
@@ -175,6 +178,7 @@ inline void check_lissa_update(const at::Tensor& h, const at::Tensor& v, const a
   TORCH_CHECK_VALUE(damping >= 0 && damping < 1, "fisherext.", op, ": argument 'damping' must be in [0, 1), got ",
                     damping);
   check_finite_scalar(op, "scale", scale, /*positive=*/true);
+  check_no_overlap(op, {{"h", h}}, {{"v", v}, {"Hh", Hh}});
 }
 
 inline void check_neumann_update(const at::Tensor& term, const at::Tensor& acc, const at::Tensor& Aterm,
@@ -184,6 +188,7 @@ inline void check_neumann_update(const at::Tensor& term, const at::Tensor& acc, 
   check_flat_like(op, "acc", acc, "term", term);
   check_flat_like(op, "Aterm", Aterm, "term", term);
   check_finite_scalar(op, "scale", scale, /*positive=*/true);
+  check_no_overlap(op, {{"term", term}, {"acc", acc}}, {{"Aterm", Aterm}});
 }
 
 // h ← v + (1 − damping) h − Hh / scale, with keep = 1 − damping and inv_scale = 1 / scale.

@@ -45,7 +45,10 @@ def build_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Argument checks for the fake kernels (the compiled kernels run the same checks in C++: checks.h).
+# Argument checks for the fake kernels (the compiled kernels run the same checks in C++: checks.h), except
+# overlap between arguments (an in-place output sharing memory with another argument, checks.h
+# check_no_overlap): that needs the arguments' addresses, and a meta tensor has none (data pointer 0). An
+# output overlapping itself shows in its strides, and is checked here too.
 
 
 def _check_tensor(op, name, t):
@@ -107,10 +110,25 @@ def _check_weight(op, weight, ref_name, ref, N):
         )
 
 
+def _has_distinct_elements(t):
+    """Mirror of has_distinct_elements in checks.h: the strides, in increasing order, each exceed the largest
+    offset reachable through the smaller ones (sufficient for one memory location per element)."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
+
+
 def _check_square_out(op, out, ref_name, ref, D):
     _check_like(op, "out", out, ref_name, ref)
     if out.dim() != 2 or tuple(out.shape) != (D, D):
         raise ValueError(f"fisherext.{op}: argument 'out' must have shape [{D}, {D}], got {tuple(out.shape)}")
+    if not _has_distinct_elements(out):
+        raise ValueError(
+            f"fisherext.{op}: argument 'out' has elements that share memory (strides {list(out.stride())}, e.g. an "
+            "expanded tensor); an in-place output needs one memory location per element")
 
 
 def _check_rows(op, x):
@@ -424,7 +442,9 @@ def linear_outer_accum_(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor,
 
     ``out`` is [O*I, O*I] and symmetric: only its upper triangle is read, and the result is written
     exactly symmetric. Only tiles on or above the diagonal are multiplied. Scratch: a chunk of
-    per-sample gradients of fixed size, never N x O x I. Returns ``out``.
+    per-sample gradients of fixed size, never N x O x I. ``out`` must not share memory with ``a``,
+    ``delta`` or ``weight``, nor two of its elements one location (an expanded tensor): ValueError.
+    Returns ``out``.
     """
     op = "linear_outer_accum_"
     torch.ops.fisherext.linear_outer_accum_(
@@ -441,7 +461,9 @@ def sym_outer_accum_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | 
 
     ``x`` is [N, D] (e.g. a chunk of per-sample gradients G [N, P] for a dense Fisher) or [N, T, D]
     (e.g. layer inputs over positions, for a Kronecker factor). Only the upper triangle of ``out`` is
-    read; with ``beta = 0`` its old content is ignored (NaN included). Returns ``out``.
+    read; with ``beta = 0`` its old content is ignored (NaN included). ``out`` must not share memory with
+    ``x`` or ``weight``, nor two of its elements one location (an expanded tensor): ValueError.
+    Returns ``out``.
     """
     op = "sym_outer_accum_"
     torch.ops.fisherext.sym_outer_accum_(
@@ -647,7 +669,8 @@ def cg_update_(x: torch.Tensor, r: torch.Tensor, p: torch.Tensor, Ap: torch.Tens
     (shape of ``alpha``, compute dtype). The sums accumulate in float64 on both backends (the op is
     memory-bound) from fixed chunks combined in a fixed order, so they do not depend on the thread count.
     One parallel pass on CPU; on CUDA one update-and-partial-sum launch plus a tiny one combining the
-    partials. ``x`` and ``r`` must not overlap each other or ``p``/``Ap``. Returns ``(rz, rr)``.
+    partials. ``x`` and ``r`` must not overlap each other or ``p``, ``Ap``, ``alpha``, ``inv_diag``
+    (ValueError). Returns ``(rz, rr)``.
     """
     op = "cg_update_"
     return torch.ops.fisherext.cg_update_(
@@ -661,7 +684,8 @@ def cg_direction_(p: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
 
     .. math:: p \leftarrow z + \beta_k\, p, \qquad z = \mathrm{inv\_diag} \odot r \ (z = r \text{ without})
 
-    Shapes and dtypes as in :func:`cg_update_` (``beta`` [] or [K] in the compute dtype). Returns ``p``.
+    Shapes and dtypes as in :func:`cg_update_` (``beta`` [] or [K] in the compute dtype, any strides);
+    ``p`` must not overlap ``r``, ``beta`` or ``inv_diag`` (ValueError). Returns ``p``.
     """
     op = "cg_direction_"
     torch.ops.fisherext.cg_direction_(
@@ -676,8 +700,8 @@ def lissa_update_(h: torch.Tensor, v: torch.Tensor, Hh: torch.Tensor, damping: f
     .. math:: h \leftarrow v + (1 - d)\, h - \frac{H h}{s}
 
     with ``Hh`` the operator applied to the current h, damping d in [0, 1) and scale s > 0. Its fixed
-    point is :math:`h = s\,(H + d s I)^{-1} v`. Computed in the compute dtype and rounded once.
-    Returns ``h``.
+    point is :math:`h = s\,(H + d s I)^{-1} v`. Computed in the compute dtype and rounded once. ``h`` must
+    not overlap ``v`` or ``Hh`` (ValueError). Returns ``h``.
     """
     op = "lissa_update_"
     damping, scale = _scalar_arg(op, "damping", damping), _scalar_arg(op, "scale", scale)
@@ -694,7 +718,7 @@ def neumann_update_(term: torch.Tensor, acc: torch.Tensor, Aterm: torch.Tensor,
               \text{acc} \leftarrow \text{acc} + \text{term}
 
     with ``Aterm`` the operator applied to the current term and scale s > 0; ``acc`` adds the rounded new
-    term. Returns ``(term, acc)``.
+    term. ``term`` and ``acc`` must not overlap each other or ``Aterm`` (ValueError). Returns ``(term, acc)``.
     """
     op = "neumann_update_"
     scale = _scalar_arg(op, "scale", scale)

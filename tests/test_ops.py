@@ -3,7 +3,7 @@ error naming the argument, by the Python wrapper, the compiled kernel and the fa
 import pytest
 import torch
 
-from conftest import bad_input_test
+from conftest import OVERLAP_PATHS, bad_input_test
 from fisherext import ops
 
 F = torch.float32
@@ -65,10 +65,68 @@ BAD = [
     ("class_gram", lambda: (t(5, 3, 4), t(5, 2, 6)), ValueError, "'delta'"),
     ("class_gram", lambda: (t(5, 3, 4), t(5, 2, 4, 6)), ValueError, "disagree on T"),
     ("class_gram", lambda: (t(5, 4, dtype=torch.float16), t(5, 2, 6)), TypeError, "'delta'"),
+    # An output whose elements share memory: expanded (a zero stride), or an as_strided view whose rows
+    # overlap (strides (2, 1): no zero stride, ATen's has_internal_overlap cannot tell).
+    ("sym_outer_accum_", lambda: (t(4).expand(4, 4), t(5, 4), None, 1.0, 1.0), ValueError,
+     "'out' has elements that share memory"),
+    ("sym_outer_accum_", lambda: (t(20).as_strided((4, 4), (2, 1)), t(5, 4), None, 1.0, 0.0), ValueError,
+     "'out' has elements that share memory"),
+    ("linear_outer_accum_", lambda: (t(1, 24).expand(24, 24), t(5, 4), t(5, 6), None, 1.0), ValueError,
+     "'out' has elements that share memory"),
 ]
 
 
 test_bad_input_names_the_argument = bad_input_test(BAD)
+
+
+def _sym(D):
+    m = t(D, D)
+    return m + m.T
+
+
+def _aliased(make):
+    """Args whose tensors are views of one buffer: make(buffer) -> args."""
+    return lambda: make(_sym(6))
+
+
+# In-place ops refuse an output that shares memory with another argument (the kernels would read what they
+# already wrote). Views of one [6, 6] buffer; O * I = 6.
+OVERLAPPING = [
+    ("sym_outer_accum_", _aliased(lambda b: (b, b, None, 1.0, 1.0)), ValueError,
+     "'out' overlaps argument 'x'"),
+    ("sym_outer_accum_", _aliased(lambda b: (b, b[2:5], None, 1.0, 1.0)), ValueError,
+     "'out' overlaps argument 'x'"),
+    ("sym_outer_accum_", _aliased(lambda b: (b, b.T, None, 1.0, 1.0)), ValueError,
+     "'out' overlaps argument 'x'"),
+    ("sym_outer_accum_", _aliased(lambda b: (b, t(6, 6), b[0], 1.0, 1.0)), ValueError,
+     "'out' overlaps argument 'weight'"),
+    ("linear_outer_accum_", _aliased(lambda b: (b, b.view(12, 3), t(12, 2), None, 1.0)), ValueError,
+     "'out' overlaps argument 'a'"),
+    ("linear_outer_accum_", _aliased(lambda b: (b, t(18, 3), b.view(18, 2), None, 1.0)), ValueError,
+     "'out' overlaps argument 'delta'"),
+    ("linear_outer_accum_", _aliased(lambda b: (b, t(6, 3), t(6, 2), b[5], 1.0)), ValueError,
+     "'out' overlaps argument 'weight'"),
+]
+
+
+test_overlapping_arguments_are_refused = bad_input_test(OVERLAPPING, paths=OVERLAP_PATHS)
+
+
+def test_strided_views_of_the_output_buffer_are_computed_right():
+    """Arguments that share a buffer with out but no element: x interleaved with out (ATen cannot decide
+    their overlap; both are read through copies), and rows of the same buffer beside out's."""
+    big = torch.randn(8, 16, dtype=torch.float64)
+    out, x = big[:, ::2], big[:, 1::2]
+    out0, x0 = out.clone(), x.clone()
+    ops.sym_outer_accum_(out, x, alpha=0.5, beta=2.0)
+    torch.testing.assert_close(out, 2.0 * (torch.triu(out0) + torch.triu(out0, 1).T) + 0.5 * x0.T @ x0)
+    assert torch.equal(big[:, 1::2], x0)
+    rows = torch.randn(10, 4, dtype=torch.float64)
+    out, x = rows[:4], rows[4:]  # out [4, 4] and x [6, 4], adjacent in memory
+    out.zero_()
+    x0 = x.clone()
+    ops.sym_outer_accum_(out, x)
+    torch.testing.assert_close(out, x0.T @ x0)
 
 
 def test_wrapper_rejects_non_tensors_and_bad_scalars():

@@ -258,11 +258,8 @@ at::Tensor linear_sq_grad_cpu(const at::Tensor& a, const at::Tensor& delta,
 
 void linear_outer_accum_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& delta,
                             const std::optional<at::Tensor>& weight, double alpha) {
-  const char* op = "linear_outer_accum_";
-  const LinearDims d = check_linear(op, a, delta, /*class_axis=*/false);
-  check_weight(op, weight, "a", a, d.N);
+  const LinearDims d = check_linear_outer_accum(out, a, delta, weight);
   const int64_t P = d.O * d.I;
-  check_square_out(op, out, "a", a, P);
   const at::Tensor A = as_compute(with_positions(a, 3));
   const at::Tensor D = as_compute(with_positions(delta, 3));
   const at::Tensor W = optional_compute(weight);
@@ -280,10 +277,7 @@ void linear_outer_accum_cpu(const at::Tensor& out, const at::Tensor& a, const at
 
 void sym_outer_accum_cpu(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                          double alpha, double beta) {
-  const char* op = "sym_outer_accum_";
-  const LinearDims d = check_rows(op, x);
-  check_weight(op, weight, "x", x, d.N);
-  check_square_out(op, out, "x", x, d.I);
+  const LinearDims d = check_sym_outer_accum(out, x, weight);
   const at::Tensor X = as_compute(x).view({d.N * d.T, d.I});
   at::Tensor W = optional_compute(weight);
   if (W.defined() && d.T > 1) W = W.repeat_interleave(d.T);

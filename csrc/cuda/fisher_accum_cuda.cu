@@ -420,11 +420,8 @@ at::Tensor linear_sq_grad_cuda(const at::Tensor& a, const at::Tensor& delta, con
 
 void linear_outer_accum_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& delta,
                              const std::optional<at::Tensor>& weight, double alpha) {
-  const char* op = "linear_outer_accum_";
-  const LinearDims d = check_linear(op, a, delta, /*class_axis=*/false);
-  check_weight(op, weight, "a", a, d.N);
+  const LinearDims d = check_linear_outer_accum(out, a, delta, weight);
   const int64_t P = d.O * d.I;
-  check_square_out(op, out, "a", a, P);
   const c10::cuda::CUDAGuard guard(a.device());
   const Launch ctx = launch_for(a);
   const at::Tensor A = with_positions(a, 3).contiguous();      // [N, T, I]
@@ -456,10 +453,7 @@ void linear_outer_accum_cuda(const at::Tensor& out, const at::Tensor& a, const a
 
 void sym_outer_accum_cuda(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                           double alpha, double beta) {
-  const char* op = "sym_outer_accum_";
-  const LinearDims d = check_rows(op, x);
-  check_weight(op, weight, "x", x, d.N);
-  check_square_out(op, out, "x", x, d.I);
+  const LinearDims d = check_sym_outer_accum(out, x, weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const Launch ctx = launch_for(x);
   const at::Tensor X = x.contiguous();  // rows x_nt of length D, row n T + t
