@@ -76,6 +76,11 @@ ALL_PATHS = ("wrapper", "compiled", "fake")
 OVERLAP_PATHS = ("wrapper", "compiled")
 
 
+def views_of(make, buffer=lambda: torch.randn(12)):
+    """An args factory for the overlap cases: make(b) on a fresh b = buffer(), the args being views of b."""
+    return lambda: make(buffer())
+
+
 def bad_input_test(cases, paths=ALL_PATHS):
     """The bad-input test of an op family: every case (op name, args factory, exception type, message
     pattern) through each of `paths`: the wrapper, the compiled op and the fake kernel (see check_bad_input)."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fisherext.reference as ref
-from conftest import OVERLAP_PATHS, assert_close, bad_input_test
+from conftest import OVERLAP_PATHS, assert_close, bad_input_test, views_of
 from fisherext import ops
 
 LOW = [torch.float16, torch.bfloat16]
@@ -471,29 +471,24 @@ BAD = [
 test_bad_input_names_the_argument = bad_input_test(BAD)
 
 
-def _views(make, n=12):
-    """Args built from views of one flat buffer: make(buffer) -> args."""
-    return lambda: make(t(n))
-
-
 # In-place ops refuse a written vector that shares memory with another argument: exactly (the same tensor)
 # or in part (views of one buffer that overlap by a few elements).
 OVERLAPPING = [
-    ("cg_update_", _views(lambda b: (b[:4], b[:4], t(4), t(4), t(()))), ValueError, "'x' overlaps argument 'r'"),
-    ("cg_update_", _views(lambda b: (t(6), b[:6], b[4:10], t(6), t(()))), ValueError, "'r' overlaps argument 'p'"),
-    ("cg_update_", _views(lambda b: (b[:6], t(6), t(6), b[5:11], t(()))), ValueError, "'x' overlaps argument 'Ap'"),
-    ("cg_update_", _views(lambda b: (b[:4].view(2, 2), t(2, 2), t(2, 2), t(2, 2), b[2:4])), ValueError,
+    ("cg_update_", views_of(lambda b: (b[:4], b[:4], t(4), t(4), t(()))), ValueError, "'x' overlaps argument 'r'"),
+    ("cg_update_", views_of(lambda b: (t(6), b[:6], b[4:10], t(6), t(()))), ValueError, "'r' overlaps argument 'p'"),
+    ("cg_update_", views_of(lambda b: (b[:6], t(6), t(6), b[5:11], t(()))), ValueError, "'x' overlaps argument 'Ap'"),
+    ("cg_update_", views_of(lambda b: (b[:4].view(2, 2), t(2, 2), t(2, 2), t(2, 2), b[2:4])), ValueError,
      "'x' overlaps argument 'alpha'"),
-    ("cg_update_", _views(lambda b: (t(4), b[:4], t(4), t(4), t(()), b[:4])), ValueError,
+    ("cg_update_", views_of(lambda b: (t(4), b[:4], t(4), t(4), t(()), b[:4])), ValueError,
      "'r' overlaps argument 'inv_diag'"),
-    ("cg_direction_", _views(lambda b: (b[:5], b[:5], t(()))), ValueError, "'p' overlaps argument 'r'"),
-    ("cg_direction_", _views(lambda b: (b[:5], t(5), b[4])), ValueError, "'p' overlaps argument 'beta'"),
-    ("cg_direction_", _views(lambda b: (b[:5], t(5), t(()), b[3:8])), ValueError, "'p' overlaps argument 'inv_diag'"),
-    ("lissa_update_", _views(lambda b: (b[:4], b[:4], t(4), 0.0, 1.0)), ValueError, "'h' overlaps argument 'v'"),
-    ("lissa_update_", _views(lambda b: (b[2:6], t(4), b[:4], 0.0, 1.0)), ValueError, "'h' overlaps argument 'Hh'"),
-    ("neumann_update_", _views(lambda b: (b[:4], b[1:5], t(4), 1.0)), ValueError, "'term' overlaps argument 'acc'"),
-    ("neumann_update_", _views(lambda b: (t(4), b[:4], b[:4], 1.0)), ValueError, "'acc' overlaps argument 'Aterm'"),
-    ("neumann_update_", _views(lambda b: (b[:6].view(3, 2), t(3, 2), b[:6].view(3, 2), 1.0)), ValueError,
+    ("cg_direction_", views_of(lambda b: (b[:5], b[:5], t(()))), ValueError, "'p' overlaps argument 'r'"),
+    ("cg_direction_", views_of(lambda b: (b[:5], t(5), b[4])), ValueError, "'p' overlaps argument 'beta'"),
+    ("cg_direction_", views_of(lambda b: (b[:5], t(5), t(()), b[3:8])), ValueError, "'p' overlaps argument 'inv_diag'"),
+    ("lissa_update_", views_of(lambda b: (b[:4], b[:4], t(4), 0.0, 1.0)), ValueError, "'h' overlaps argument 'v'"),
+    ("lissa_update_", views_of(lambda b: (b[2:6], t(4), b[:4], 0.0, 1.0)), ValueError, "'h' overlaps argument 'Hh'"),
+    ("neumann_update_", views_of(lambda b: (b[:4], b[1:5], t(4), 1.0)), ValueError, "'term' overlaps argument 'acc'"),
+    ("neumann_update_", views_of(lambda b: (t(4), b[:4], b[:4], 1.0)), ValueError, "'acc' overlaps argument 'Aterm'"),
+    ("neumann_update_", views_of(lambda b: (b[:6].view(3, 2), t(3, 2), b[:6].view(3, 2), 1.0)), ValueError,
      "'term' overlaps argument 'Aterm'"),
 ]
 

@@ -3,7 +3,7 @@ error naming the argument, by the Python wrapper, the compiled kernel and the fa
 import pytest
 import torch
 
-from conftest import OVERLAP_PATHS, bad_input_test
+from conftest import OVERLAP_PATHS, bad_input_test, views_of
 from fisherext import ops
 
 F = torch.float32
@@ -85,8 +85,7 @@ def _sym(D):
 
 
 def _aliased(make):
-    """Args whose tensors are views of one buffer: make(buffer) -> args."""
-    return lambda: make(_sym(6))
+    return views_of(make, buffer=lambda: _sym(6))
 
 
 # In-place ops refuse an output that shares memory with another argument (the kernels would read what they
