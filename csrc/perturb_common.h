@@ -6,11 +6,14 @@
 #include <ATen/ops/empty.h>
 #include <c10/macros/Macros.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 
@@ -18,14 +21,59 @@ namespace fisherext {
 
 // ---- unflatten_axpy_ ----
 
-// out: a nonempty list of contiguous tensors of x's dtype and device; x (and v): contiguous, 1-D, with as
-// many elements as the list together. Returns that number. Names are formatted only on failure: the
-// list is a model's parameters, checked on every perturbation.
+// One byte range [begin, end) of a contiguous tensor: where overlaps of unflatten_axpy_'s operands are found.
+struct ByteSpan {
+  uintptr_t begin, end;
+  size_t index;  // in out
+};
+
+inline ByteSpan span_of(const at::Tensor& t, size_t itemsize, size_t index) {
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {begin, begin + static_cast<size_t>(t.numel()) * itemsize, index};
+}
+
+// The tensors of out are written from x and v in one parallel pass (through __restrict__ pointers), so one
+// that shares memory with another or with x or v gives garbage: refused. Every operand is contiguous, so it
+// covers one byte range (`spans`: those of the nonempty tensors of out). Sorted by start, the ranges of out
+// are disjoint iff each ends before the next begins (n log n, not a check of every pair: the list is a
+// model's parameters, checked on every perturbation), and x (or v) then meets out iff it meets the first
+// range that ends after x begins. x and v may overlap each other: both are only read.
+inline void check_unflatten_disjoint(std::vector<ByteSpan>& spans, const at::Tensor& x,
+                                     const std::optional<at::Tensor>& v) {
+  // Parameters allocated one after another are often in address order already: no sort then.
+  const auto by_begin = [](const ByteSpan& a, const ByteSpan& b) { return a.begin < b.begin; };
+  if (!std::is_sorted(spans.begin(), spans.end(), by_begin)) std::sort(spans.begin(), spans.end(), by_begin);
+  const auto refuse = [](size_t i, const std::string& other) {
+    TORCH_CHECK_VALUE(false, "fisherext.unflatten_axpy_: argument 'out[", i, "]' overlaps argument '", other,
+                      "' in memory (an in-place output must not share memory with another argument)");
+  };
+  for (size_t j = 1; j < spans.size(); ++j) {
+    const ByteSpan &a = spans[j - 1], &b = spans[j];
+    if (b.begin < a.end)
+      refuse(std::min(a.index, b.index), "out[" + std::to_string(std::max(a.index, b.index)) + "]");
+  }
+  const auto refuse_if_meets_out = [&](const char* name, const at::Tensor& t) {
+    const ByteSpan f = span_of(t, t.element_size(), 0);
+    const auto first =
+        std::partition_point(spans.begin(), spans.end(), [&](const ByteSpan& s) { return s.end <= f.begin; });
+    if (first != spans.end() && first->begin < f.end) refuse(first->index, name);
+  };
+  refuse_if_meets_out("x", x);
+  if (v.has_value() && v->defined()) refuse_if_meets_out("v", *v);
+}
+
+// out: a nonempty list of contiguous tensors of x's dtype and device, sharing no memory with each other or
+// with x and v; x (and v): contiguous, 1-D, with as many elements as the list together. Returns that
+// number. Names are formatted only on failure: the list is a model's parameters, checked on every
+// perturbation (so the byte ranges are collected in the same pass as the other checks).
 inline int64_t check_unflatten_axpy(at::TensorList out, const at::Tensor& x, const std::optional<at::Tensor>& v,
                                     double eps) {
   const char* op = "unflatten_axpy_";
   TORCH_CHECK_VALUE(!out.empty(), "fisherext.", op, ": argument 'out' is an empty list");
   check_float(op, "x", x);
+  const size_t itemsize = x.element_size();
+  std::vector<ByteSpan> spans;
+  spans.reserve(out.size());
   int64_t total = 0;
   for (size_t i = 0; i < out.size(); ++i) {
     const at::Tensor& t = out[i];
@@ -35,6 +83,7 @@ inline int64_t check_unflatten_axpy(at::TensorList out, const at::Tensor& x, con
       TORCH_CHECK_VALUE(t.is_contiguous(), "fisherext.", op, ": argument '", name, "' must be contiguous");
     }
     total += t.numel();
+    if (t.numel() > 0) spans.push_back(span_of(t, itemsize, i));
   }
   const auto check_flat = [&](const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous(), "fisherext.", op, ": argument '", name,
@@ -48,6 +97,7 @@ inline int64_t check_unflatten_axpy(at::TensorList out, const at::Tensor& x, con
     check_flat("v", *v);
   }
   check_finite_scalar(op, "eps", eps, /*positive=*/false);
+  check_unflatten_disjoint(spans, x, v);
   return total;
 }
 

@@ -528,9 +528,10 @@ def unflatten_axpy_(out: Sequence[torch.Tensor], x: torch.Tensor, v: torch.Tenso
     step (never add ``-eps v`` back: that drifts).
 
     Every tensor of ``out`` must be contiguous (elements pair up in memory order) and have the dtype and
-    device of ``x``; ``x`` and ``v`` are contiguous 1-D tensors of ``sum_i n_i`` elements and must not
-    overlap ``out``. Half and bfloat16 are computed in float32 and rounded once. One parallel pass on
-    CPU; one kernel launch on CUDA (several only when a launch's metadata fills up), in the style of
+    device of ``x``, and share memory with no other tensor of the list; ``x`` and ``v`` are contiguous 1-D
+    tensors of ``sum_i n_i`` elements and must not overlap ``out`` (ValueError otherwise; ``x`` and ``v``
+    may overlap each other). Half and bfloat16 are computed in float32 and rounded once. One parallel pass
+    on CPU; one kernel launch on CUDA (several only when a launch's metadata fills up), in the style of
     apex's multi_tensor_apply. The list travels to the kernel once, not once per operand, which is what
     makes a perturb/restore of a model with hundreds of parameter tensors cheap. Not differentiable:
     call it under ``torch.no_grad()``.

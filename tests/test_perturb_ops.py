@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 import fisherext.reference as ref
-from conftest import assert_close, bad_input_test
+from conftest import OVERLAP_PATHS, assert_close, bad_input_test, views_of
 from fisherext import ops
 
 LOW = [torch.float16, torch.bfloat16]
@@ -389,6 +389,37 @@ BAD = [
 
 
 test_bad_input_names_the_argument = bad_input_test(BAD)
+
+
+# The tensors of out must not share memory with each other or with x and v (found after sorting the list by
+# address, so overlapping tensors far apart in the list and out of address order are cases too).
+OVERLAPPING = [
+    ("unflatten_axpy_", views_of(lambda b: ([b[:4], b[2:6]], t(8), None, 0.0)), ValueError,
+     "'out\\[0\\]' overlaps argument 'out\\[1\\]'"),
+    ("unflatten_axpy_", views_of(lambda b: ([b[:3]] * 2, t(6), t(6), 1.0)), ValueError,
+     "'out\\[0\\]' overlaps argument 'out\\[1\\]'"),
+    ("unflatten_axpy_", views_of(lambda b: ([b[7:12], t(2), t(0), b[:8]], t(15), None, 0.0)), ValueError,
+     "'out\\[0\\]' overlaps argument 'out\\[3\\]'"),
+    ("unflatten_axpy_", views_of(lambda b: ([t(3), b[:4].view(2, 2)], b[3:10], None, 0.0)), ValueError,
+     "'out\\[1\\]' overlaps argument 'x'"),
+    ("unflatten_axpy_", views_of(lambda b: ([t(3), b[6:10]], b[:7], t(7), 1.0)), ValueError,
+     "'out\\[1\\]' overlaps argument 'x'"),
+    ("unflatten_axpy_", views_of(lambda b: ([t(2), b[:3]], t(5), b[2:7], 1.0)), ValueError,
+     "'out\\[1\\]' overlaps argument 'v'"),
+]
+
+
+test_overlapping_arguments_are_refused = bad_input_test(OVERLAPPING, paths=OVERLAP_PATHS)
+
+
+def test_unflatten_axpy_adjacent_and_shared_operands(device):
+    """Tensors of out side by side in one buffer (parameters carved out of one allocation) are not an
+    overlap, nor are x and v sharing memory (both are only read)."""
+    buf = randn((12,), torch.float64, device, 0)
+    out = [buf[:5], buf[5:].view(7, 1)]
+    x = randn((12,), torch.float64, device, 1)
+    ops.unflatten_axpy_(out, x, x, 0.5)
+    assert torch.equal(buf, x * 1.5)
 
 
 def test_device_mismatch_is_named():
