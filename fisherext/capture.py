@@ -1,34 +1,52 @@
-r"""Capture engine: per-layer inputs and output gradients, turned into per-sample Fisher factors.
+r"""Capture engine: the per-sample gradients of a model's selected parameters, in factored form.
 
-Forward hooks record, for every module that owns selected parameters, its input and its output
-``z``. One call of ``torch.autograd.grad`` then backpropagates K cotangent vectors of the model output
-at once (``is_grads_batched``), giving every layer its output gradients ``dz`` [K, N, ...]. With the
-cotangents chosen by the Fisher kind (the data-label residual for "empirical", the C columns of a
-square root of the loss Hessian for "true", sampled-label residuals for "mc"), the per-sample Fisher is
+For a batch of N samples, model outputs :math:`z` and K output cotangents :math:`c_k` (chosen by the
+Fisher kind: the data-label residual for "empirical", the columns of a square root of the loss Hessian
+for "true", sampled-label residuals for "mc"), the per-sample gradients are
 
-.. math:: F_n = \sum_k w_k\, g_{nk} g_{nk}^\top,\qquad g_{nk} = \partial z_n/\partial\theta^\top\, dz_{nk}.
+.. math:: g_{nk} = J_n^\top c_{nk}, \qquad F_n = \sum_k w_k\, g_{nk} g_{nk}^\top .
 
-Layers with a linear form (nn.Linear, nn.Conv1d/2d unfolded to positions) never materialize
-``g_{nk}``: their factors go straight to the ``fisherext.ops`` kernels. nn.Embedding and the affine
-parameters of LayerNorm/GroupNorm/RMSNorm/BatchNorm (eval) have small closed forms. Any other module
-with parameters falls back to ``torch.func`` (vmap over vjp), correct but slower, announced once.
+How they are captured, correct by construction on the patterns real models are made of:
+
+- **Uses, not modules.** While the forward runs, a function mode sees every torch call. A call of a
+  registered function (:mod:`fisherext.rules`: ``F.linear``, convolutions, ``F.embedding``,
+  normalizations) with a selected parameter, or a view of one, is a *use*; the per-sample gradient of a
+  parameter is the sum over all its uses: a layer applied twice, tied weights, an embedding tied to an
+  output projection, ``F.linear(h, self.emb.weight)`` outside any owning module, the slices of
+  attention's packed in-projection. A parameter that is never used contributes zero.
+- **Output gradients before in-place ops.** Each use keeps the gradient edge of its output as the call
+  produced it, so a later ``ReLU(inplace=True)`` or ``out += identity`` does not rebase it, at no copy.
+  (The inputs a rule keeps are those autograd itself saves for the call, so a model that modifies one
+  in place cannot be differentiated at all, and autograd says so.)
+- **Batch axes established, not assumed** (:mod:`fisherext.layout`): probed on two batch sizes and a
+  swapped pair, so sequence-first tensors, attention's flattened rows and merged batch axes are split
+  per sample correctly.
+- **The exact fallback.** A parameter used by a function without a rule (a custom elementwise op, an
+  LSTM, ``torch.cat`` of a class token), or on a tensor whose batch layout cannot be split per sample
+  (a buffer broadcast over the batch, an unknown layout), takes its per-sample gradients from
+  ``torch.func`` — ``vmap`` over the samples of the whole model's vector-Jacobian product — correct but
+  slower, announced once per call with the parameters and the reason.
+- **Refusals.** A model whose forward couples the samples or draws random numbers (BatchNorm with batch
+  statistics, Dropout in train mode, ...) or that modifies a selected parameter in place during the
+  forward is refused with a ValueError that names the module or parameter and the way out.
 """
 from __future__ import annotations
 
-import abc
 import warnings
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, vjp, vmap
+from torch.overrides import TorchFunctionMode
 
-from . import ops
-from .utils import all_finite
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
+from .conventions import check_deterministic, curvature_forward, second_order_attention
+from .layout import NO_BATCH, Layout, from_sizes, ordering
+from .rules import DESCEND, RULES, Slot, Use
+from .terms import Term, combine
+from .utils import all_finite, check_positive_int
 
 # ---------------------------------------------------------------------------------------------------
 # Parameter selection
@@ -73,294 +91,243 @@ def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Paramete
     return chosen
 
 
-def check_batchnorm(model: nn.Module) -> None:
-    """Refuses BatchNorm that normalizes with batch statistics: it couples the samples of a batch."""
-    for name, module in model.named_modules():
-        if isinstance(module, _BATCHNORMS) and (module.training or not module.track_running_stats):
-            raise ValueError(
-                f"model: BatchNorm module {name!r} couples the samples of a batch (train mode or no "
-                "running statistics), so per-sample Fisher quantities are undefined; call model.eval()"
-            )
+# ---------------------------------------------------------------------------------------------------
+# The function mode that records uses
+
+
+def _refuse_random(name, p_default):
+    def check(input, p=p_default, training=True, *args, **kwargs):
+        if training and p > 0:
+            raise ValueError(f"model: {name} runs with training=True (p={p}), so every forward pass draws new "
+                             "random numbers and per-sample curvature is undefined; call model.eval() (or pass "
+                             "training=self.training)")
+    return check
+
+
+def _refuse_rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, *args, **kwargs):
+    if training and lower < upper:
+        raise ValueError("model: F.rrelu runs with training=True and draws random slopes at every forward "
+                         "pass, so per-sample curvature is undefined; call model.eval()")
+
+
+# Functional stochastic ops, refused when they draw random numbers (check_deterministic catches the modules).
+_RANDOM: dict = {F.dropout: _refuse_random("F.dropout", 0.5), F.dropout1d: _refuse_random("F.dropout1d", 0.5),
+           F.dropout2d: _refuse_random("F.dropout2d", 0.5), F.dropout3d: _refuse_random("F.dropout3d", 0.5),
+           F.alpha_dropout: _refuse_random("F.alpha_dropout", 0.5),
+           F.feature_alpha_dropout: _refuse_random("F.feature_alpha_dropout", 0.5), F.rrelu: _refuse_rrelu}
+_SPECIAL = set(_RANDOM) | set(DESCEND)
+
+
+class _Recorder(TorchFunctionMode):
+    """Records the uses of selected parameters during one forward pass (see the module docstring).
+
+    ``edges``: take gradient edges of use outputs (the real pass, not the layout probes).
+    """
+
+    def __init__(self, ids: dict[int, int], edges: bool):
+        super().__init__()
+        self.ids, self.edges = ids, edges
+        self.uses: list[Use] = []
+        self.watched = set(ids)                       # ids of the selected parameters and their views
+        self.unrecognized: dict[int, str] = {}        # parameter index -> the function that used it
+        self.views: dict[int, tuple] = {}            # id(view) -> (view, parameter index, index map, key)
+        self.parameters: dict[int, torch.Tensor] = {}
+
+    # -- what a call touches
+
+    def _slot(self, t) -> Slot | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        i = self.ids.get(id(t))
+        if i is not None:
+            return Slot(i)
+        view = self.views.get(id(t))
+        if view is not None and view[0] is t:
+            return Slot(view[1], view[2], view[3])
+        return None
+
+    def _touched(self, args, kwargs) -> list[tuple[object, Slot]]:
+        found = []
+        for key, a in (*enumerate(args), *kwargs.items()):
+            if type(a) in (list, tuple):
+                found += [((key, j), s) for j, b in enumerate(a) if (s := self._slot(b)) is not None]
+            elif (s := self._slot(a)) is not None:
+                found.append((key, s))
+        return found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SPECIAL:
+            if func in _RANDOM:
+                _RANDOM[func](*args, **kwargs)
+            if func in DESCEND:
+                with self:
+                    return DESCEND[func](*args, **kwargs)
+        watched = self.watched
+        if not any(id(a) in watched or (type(a) in (list, tuple) and any(id(b) in watched for b in a))
+                   for a in (*args, *kwargs.values())):
+            return func(*args, **kwargs)   # most calls: nothing selected is involved
+        touched = self._touched(args, kwargs)
+        rule = RULES.get(func)
+        if rule is not None:
+            return self._use(rule, func, args, kwargs, touched)
+        out = func(*args, **kwargs)
+        self._derived(func, touched, out)
+        return out
+
+    # -- a registered function
+
+    def _use(self, rule, func, args, kwargs, touched):
+        named = rule.bind(args, kwargs)
+        rule.check(named)
+        out = func(*args, **kwargs)
+        slots = {}
+        for role in rule.slots:
+            slot = self._slot(named.get(role))
+            if slot is not None:
+                slots[role] = slot
+        claimed = {id(named.get(r)) for r in slots}
+        for key, slot in touched:
+            t = args[key] if isinstance(key, int) else (kwargs[key] if not isinstance(key, tuple) else None)
+            if t is None or id(t) not in claimed:
+                self.unrecognized.setdefault(slot.param, f"{rule.name} (not as its weight or bias)")
+        if not slots:
+            return out
+        saved, probe = rule.record(named, out)
+        saved = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
+        if out._is_view():  # a view's node can be rebased by an in-place op on its base: own the output
+            out = out.clone()
+        use = Use(rule, slots, saved, probe.detach(), out.shape)
+        if self.edges:
+            use.edge = get_gradient_edge(out)
+        self.uses.append(use)
+        return out
+
+    # -- anything else that touches a selected parameter
+
+    def _derived(self, func, touched, out):
+        sources = {}
+        for key, slot in touched:
+            sources.setdefault(slot.param, slot)
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for t in outputs:
+            if not isinstance(t, torch.Tensor) or not t.requires_grad:
+                continue
+            view = self._as_view(t, sources)
+            if view is not None:
+                self.views[id(t)] = view
+                self.watched.add(id(t))
+                continue
+            name = getattr(func, "__name__", str(func))
+            for param in sources:
+                self.unrecognized.setdefault(param, name)
+
+    def _as_view(self, t, sources):
+        """(t, parameter index, index map, key) when t is a view of one of the parameters a call touched."""
+        if not t._is_view():
+            return None
+        for param in sources:
+            p = self.parameters[param]
+            if t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+                continue
+            positions = torch.empty_strided(p.shape, p.stride(), dtype=torch.long, device=p.device)
+            positions.copy_(torch.arange(p.numel(), device=p.device).view(p.shape))
+            index = positions.as_strided(t.shape, t.stride(), t.storage_offset() - p.storage_offset())
+            return t, param, index, (param, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layers: one per module owning selected parameters.
+# The torch.func fallback
 
 
-class Layer(abc.ABC):
-    """A module owning selected parameters and what was captured of it in the last forward/backward.
+class FallbackGroup:
+    """Per-sample gradients of the parameters no rule captures, by ``vmap`` over the samples of the whole
+    model's vector-Jacobian product with the K cotangents; computed a chunk of samples at a time."""
 
-    ``uses`` holds one (inputs, dz) pair per call of the module in the forward pass (a module applied
-    twice shares its parameters, and the per-sample gradient sums over the uses).
-    """
+    # samples per vmapped chunk: bounds the memory of the batched forward
+    max_rows = 32
 
-    def __init__(self, name: str, module: nn.Module, params: list[tuple[str, str, nn.Parameter]]):
-        self.name = name
-        self.module = module
-        self.params = params  # (qualified name, local name, parameter)
-        self.outputs: list[torch.Tensor] = []
-        self.inputs: list[tuple] = []
-        self.dz: list[torch.Tensor] = []
+    def __init__(self, model, selected, indices, x, cot, chunk_bytes):
+        self.model, self.x, self.cot = model, x, cot
+        self.names = [selected[i][0] for i in indices]
+        self.params = [selected[i][1] for i in indices]
+        self.offsets = {}
+        o = 0
+        for i, p in zip(indices, self.params):
+            self.offsets[i] = (o, p.numel())
+            o += p.numel()
+        self.P, self.K, self.batch = o, cot.shape[0], x.shape[0]
+        item = self.params[0].element_size()
+        self.rows = max(1, min(self.max_rows, chunk_bytes // max(1, self.K * self.P * item)))
+        self._last = None
+        self._stats = None
 
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for _, _, p in self.params)
+    def chunk(self, s, e) -> torch.Tensor:
+        """[K, e - s, P_fallback]."""
+        if self._last is not None and self._last[0] == (s, e):
+            return self._last[1]
+        base = {n: p.detach() for n, p in zip(self.names, self.params)}
+        model, names = self.model, self.names
 
-    def record(self, args, output):
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"capture: module {self.name!r} returned {type(output).__name__}, not a tensor")
-        self.inputs.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-        self.outputs.append(output)
+        def one(x_n, c_n):
+            def f(w):
+                return functional_call(model, w, (x_n.unsqueeze(0),)).squeeze(0)
 
-    def clear(self):
-        self.outputs, self.inputs, self.dz = [], [], []
+            _, pullback = vjp(f, base)
+            grads = vmap(pullback)(c_n)[0]
+            return torch.cat([grads[n].reshape(c_n.shape[0], -1) for n in names], dim=1)
 
-    # Per-sample quantities; every method sums over the module's uses. K = number of cotangents,
-    # wk [K] their weights; sample slices [s, e) bound the memory of materialized gradients.
+        with torch.enable_grad(), curvature_forward(model), warnings.catch_warnings():
+            # functorch's note that an op runs without a batching rule: the fallback is already announced
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            try:
+                g = vmap(one)(self.x[s:e], self.cot[:, s:e].transpose(0, 1)).transpose(0, 1)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"fisherext: the torch.func fallback (vmap over the samples of the whole model) failed for "
+                    f"parameters {', '.join(map(repr, self.names))}: {error}. Exclude them with params=, or "
+                    "express their layer with functions fisherext has rules for (F.linear, convolutions, "
+                    "F.embedding, normalizations)") from error
+        self._last = ((s, e), g)
+        return g
 
-    @abc.abstractmethod
-    def per_sample_grads(self, s: int, e: int) -> torch.Tensor:
-        """g_nk flattened in parameter order: [K, e - s, numel]."""
-
-    def diag(self, wk: torch.Tensor) -> list[torch.Tensor]:
-        """Per parameter: sum_k w_k sum_n g_nk ⊙ g_nk (unnormalized), shaped like the parameter."""
-        return self._split(torch.einsum("k,knp->p", wk, self.per_sample_grads(0, self.batch) ** 2))
-
-    def gram(self) -> torch.Tensor:
-        """Per-sample Gram of the cotangent directions: [N, K, K], entries <g_nk, g_nl>."""
-        G = self.per_sample_grads(0, self.batch)
-        return torch.einsum("knp,lnp->nkl", G, G)
-
-    @property
-    def batch(self) -> int:
-        return self.dz[0].shape[1]
-
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        sizes = [p.numel() for _, _, p in self.params]
-        return [c.view_as(p) for c, (_, _, p) in zip(flat.split(sizes, dim=-1), self.params)]
+    def stats(self, wk):
+        """(Σ_k w_k Σ_n g² [P_fallback], Σ_k w_k g² per sample and parameter {index: [N]}) in one pass."""
+        if self._stats is not None and self._stats[0] is wk:
+            return self._stats[1]
+        diag, sq = 0, {i: [] for i in self.offsets}
+        for s in range(0, self.batch, self.rows):
+            g2 = self.chunk(s, min(self.batch, s + self.rows)) ** 2
+            diag = diag + torch.einsum("k,knp->p", wk, g2)
+            for i, (o, n) in self.offsets.items():
+                sq[i].append(torch.einsum("k,knp->n", wk, g2[:, :, o:o + n]))
+        result = (diag, {i: torch.cat(v) for i, v in sq.items()})
+        self._stats = (wk, result)
+        return result
 
 
-class LinearLayer(Layer):
-    """nn.Linear, nn.Conv1d, nn.Conv2d: z = W a (+ b) over positions t, W [O, I] per group."""
+class FallbackTerm(Term):
+    """One parameter's share of a FallbackGroup."""
 
-    kfac_capable = True
+    def __init__(self, group: FallbackGroup, index: int):
+        self.group, self.index = group, index
+        self.offset, self.numel = group.offsets[index]
+        self.K, self.batch = group.K, group.batch
+        p = group.params[0]
+        self.dtype, self.device = p.dtype, p.device
 
-    def __init__(self, name, module, params):
-        super().__init__(name, module, params)
-        local = {ln for _, ln, _ in params}
-        self.has_weight = "weight" in local
-        self.has_bias = "bias" in local
-        self.groups = getattr(module, "groups", 1)
-
-    def linear_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Layer input in linear form [N, T, I_total] (for convolutions: unfolded patches)."""
-        m = self.module
-        if isinstance(m, nn.Linear):
-            return x.reshape(x.shape[0], -1, x.shape[-1])
-        if isinstance(m, nn.Conv1d):
-            x = x.unsqueeze(2)
-            kernel, stride, dilation = (1, *m.kernel_size), (1, *m.stride), (1, *m.dilation)
-        else:
-            kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
-        pad = m._reversed_padding_repeated_twice
-        if any(pad):
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(x, pad if isinstance(m, nn.Conv2d) else (*pad, 0, 0), mode=mode)
-        return F.unfold(x, kernel, dilation=dilation, stride=stride).transpose(1, 2)
-
-    def _delta(self, dz: torch.Tensor) -> torch.Tensor:
-        """Output gradient in linear form [K, N, T, O_total]."""
-        if isinstance(self.module, nn.Linear):
-            return dz.reshape(dz.shape[0], dz.shape[1], -1, dz.shape[-1])
-        return dz.flatten(3).transpose(2, 3) if dz.dim() > 4 else dz.transpose(2, 3)
-
-    def factors(self):
-        """(a [N, T, I], delta [K, N, T, O]) in linear form, uses concatenated along T."""
-        a = _cat([self.linear_input(inp[0]) for inp in self.inputs], dim=1)
-        d = _cat([self._delta(dz) for dz in self.dz], dim=2)
-        return a, d
-
-    def group_factors(self):
-        """Per group: (a_g [N, T, I_g], delta_g [K, N, T, O_g])."""
-        a, d = self.factors()
-        G = self.groups
-        return list(zip(a.chunk(G, dim=-1), d.chunk(G, dim=-1))) if G > 1 else [(a, d)]
+    def rows_per_chunk(self):
+        return self.group.rows
 
     def per_sample_grads(self, s, e):
-        parts = []
-        groups = self.group_factors()
-        if self.has_weight:
-            w = [torch.einsum("knto,nti->knoi", d[:, s:e], a[s:e]) for a, d in groups]
-            w = torch.cat(w, dim=2) if len(w) > 1 else w[0]
-            parts.append(w.flatten(2))
-        if self.has_bias:
-            parts.append(torch.cat([d[:, s:e].sum(2) for _, d in groups], dim=-1))
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        return self.group.chunk(s, e)[:, :, self.offset:self.offset + self.numel]
 
     def diag(self, wk):
-        weight_rows, bias = [], []
-        for a, d in self.group_factors():
-            if a.shape[1] == 1:
-                # T = 1: g_nk = δ_nk a_nᵀ, so Σ_k w_k g_nk² = s_n (a_n²)ᵀ with s_n = Σ_k w_k δ_nk²:
-                # one GEMM per layer whatever the number K of backpropagated directions.
-                s = torch.einsum("k,kno->no", wk, d[:, :, 0] ** 2)
-                if self.has_weight:
-                    weight_rows.append(s.T @ a[:, 0] ** 2)
-                bias.append(s.sum(0))
-            else:
-                if self.has_weight:
-                    weight_rows.append(sum(wk[k] * ops.linear_sq_grad(a, d[k]) for k in range(d.shape[0])))
-                bias.append(torch.einsum("k,kno->o", wk, d.sum(2) ** 2))
-        out = [torch.cat(weight_rows).view_as(self.module.weight)] if self.has_weight else []
-        return out + ([torch.cat(bias)] if self.has_bias else [])
+        return self.group.stats(wk)[0][self.offset:self.offset + self.numel]
 
-    def gram(self):
-        K = 0
-        for a, d in self.group_factors():
-            if self.has_weight:
-                K = K + ops.class_gram(a, d.transpose(0, 1))
-            if self.has_bias:
-                b = d.sum(2)  # [K, N, O]
-                K = K + torch.einsum("kno,lno->nkl", b, b)
-        return K
-
-    def kfac_factors(self, wk):
-        """Per group: (A_sum, G_sum, rows) with A_sum = sum_n sum_t ã ãᵀ (ã = [a, 1] with a bias),
-        G_sum = sum_k w_k sum_n sum_t δ δᵀ, rows = N T (A is normalized by rows, G by N)."""
-        out = []
-        for a, d in self.group_factors():
-            if self.has_bias:
-                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-            A = a.new_zeros(a.shape[-1], a.shape[-1])
-            ops.sym_outer_accum_(A, a)
-            G = d.new_zeros(d.shape[-1], d.shape[-1])
-            for k in range(d.shape[0]):
-                ops.sym_outer_accum_(G, d[k], alpha=float(wk[k]))
-            out.append((A, G, a.shape[0] * a.shape[1]))
-        return out
-
-
-class EmbeddingLayer(Layer):
-    """nn.Embedding: sample n's gradient of row v is the sum of dz over the positions holding index v."""
-
-    def _factors(self):
-        idx = _cat([inp[0].reshape(inp[0].shape[0], -1) for inp in self.inputs], dim=1)  # [N, T]
-        d = _cat([dz.reshape(dz.shape[0], dz.shape[1], -1, dz.shape[-1]) for dz in self.dz], dim=2)
-        pad = self.module.padding_idx
-        valid = torch.ones_like(idx, dtype=torch.bool) if pad is None else idx != pad
-        return idx, d, valid
-
-    def per_sample_grads(self, s, e):
-        idx, d, valid = self._factors()
-        V, D = self.module.weight.shape
-        K, n = d.shape[0], e - s
-        rows = (torch.arange(n, device=idx.device)[:, None] * V + idx[s:e]).masked_select(valid[s:e])
-        vals = d[:, s:e][:, valid[s:e]]  # [K, M, D]
-        out = d.new_zeros(K, n * V, D)
-        out.index_add_(1, rows, vals)
-        return out.view(K, n, V * D)
-
-    def diag(self, wk):
-        idx, d, valid = self._factors()
-        V = self.module.weight.shape[0]
-        N = idx.shape[0]
-        keys = (torch.arange(N, device=idx.device)[:, None] * V + idx)[valid]
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        out = torch.zeros_like(self.module.weight)
-        for k in range(d.shape[0]):
-            summed = d.new_zeros(uniq.numel(), d.shape[-1]).index_add_(0, inverse, d[k][valid])
-            out.index_add_(0, uniq % V, wk[k] * summed**2)
-        return [out]
-
-    def gram(self):
-        idx, d, valid = self._factors()
-        same = (idx[:, :, None] == idx[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-        return torch.einsum("nts,kntd,lnsd->nkl", same.to(d.dtype), d, d)
-
-
-class NormLayer(Layer):
-    """Affine parameters of LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval): z = γ ⊙ x̂ + β."""
-
-    def _xhat(self, x):
-        m = self.module
-        if isinstance(m, nn.LayerNorm):
-            return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        if isinstance(m, nn.GroupNorm):
-            return F.group_norm(x, m.num_groups, None, None, m.eps)
-        if isinstance(m, _BATCHNORMS):
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return (x - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-        return F.rms_norm(x, m.normalized_shape, None, m.eps)
-
-    def _reduce(self, t):
-        """Sum [K, N, ...] over every axis that the parameter broadcasts along."""
-        m = self.module
-        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-            nd = len(m.normalized_shape)
-            return t.sum(dim=tuple(range(2, t.dim() - nd))) if t.dim() - nd > 2 else t
-        return t.sum(dim=tuple(range(3, t.dim()))) if t.dim() > 3 else t
-
-    def per_sample_grads(self, s, e):
-        total = None
-        for inp, dz in zip(self.inputs, self.dz):
-            dz = dz[:, s:e]
-            parts = []
-            for _, local, _ in self.params:
-                if local == "weight":
-                    parts.append(self._reduce(dz * self._xhat(inp[0][s:e])).flatten(2))
-                else:
-                    parts.append(self._reduce(dz).flatten(2))
-            g = torch.cat(parts, dim=-1)
-            total = g if total is None else total + g
-        return total
-
-
-class FallbackLayer(Layer):
-    """Any other module with parameters: per-sample gradients by torch.func (vmap over vjp)."""
-
-    def __init__(self, name, module, params):
-        super().__init__(name, module, params)
-        warnings.warn(
-            f"fisherext: module {name!r} ({type(module).__name__}) has no per-sample factor rule; its "
-            "parameters use the torch.func fallback (vmap over vjp), correct but slower",
-            UserWarning,
-            stacklevel=4,
-        )
-
-    def per_sample_grads(self, s, e):
-        weights = {local: p.detach() for _, local, p in self.params}
-        module = self.module
-        total = None
-        for inp, dz in zip(self.inputs, self.dz):
-
-            def one(args_n, dz_n):
-                def out(w):
-                    batched = tuple(a.unsqueeze(0) if isinstance(a, torch.Tensor) else a for a in args_n)
-                    return functional_call(module, w, batched).squeeze(0)
-
-                _, pullback = vjp(out, weights)
-                grads = pullback(dz_n)[0]
-                return torch.cat([grads[local].reshape(-1) for _, local, _ in self.params])
-
-            tensors = tuple(a[s:e] for a in inp)
-            per_n = vmap(one, in_dims=(0, 0))
-            g = vmap(per_n, in_dims=(None, 0))(tensors, dz[:, s:e])
-            total = g if total is None else total + g
-        return total
-
-
-def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
-
-
-def _layer_for(name: str, module: nn.Module, params) -> Layer:
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d):
-        return LinearLayer(name, module, params)
-    if type(module) is nn.Embedding and module.max_norm is None:
-        return EmbeddingLayer(name, module, params)
-    if type(module) in (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, *_BATCHNORMS):
-        return NormLayer(name, module, params)
-    return FallbackLayer(name, module, params)
+    def sq_norms(self, wk):
+        return self.group.stats(wk)[1][self.index]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,97 +335,203 @@ def _layer_for(name: str, module: nn.Module, params) -> Layer:
 
 
 class Capture:
-    """Hooks every module owning selected parameters; removed on exit, also on exceptions.
+    """Records the uses of the selected parameters in a forward pass and backpropagates output
+    cotangents into per-parameter terms (:mod:`fisherext.terms`); restores everything on exit.
 
     >>> with Capture(model, params) as cap:
-    ...     out = cap.forward(x)               # records inputs and outputs
-    ...     cap.backward(out, cotangents)      # cotangents [K, *out.shape] -> layer.dz [K, N, ...]
-    ...     for layer in cap.layers: ...
+    ...     out = cap.forward(x)             # records uses, establishes batch layouts
+    ...     terms = cap.backward(out, cot)   # cot [K, *out.shape] -> one Term (or None) per parameter
     """
 
     def __init__(self, model: nn.Module, params=None):
         self.model = model
         self.params = resolve_params(model, params)
-        check_batchnorm(model)
-        owner = {}
-        for mname, module in model.named_modules():
-            for local, p in module.named_parameters(recurse=False):
-                owner.setdefault(id(p), (mname, module, local))
-        by_module: dict[int, list] = {}
-        modules = {}
-        for qname, p in self.params:
-            mname, module, local = owner[id(p)]
-            by_module.setdefault(id(module), []).append((qname, local, p))
-            modules[id(module)] = (mname, module)
-        self.layers = [_layer_for(*modules[key], plist) for key, plist in by_module.items()]
-        self._handles = []
-        self._recording = False
+        check_deterministic(model)
+        self.ids = {id(p): i for i, (_, p) in enumerate(self.params)}
+        self.chunk_bytes = 1 << 26
+        self._probed = None          # (signatures, layouts) of the last probe
+        self._seed = None            # (inputs, uses) of a forward by ``probe``
+        self._warned: set[int] = set()
+        self._state = None
 
     def __enter__(self):
-        for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._hook_for(layer)))
         self._saved_requires_grad = [p.requires_grad for _, p in self.params]
         for _, p in self.params:
             p.requires_grad_(True)
         return self
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
         for (_, p), flag in zip(self.params, self._saved_requires_grad):
             p.requires_grad_(flag)
-        for layer in self.layers:
-            layer.clear()
+        self._state = None
         return False
 
-    def _hook_for(self, layer):
-        def hook(module, args, output):
-            if self._recording:
-                layer.record(args, output)
+    @property
+    def uses(self) -> list[Use]:
+        """The uses recorded by the last ``forward``."""
+        return self._state[1]
 
-        return hook
+    @property
+    def fallback(self) -> dict[int, str]:
+        """Parameters of the last ``forward`` that go through the torch.func fallback, with the reason."""
+        return self._state[3]
 
-    def forward(self, x) -> torch.Tensor:
-        for layer in self.layers:
-            layer.clear()
-        self._recording = True
-        try:
-            with torch.enable_grad():
-                return self.model(x)
-        finally:
-            self._recording = False
+    # -- forward
 
-    def backward(self, output: torch.Tensor, cotangents: torch.Tensor) -> None:
-        """Backpropagates K cotangents [K, *output.shape] in one batched pass into every layer's dz."""
-        zs = [z for layer in self.layers for z in layer.outputs]
-        if cotangents.shape[0] == 1:  # a plain backward pass is cheaper than a vmapped one
-            grads = torch.autograd.grad(output, zs, cotangents[0], allow_unused=True)
-            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    def _run(self, x, edges):
+        recorder = _Recorder(self.ids, edges)
+        recorder.parameters = {i: p for i, (_, p) in enumerate(self.params)}
+        with torch.enable_grad(), second_order_attention(), recorder:
+            out = self.model(x)
+        return out, recorder
+
+    def probe(self, x: torch.Tensor) -> torch.Tensor:
+        """A forward of a few samples that records uses without gradient edges (``probed_uses``); the
+        layout probe of the first batch reuses it when that batch starts with these samples."""
+        out, rec = self._run(x, edges=False)
+        self._seed = (x, rec.uses)
+        return out
+
+    @property
+    def probed_uses(self) -> list[Use]:
+        return self._seed[1]
+
+    def forward(self, x: torch.Tensor):
+        """Runs the model on the batch ``x`` and records what the backward needs. Returns the output."""
+        versions = [p._version for _, p in self.params]
+        out, rec = self._run(x, edges=True)
+        changed = [n for (n, p), v in zip(self.params, versions) if p._version != v]
+        if changed:
+            raise ValueError(f"model: the forward modified parameter {changed[0]!r} in place; fisherext "
+                             "cannot take per-sample gradients of a parameter the model rewrites")
+        n = x.shape[0]
+        fallback = dict(rec.unrecognized)
+        layouts = self._layouts(x, rec.uses) if n > 1 else [NO_BATCH] * len(rec.uses)
+        for use, layout in zip(rec.uses, layouts):
+            reason = self._unsplittable(use, layout, n)
+            if reason is not None:
+                for slot in use.slots.values():
+                    fallback.setdefault(slot.param, reason)
+        self._announce(fallback)
+        self._state = (x, rec.uses, layouts, fallback)
+        return out
+
+    @staticmethod
+    def _unsplittable(use: Use, layout: Layout | None, n: int) -> str | None:
+        if layout is None:
+            return f"{use.rule.name} on a tensor whose batch axis could not be established"
+        if n > 1 and layout.axis is None:
+            return f"{use.rule.name} on a tensor without a batch axis (e.g. a buffer broadcast over the batch)"
+        if not use.rule.valid(layout, use):
+            return f"{use.rule.name} with its batch on axis {layout.axis}"
+        if layout.axis is not None and use.probe.shape[layout.axis] != n * layout.m:
+            return f"{use.rule.name} whose batch layout differs between batches"
+        return None
+
+    def _layouts(self, x, uses) -> list[Layout | None]:
+        """Batch layouts of the uses' probe tensors (see fisherext.layout), probed on samples of ``x``
+        and reused while the sequence of uses is the same."""
+        signatures = [u.signature for u in uses]
+        if self._probed is not None and self._probed[0] == signatures:
+            return self._probed[1]
+        n = x.shape[0]
+        flat = x.reshape(n, -1)
+        j = next((i for i in range(1, n) if not torch.equal(flat[i], flat[0])), 1)
+        # the batch itself is one of the two sizes; a probe of two samples (one, for a batch of two) the other
+        rows = [0, j] if n > 2 else [0]
+        if self._seed is not None and self._seed[0].shape[0] == len(rows) and torch.equal(self._seed[0], x[rows]):
+            probed = self._seed[1]
         else:
-            grads = torch.autograd.grad(output, zs, cotangents, is_grads_batched=True, allow_unused=True)
-        it = iter(grads)
-        for layer in self.layers:
-            layer.dz = []
-            for z in layer.outputs:
-                g = next(it)
-                layer.dz.append(torch.zeros(cotangents.shape[0], *z.shape, dtype=z.dtype, device=z.device)
-                                if g is None else g.detach())
-            layer.outputs = []
+            probed = self._run(x[rows], edges=False)[1].uses
+        if [u.signature for u in probed] != signatures:
+            layouts = [None] * len(uses)
+            self._probed = (signatures, layouts)
+            return layouts
+        seen = {len(rows): [u.probe for u in probed], n: [u.probe for u in uses]}
+        (n1, first), (n2, second) = sorted(seen.items())
+        layouts = [from_sizes(a.shape, n1, b.shape, n2) for a, b in zip(first, second)]
+        if any(lay is not None and lay.m > 1 for lay in layouts):
+            _, rec = self._run(x[[j, 0]], edges=False)
+            pair = seen[2]
+            swapped = [u.probe for u in rec.uses]
+            layouts = [None if lay is None else ordering(lay, a, b) for lay, a, b in zip(layouts, pair, swapped)]
+        self._probed = (signatures, layouts)
+        return layouts
+
+    def _announce(self, fallback: dict[int, str]) -> None:
+        new = {i: why for i, why in fallback.items() if i not in self._warned}
+        if not new:
+            return
+        self._warned |= set(new)
+        owners = {}
+        for mname, module in self.model.named_modules():
+            for _, p in module.named_parameters(recurse=False):
+                owners.setdefault(id(p), f"module {mname!r} ({type(module).__name__})")
+        lines = "; ".join(f"{self.params[i][0]!r} of {owners.get(id(self.params[i][1]), 'the model')}: {why}"
+                          for i, why in sorted(new.items()))
+        warnings.warn(f"fisherext: no per-sample rule captures these parameters, so their per-sample gradients "
+                      f"come from the torch.func fallback (vmap over the whole model), exact but slower: {lines}",
+                      UserWarning, stacklevel=4)
+
+    # -- backward
+
+    def backward(self, out: torch.Tensor, cot: torch.Tensor, last: bool = True) -> list[Term | None]:
+        """Backpropagates cotangents ``cot`` [K, *out.shape]; returns, per selected parameter, a Term for
+        its per-sample gradients over the batch (None for a parameter the batch never used). The graph is
+        kept for further chunks of cotangents unless ``last``."""
+        x, uses, layouts, fallback = self._state
+        n, K = x.shape[0], cot.shape[0]
+        native = [(u, lay) for u, lay in zip(uses, layouts)
+                  if not any(s.param in fallback for s in u.slots.values())]
+        entries: dict[int, list] = {}
+        if native:
+            edges = [u.edge for u, _ in native]
+            with torch.enable_grad():
+                if K == 1:
+                    grads = torch.autograd.grad(out, edges, cot[0], retain_graph=not last, allow_unused=True)
+                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
+                else:
+                    grads = torch.autograd.grad(out, edges, cot, is_grads_batched=True, retain_graph=not last,
+                                                allow_unused=True)
+            for (use, layout), dz in zip(native, grads):
+                if dz is None:
+                    dz = cot.new_zeros(K, *use.out_shape)
+                with torch.no_grad():
+                    terms = use.rule.terms(use, dz.detach(), layout, n)
+                for role, slot in use.slots.items():
+                    entries.setdefault(slot.param, []).append((terms[role], slot.index, slot.key))
+        result: list[Term | None] = [None] * len(self.params)
+        for i, items in entries.items():
+            result[i] = combine(items, self.params[i][1].numel())
+        if fallback:
+            group = FallbackGroup(self.model, self.params, sorted(fallback), x, cot.detach(), self.chunk_bytes)
+            for i in fallback:
+                result[i] = FallbackTerm(group, i)
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
 
 
 def iter_batches(data, batch_size=None) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
     """(x, y) chunks from a DataLoader, a Dataset, or an (x, y) tuple of tensors."""
+    check_positive_int("batch_size", batch_size, optional=True)
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
         if y is not None and (not isinstance(y, torch.Tensor) or y.shape[0] != x.shape[0]):
             raise ValueError("data: x and y must be tensors with the same number of samples")
         n = x.shape[0]
+        if n == 0:
+            raise ValueError("data: no samples")
         step = batch_size or n
         for s in range(0, n, step):
             yield x[s : s + step], (None if y is None else y[s : s + step])
         return
     if isinstance(data, torch.utils.data.DataLoader):
+        if data.batch_size is None and data.batch_sampler is None:
+            raise ValueError("data: a DataLoader with batch_size=None yields single samples without a batch "
+                             "axis; give it a batch_size (e.g. DataLoader(dataset, batch_size=64))")
         for batch in data:
             yield _unpack(batch)
         return

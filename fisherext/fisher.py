@@ -1,92 +1,46 @@
 r"""``fisherext.fisher``: the Fisher information matrix of a model over a data set, in one call.
 
 Normalization: :math:`F = \frac1N \sum_n F_n` with the per-sample loss
-:math:`\ell_n = -\log p(y_n \mid x_n, \theta)` (never the batch mean):
+:math:`\ell_n = -\log p(y_n \mid x_n, \theta)` (never the batch mean); the likelihoods and kinds are
+those of :mod:`fisherext.likelihood`:
 
 - ``kind="true"``: :math:`F_n = \mathbb E_{y\sim p(y|x_n)}[g g^\top] = J_n^\top \Lambda_n J_n`, exact over
   the outputs. Softmax cross entropy: :math:`\Lambda = \mathrm{diag}(p) - pp^\top = SS^\top` with
-  :math:`S_{:,c} = \sqrt{p_c}(e_c - p)` (``fisherext.ops.softmax_hessian_sqrt``); the C columns of S are
-  backpropagated in one batched pass.
+  :math:`S_{:,c} = \sqrt{p_c}(e_c - p)` (``fisherext.ops.softmax_hessian_sqrt``); its columns are
+  backpropagated in batched passes (per position, for outputs with positions).
   Gaussian regression (``loss="mse"``, unit variance, :math:`\ell = \tfrac12\|f(x)-y\|^2`): :math:`\Lambda = I`.
 - ``kind="empirical"``: :math:`F_n = g_n g_n^\top` with the data label.
 - ``kind="mc"``: :math:`F_n = \frac1M \sum_m g_{nm} g_{nm}^\top`, labels :math:`y_m \sim p(y|x_n)`.
 
-Structures: ``diag``, ``full`` (P×P), ``block`` (one dense block per module owning parameters),
-``kfac`` (per Linear/Conv weight, :math:`F \approx G \otimes A` with
-:math:`A = \frac{1}{NT}\sum_{n,t} \tilde a \tilde a^\top` (input, with a 1 appended for the bias) and
-:math:`G = \frac1N \sum_{n,t,k} \delta\delta^\top`; other parameters diagonal). All are block-diagonal
-over their parts, which is what ``solve`` exploits.
+Structures: ``diag``, ``full`` (P×P), ``block`` (one dense block per module owning parameters: the
+module prefix of each parameter's name), ``kfac`` (per Linear/Conv weight,
+:math:`F \approx G \otimes A` with :math:`A = \frac{1}{NT}\sum_{n,t} \tilde a \tilde a^\top` (input, with
+a 1 appended for the bias) and :math:`G = \frac1N \sum_{n,t,k} \delta\delta^\top`; other parameters
+diagonal). All are block-diagonal over their parts, which is what ``solve`` exploits.
+
+The per-sample gradients come from the capture engine (:mod:`fisherext.capture`); every large
+allocation is planned against ``memory_budget``: the result is refused up front when it does not fit,
+scratch is chunked over samples and over cotangents.
 """
 from __future__ import annotations
 
-import os
+import math
 
 import torch
 from torch import nn
 
-from . import ops
-from .capture import Capture, LinearLayer, iter_batches
+from .capture import Capture, iter_batches
+from .conventions import checked_output
 from .fisher_matrix import DensePart, DiagPart, FisherMatrix, KronPart
+from .likelihood import KINDS, LOSSES, Cotangents
+from .memory import require, resolve_budget
+from .terms import LinearTerm, Placed, Sum
+from . import ops
 from .utils import check_choice, check_positive_int
 
-KINDS = ("true", "empirical", "mc")
 STRUCTURES = ("diag", "full", "block", "kfac")
-LOSSES = ("cross_entropy", "mse")
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Half of the memory currently available on ``device`` (bytes)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) // 2
-
-
-def output_cotangents(out: torch.Tensor, y, kind: str, loss: str, mc_samples: int, generator, offset: int):
-    """Cotangents [K, N, C] of the model output and their weights [K] for one batch (see module doc)."""
-    if out.dim() != 2:
-        raise ValueError(f"model: expected outputs of shape [N, C], got {tuple(out.shape)}")
-    bad = (~torch.isfinite(out)).any(dim=1).nonzero()
-    if bad.numel():
-        raise ValueError(f"model: the output for sample {offset + int(bad[0])} is not finite")
-    out = out.detach()
-    N, C = out.shape
-    ones = out.new_ones
-    if loss == "cross_entropy":
-        if kind == "true":
-            return ops.softmax_hessian_sqrt(out), ones(C)
-        p = torch.softmax(out, dim=1)
-        if kind == "empirical":
-            labels = _labels(y, N, C)
-            return (p - nn.functional.one_hot(labels, C).to(p.dtype))[None], ones(1)
-        labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator).T  # [M, N]
-        return p[None] - nn.functional.one_hot(labels, C).to(p.dtype), ones(mc_samples) / mc_samples
-    if kind == "true":
-        eye = torch.eye(C, dtype=out.dtype, device=out.device)
-        return eye[:, None, :].expand(C, N, C), ones(C)
-    if kind == "empirical":
-        if y is None or not isinstance(y, torch.Tensor) or y.shape != out.shape:
-            raise ValueError(f"data: loss='mse' needs targets y of shape {tuple(out.shape)}")
-        return (out - y.to(out.dtype))[None], ones(1)
-    noise = torch.randn(mc_samples, N, C, dtype=out.dtype, device=out.device, generator=generator)
-    return -noise, ones(mc_samples) / mc_samples
-
-
-def _labels(y, N, C):
-    if y is None:
-        raise ValueError("data: kind='empirical' needs labels y")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != N or y.is_floating_point():
-        raise ValueError(f"data: labels y must be an integer tensor of shape [{N}]")
-    if N and (y.min() < 0 or y.max() >= C):
-        raise ValueError(f"data: labels must lie in [0, {C}), got [{int(y.min())}, {int(y.max())}]")
-    return y
+# Scratch chunks: at least 1 MiB, at most 256 MiB, a quarter of the budget in between.
+_MIN_CHUNK, _MAX_CHUNK = 1 << 20, 1 << 28
 
 
 def _check_inputs(model, x):
@@ -96,155 +50,220 @@ def _check_inputs(model, x):
         raise TypeError(f"data: inputs x have dtype {x.dtype}; the model needs floating-point inputs")
 
 
-def _auto_batch_size(cap: Capture, data, kind, loss, mc_samples, chunk_bytes) -> int:
-    """Samples per batch so that one batch's captured activations and output gradients fit chunk_bytes.
+def block_key(name: str) -> str:
+    """The block of a parameter in structure="block": the module owning it (its name's prefix)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
 
-    Measured on a one-sample probe: per layer, its input in linear form plus K output gradients
-    (K = number of backpropagated output directions of the kind).
-    """
-    first = next(iter_batches(data, 1), None)
-    if first is None:
-        raise ValueError("data: no samples")
-    x = first[0]
-    _check_inputs(cap.model, x)
-    with cap, torch.no_grad():
-        out = cap.forward(x[:1])
-        K = {"true": out.shape[-1], "empirical": 1, "mc": mc_samples}[kind]
-        per_sample = out.numel() * (K + 1)
-        for layer in cap.layers:
-            for inputs, z in zip(layer.inputs, layer.outputs):
-                a = layer.linear_input(inputs[0]) if isinstance(layer, LinearLayer) else inputs[0]
-                per_sample += a.numel() + K * z.numel()
-    return max(1, chunk_bytes // (per_sample * out.element_size()))
+
+def footprint(uses, out: torch.Tensor) -> tuple[int, int]:
+    """Bytes per sample of a batch's capture: (saved activations, output gradients per cotangent)."""
+    n, item = out.shape[0], out.element_size()
+    act = sum(u.rule.scratch(u) for u in uses) * item
+    grad = (sum(math.prod(u.out_shape) for u in uses) + out.numel()) * item
+    return max(1, act // n), max(1, grad // n)
+
+
+def batch_plan(act: int, grad: int, K: int, chunk_bytes: int) -> int:
+    """Samples per batch such that its activations and the output gradients of its cotangents fit
+    ``chunk_bytes``; with many cotangents (a true Fisher over positions) at least 32 samples, the
+    cotangents then being chunked (``cotangent_step``)."""
+    n = chunk_bytes // (act + K * grad)
+    return max(1, n) if n >= 32 or K == 1 else max(1, min(32, chunk_bytes // (act + grad)))
+
+
+def cotangent_step(act: int, grad: int, n: int, K: int, chunk_bytes: int) -> int:
+    """Cotangents per backward pass for a batch of n samples within ``chunk_bytes``."""
+    return max(1, min(K, (chunk_bytes // n - act) // grad))
 
 
 class _Accumulator:
-    """Per-structure running sums over batches; ``finish`` normalizes and builds the FisherMatrix."""
+    """Per-structure running sums over batches and cotangent chunks; ``finish`` builds the FisherMatrix."""
 
     def __init__(self, structure, cap: Capture, chunk_bytes: int):
-        self.structure = structure
-        self.cap = cap
-        self.chunk_bytes = chunk_bytes
-        self.offsets = {}  # parameter name -> (start, length) in the flat vector
-        o = 0
-        for name, p in cap.params:
-            self.offsets[name] = (o, p.numel())
+        self.structure, self.cap, self.chunk_bytes = structure, cap, chunk_bytes
+        self.offsets, o = [], 0
+        for _, p in cap.params:
+            self.offsets.append(o)
             o += p.numel()
         self.P = o
         ref = cap.params[0][1]
         self.opts = dict(dtype=ref.dtype, device=ref.device)
-        self.diag_sums = {name: torch.zeros_like(p) for name, p in cap.params} if structure in ("diag", "kfac") else {}
-        self.full = torch.zeros(self.P, self.P, **self.opts) if structure == "full" else None
+        self.diag_sums = [torch.zeros(p.numel(), **self.opts) for _, p in cap.params]
         self.blocks = {}
-        self.kron = {}
-        self.kron_rows = {}
+        self.kron = {}                # (param, part, group) -> [A_sum, G_sum, rows, idx]
+        self.kron_params = set()
+        self.full = torch.zeros(self.P, self.P, **self.opts) if structure == "full" else None
 
-    def _index(self, names) -> torch.Tensor:
-        """Flat-vector positions of the named parameters, in the given order."""
-        device = self.opts["device"]
-        return torch.cat([torch.arange(o, o + n, device=device) for o, n in (self.offsets[q] for q in names)])
-
-    def _kfac_layer(self, layer):
-        return self.structure == "kfac" and isinstance(layer, LinearLayer) and layer.has_weight
-
-    def _step(self, K, width, itemsize):
-        """Samples per chunk of materialized gradients [K, step, width] within chunk_bytes."""
-        return max(1, self.chunk_bytes // max(1, K * width * itemsize))
-
-    def add(self, wk: torch.Tensor):
+    def add(self, terms, wk: torch.Tensor, first: bool):
+        """One cotangent chunk of one batch (``first``: the batch's first chunk)."""
         if self.structure == "full":
-            self._add_full(wk)
+            self._add_dense(terms, wk, list(range(len(terms))), None)
             return
-        for layer in self.cap.layers:
-            if self.structure == "block":
-                self._add_block(layer, wk)
-            elif self._kfac_layer(layer):
-                for g, (A, G, rows) in enumerate(layer.kfac_factors(wk)):
-                    key = (layer.name, g)
-                    if key in self.kron:
-                        self.kron[key][0].add_(A)
-                        self.kron[key][1].add_(G)
-                    else:
-                        self.kron[key] = [A, G]
-                    self.kron_rows[key] = self.kron_rows.get(key, 0) + rows
-            else:
-                for (name, _, _), d in zip(layer.params, layer.diag(wk)):
-                    self.diag_sums[name] += d
+        if self.structure == "block":
+            by_block = {}
+            for i, (name, _) in enumerate(self.cap.params):
+                by_block.setdefault(block_key(name), []).append(i)
+            for key, idx in by_block.items():
+                self._add_dense(terms, wk, idx, key)
+            return
+        kron = {}
+        if self.structure == "kfac":
+            kron = {i: parts for i, t in enumerate(terms) if t is not None and (parts := _kron_parts(t)) is not None}
+        paired = {w: b for w, b in self._bias_pairs().items() if w in kron and len(kron[w]) == 1 and kron[w][0][1] is None}
+        for i, term in enumerate(terms):
+            if term is not None and i not in kron and i not in paired.values():
+                self.diag_sums[i] += term.diag(wk)
+        for i, parts in kron.items():
+            self.kron_params.add(i)
+            bias = paired.get(i)
+            for j, (lin, index) in enumerate(parts):
+                for g, (A, G, rows) in enumerate(lin.kfac_factors(wk, with_bias=bias is not None, inputs=first)):
+                    entry = self.kron.get((i, j, g))
+                    if entry is None:
+                        entry = self.kron[(i, j, g)] = [0, torch.zeros_like(G), 0,
+                                                        self._kron_index(i, lin, index, g, bias)]
+                    if first:
+                        entry[0] += A
+                        entry[2] += rows
+                    entry[1] += G
+        self.kron_params.update(paired.values())
 
-    def _add_block(self, layer, wk):
-        K, N = wk.shape[0], layer.batch
-        block = self.blocks.setdefault(layer.name, torch.zeros(layer.numel, layer.numel, **self.opts))
-        step = self._step(K, layer.numel, block.element_size())
+    def _bias_pairs(self) -> dict[int, int]:
+        """weight -> bias, for weights whose every use (a Linear or a convolution, on the whole weight)
+        comes with the same whole bias, used nowhere else: K-FAC factors the two together (a 1 appended to
+        the input)."""
+        uses, fallback = self.cap.uses, self.cap.fallback
+        with_weight: dict[int, set] = {}
+        with_bias: dict[int, set] = {}
+        for u in uses:
+            w, b = u.slots.get("weight"), u.slots.get("bias")
+            if w is not None:
+                whole = b is not None and b.key is None and w.key is None and u.rule.kronecker
+                with_weight.setdefault(w.param, set()).add(b.param if whole else None)
+            if b is not None:
+                with_bias.setdefault(b.param, set()).add(None if w is None else w.param)
+        return {w: b for w, bs in with_weight.items() if len(bs) == 1 and (b := next(iter(bs))) is not None
+                and with_bias.get(b) == {w} and w not in fallback and b not in fallback}
+
+    def _kron_index(self, i, lin: LinearTerm, index, g, bias):
+        """Flat positions [r_g, c (+1 bias column)] of group g of a Kronecker-factored weight."""
+        device = self.opts["device"]
+        local = torch.arange(lin.numel, device=device) if index is None else index.reshape(-1)
+        grid = (self.offsets[i] + local).view(lin.rows, lin.cols)
+        start = sum(L.shape[-1] for L, _ in lin.pairs[:g])
+        rows = grid[start:start + lin.pairs[g][0].shape[-1]]
+        if bias is not None:
+            b = self.offsets[bias] + torch.arange(start, start + rows.shape[0], device=device)
+            rows = torch.cat([rows, b[:, None]], dim=1)
+        return rows
+
+    def _add_dense(self, terms, wk, idx, key):
+        """Σ_k w_k Σ_n g_nk g_nkᵀ over the parameters ``idx`` (into the full matrix, or block ``key``)."""
+        width = sum(self.cap.params[i][1].numel() for i in idx)
+        if key is None:
+            target = self.full
+        else:
+            target = self.blocks.get(key)
+            if target is None:
+                target = self.blocks[key] = torch.zeros(width, width, **self.opts)
+        live = [(i, t) for i, t in ((i, terms[i]) for i in idx) if t is not None]
+        if not live:
+            return
+        K, N = wk.shape[0], live[0][1].batch
+        step = max(1, self.chunk_bytes // max(1, K * width * target.element_size()))
+        local = {}
+        o = 0
+        for i in idx:
+            local[i] = o
+            o += self.cap.params[i][1].numel()
         for s in range(0, N, step):
             e = min(N, s + step)
-            g = layer.per_sample_grads(s, e)
-            ops.sym_outer_accum_(block, g.reshape(-1, layer.numel), wk.repeat_interleave(e - s))
-
-    def _add_full(self, wk):
-        K, N = wk.shape[0], self.cap.layers[0].batch
-        cols = {layer.name: self._index([q for q, _, _ in layer.params]) for layer in self.cap.layers}
-        step = self._step(K, self.P, self.full.element_size())
-        for s in range(0, N, step):
-            e = min(N, s + step)
-            G = torch.zeros(K, e - s, self.P, **self.opts)
-            for layer in self.cap.layers:
-                G[:, :, cols[layer.name]] = layer.per_sample_grads(s, e)
-            ops.sym_outer_accum_(self.full, G.reshape(-1, self.P), wk.repeat_interleave(e - s))
+            G = torch.zeros(K, e - s, width, **self.opts)
+            for i, t in live:
+                G[:, :, local[i]:local[i] + t.numel] = t.per_sample_grads(s, e)
+            ops.sym_outer_accum_(target, G.reshape(-1, width), wk.repeat_interleave(e - s))
 
     def finish(self, N: int) -> FisherMatrix:
+        device = self.opts["device"]
         parts = []
         if self.structure in ("diag", "kfac"):
-            names = [n for n, _ in self.cap.params if not any(
-                self._kfac_layer(l) and n in {q for q, _, _ in l.params} for l in self.cap.layers)]
-            if names:
-                vals = torch.cat([self.diag_sums[n].reshape(-1) for n in names]) / N
-                parts.append(DiagPart(self._index(names), vals))
-        if self.structure == "kfac":
-            for layer in self.cap.layers:
-                if not self._kfac_layer(layer):
-                    continue
-                local = {ln: q for q, ln, _ in layer.params}
-                O, I_tot = layer.module.weight.shape[0], layer.module.weight[0].numel()
-                G_count = layer.groups
-                Og, Ig = O // G_count, I_tot
-                w0 = self.offsets[local["weight"]][0]
-                widx = torch.arange(w0, w0 + O * Ig, device=self.opts["device"]).view(O, Ig)
-                bidx = None
-                if "bias" in local:
-                    b0 = self.offsets[local["bias"]][0]
-                    bidx = torch.arange(b0, b0 + O, device=self.opts["device"])
-                for g in range(G_count):
-                    A, G = self.kron[(layer.name, g)]
-                    rows = slice(g * Og, (g + 1) * Og)
-                    idx = widx[rows]
-                    if bidx is not None:
-                        idx = torch.cat([idx, bidx[rows, None]], dim=1)
-                    parts.append(KronPart(idx, A / self.kron_rows[(layer.name, g)], G / N))
+            rest = [i for i in range(len(self.cap.params)) if i not in self.kron_params]
+            if rest:
+                idx = torch.arange(self.P, device=device) if len(rest) == len(self.cap.params) else torch.cat(
+                    [torch.arange(self.offsets[i], self.offsets[i] + self.diag_sums[i].numel(), device=device)
+                     for i in rest])
+                parts.append(DiagPart(idx, torch.cat([self.diag_sums[i] for i in rest]) / N))
+            for A, G, rows, idx in self.kron.values():
+                parts.append(KronPart(idx, A / rows, G / N))
         if self.structure == "block":
-            for layer in self.cap.layers:
-                parts.append(DensePart(self._index([q for q, _, _ in layer.params]), self.blocks[layer.name] / N))
+            by_block = {}
+            for i, (name, _) in enumerate(self.cap.params):
+                by_block.setdefault(block_key(name), []).append(i)
+            for key, idx in by_block.items():
+                flat = torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.cap.params[i][1].numel(),
+                                               device=device) for i in idx])
+                block = self.blocks.get(key)
+                parts.append(DensePart(flat, torch.zeros(flat.numel(), flat.numel(), **self.opts) if block is None
+                                       else block / N))
         if self.structure == "full":
-            parts.append(DensePart(torch.arange(self.P, device=self.opts["device"]), self.full / N))
+            parts.append(DensePart(torch.arange(self.P, device=device), self.full / N))
         return FisherMatrix(self.P, parts, N, self.structure)
+
+
+def _kron_parts(term) -> list | None:
+    """[(LinearTerm, index or None)] when the term is Kronecker-factorable: linear forms whose input side
+    does not depend on the cotangent, on disjoint views of the parameter."""
+    if isinstance(term, LinearTerm):
+        return [(term, None)] if term.standard else None
+    if isinstance(term, Placed) and isinstance(term.term, LinearTerm) and term.term.standard:
+        return [(term.term, term.index)]
+    if isinstance(term, Sum) and term.disjoint:
+        parts = [_kron_parts(t) for t in term.terms]
+        return None if any(p is None for p in parts) else [q for p in parts for q in p]
+    return None
+
+
+def _planned_bytes(structure, cap: Capture, item: int) -> int:
+    """Bytes of the result of a structure, known before any forward pass (K-FAC: an upper bound)."""
+    sizes = [p.numel() for _, p in cap.params]
+    P = sum(sizes)
+    if structure == "full":
+        return P * P * item
+    if structure == "block":
+        blocks = {}
+        for (name, _), n in zip(cap.params, sizes):
+            blocks[block_key(name)] = blocks.get(block_key(name), 0) + n
+        return sum(n * n for n in blocks.values()) * item
+    if structure == "kfac":
+        total = P
+        for _, p in cap.params:
+            if p.dim() >= 2:
+                total += p.shape[0] ** 2 + (p[0].numel() + 1) ** 2
+        return total * item
+    return P * item
 
 
 def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag", loss: str = "cross_entropy",
            params=None, mc_samples: int = 1, batch_size: int | None = None, memory_budget: int | None = None,
-           progress: bool = False, generator: torch.Generator | None = None) -> FisherMatrix:
+           progress: bool = False, generator: torch.Generator | None = None, class_dim: int | None = None,
+           ignore_index: int = -100) -> FisherMatrix:
     """The Fisher information of ``model`` over ``data`` (see the module docstring for the math).
 
     Args:
-        model: a module mapping inputs x [N, ...] to outputs [N, C] (logits, or regression outputs).
+        model: a module mapping inputs x [N, ...] to outputs: logits [N, C] (or [N, T, C], [N, C, H, W]
+            with positions), or regression outputs [N, ...].
         data: a DataLoader, a Dataset, or an (x, y) tuple of tensors; streamed in batches.
         kind: "true" (exact expectation over the model's predictive distribution), "empirical"
             (data labels) or "mc" (``mc_samples`` labels sampled from the model with ``generator``).
         structure: "diag", "full", "block" or "kfac".
-        loss: "cross_entropy" (softmax over logits) or "mse" (Gaussian, unit variance).
+        loss: "cross_entropy" (softmax over the class axis) or "mse" (Gaussian, unit variance).
         params: None (all parameters that require grad), or names, modules or tensors.
         batch_size: samples per batch for tensor or Dataset data (DataLoaders keep their own).
         memory_budget: bytes the result and its scratch may use (default: half the available memory);
-            a "full" request that does not fit fails before any work.
+            a result that does not fit is refused before any work.
         progress: show a tqdm progress bar.
+        class_dim: the class axis of cross-entropy outputs with positions (None: read off the labels).
+        ignore_index: label of positions that do not count (padding tokens), as in F.cross_entropy.
     Returns:
         a FisherMatrix (``diag``, ``dense``, ``mv``, ``quad``, ``trace``, ``solve``, ``num_samples``).
     """
@@ -255,32 +274,43 @@ def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag
     check_positive_int("batch_size", batch_size, optional=True)
     cap = Capture(model, params)
     ref = cap.params[0][1]
-    budget = memory_budget if memory_budget is not None else default_memory_budget(ref.device)
+    budget = resolve_budget(memory_budget, ref.device)
+    hint = {"full": "use structure='block', 'kfac' or 'diag', or pass a subset via params=",
+            "block": "use structure='kfac' or 'diag', or pass a subset via params="}.get(
+        structure, "pass a subset via params=")
     P = sum(p.numel() for _, p in cap.params)
-    item = ref.element_size()
-    if structure == "full" and P * P * item > budget:
-        raise ValueError(
-            f"structure='full': a {P} x {P} Fisher needs {P * P * item:,} bytes but the memory budget is "
-            f"{budget:,} bytes; use structure='block', 'kfac' or 'diag', or pass a subset via params=")
-    acc = _Accumulator(structure, cap, chunk_bytes=max(1 << 20, min(budget // 4, 1 << 28)))
-    total = 0
+    require(_planned_bytes(structure, cap, ref.element_size()), budget,
+            f"structure={structure!r} over {P} parameters", hint)
+    chunk_bytes = max(_MIN_CHUNK, min(budget // 4, _MAX_CHUNK))
+    cap.chunk_bytes = chunk_bytes
+    acc = _Accumulator(structure, cap, chunk_bytes)
     if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
-        batch_size = _auto_batch_size(cap, data, kind, loss, mc_samples, acc.chunk_bytes)
+        first = next(iter_batches(data, 2), None)
+        if first is None:
+            raise ValueError("data: no samples")
+        _check_inputs(model, first[0])
+        with cap, torch.no_grad():
+            out2 = cap.probe(first[0])
+        K = 1 if kind == "empirical" else mc_samples if kind == "mc" else out2[0].numel()
+        batch_size = batch_plan(*footprint(cap.probed_uses, out2), K, chunk_bytes)
     batches = iter_batches(data, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"fisher({kind}, {structure})", unit="batch")
+    total = 0
     with cap, torch.no_grad():
         for x, y in batches:
             _check_inputs(model, x)
             if x.shape[0] == 0:
                 continue
-            out = cap.forward(x)
-            cot, wk = output_cotangents(out, y, kind, loss, mc_samples, generator, total)
-            with torch.enable_grad():
-                cap.backward(out, cot)
-            acc.add(wk)
+            out = checked_output(cap.forward(x), total)
+            cot = Cotangents(out, y, kind, loss, mc_samples=mc_samples, generator=generator, class_dim=class_dim,
+                             ignore_index=ignore_index)
+            step = cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K, chunk_bytes)
+            for k0 in range(0, cot.K, step):
+                k1 = min(cot.K, k0 + step)
+                acc.add(cap.backward(out, cot.chunk(k0, k1), last=k1 == cot.K), cot.weights[k0:k1], first=k0 == 0)
             total += x.shape[0]
     if total == 0:
         raise ValueError("data: no samples")

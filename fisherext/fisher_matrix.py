@@ -8,7 +8,12 @@ solves therefore work part by part.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+
+from .memory import require, resolve_budget
+from .utils import check_positive_int
 
 
 def _singular(what):
@@ -17,6 +22,7 @@ def _singular(what):
 
 class DiagPart:
     kind = "diag"
+    fields = ("idx", "d")
 
     def __init__(self, idx: torch.Tensor, d: torch.Tensor):
         self.idx, self.d = idx, d
@@ -42,9 +48,13 @@ class DiagPart:
     def tensors(self):
         return {"idx": self.idx, "d": self.d}
 
+    def consistent(self) -> bool:
+        return self.d.shape == (self.idx.numel(),)
+
 
 class DensePart:
     kind = "dense"
+    fields = ("idx", "M")
 
     def __init__(self, idx: torch.Tensor, M: torch.Tensor):
         self.idx, self.M = idx, M
@@ -71,9 +81,13 @@ class DensePart:
     def tensors(self):
         return {"idx": self.idx, "M": self.M}
 
+    def consistent(self) -> bool:
+        return self.M.shape == (self.idx.numel(),) * 2
+
 
 class KronPart:
     kind = "kron"
+    fields = ("idx", "A", "G")
 
     def __init__(self, idx: torch.Tensor, A: torch.Tensor, G: torch.Tensor):
         self.idx, self.A, self.G = idx, A, G  # idx [O, I]: flat positions of the weight (bias as last column)
@@ -104,8 +118,37 @@ class KronPart:
     def tensors(self):
         return {"idx": self.idx, "A": self.A, "G": self.G}
 
+    def consistent(self) -> bool:
+        return (self.idx.dim() == 2 and self.G.shape == (self.idx.shape[0],) * 2
+                and self.A.shape == (self.idx.shape[1],) * 2)
+
 
 _PARTS = {cls.kind: cls for cls in (DiagPart, DensePart, KronPart)}
+_STATE_KEYS = ("P", "num_samples", "structure", "parts")
+
+
+def _part_from_state(i: int, entry, P: int):
+    """Part i of a state dict, checked: its kind, its fields (tensors), their shapes, idx within [0, P)."""
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"state: part {i} must be a dict, got {type(entry).__name__}")
+    kind = entry.get("kind")
+    if kind not in _PARTS:
+        raise ValueError(f"state: part {i} has kind {kind!r}; expected one of {', '.join(map(repr, _PARTS))}")
+    cls = _PARTS[kind]
+    missing = [f for f in cls.fields if f not in entry]
+    if missing:
+        raise ValueError(f"state: part {i} ({kind}) lacks {', '.join(map(repr, missing))}")
+    for f in cls.fields:
+        if not isinstance(entry[f], torch.Tensor):
+            raise TypeError(f"state: part {i} ({kind}) field {f!r} must be a tensor, got {type(entry[f]).__name__}")
+    part = cls(**{f: entry[f] for f in cls.fields})
+    idx = part.idx
+    if idx.is_floating_point() or idx.is_complex() or (idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < P):
+        raise ValueError(f"state: part {i} ({kind}) has 'idx' outside the integer positions [0, {P})")
+    if not part.consistent():
+        shapes = ", ".join(f"{f} {tuple(entry[f].shape)}" for f in cls.fields)
+        raise ValueError(f"state: part {i} ({kind}) has inconsistent shapes: {shapes}")
+    return part
 
 
 class FisherMatrix:
@@ -154,8 +197,13 @@ class FisherMatrix:
         """The diagonal [P]."""
         return self._scatter(part.diag() for part in self.parts)
 
-    def dense(self) -> torch.Tensor:
-        """The full P×P matrix (zero outside the structure's blocks)."""
+    def dense(self, memory_budget: int | None = None) -> torch.Tensor:
+        """The full P×P matrix (zero outside the structure's blocks). Planned against ``memory_budget``
+        (bytes; default half the available memory, ``fisherext.memory``): refused up front, with the
+        bytes it needs, when it does not fit."""
+        budget = resolve_budget(memory_budget, self.device)
+        require(self.P * self.P * self.dtype.itemsize, budget, f"memory_budget: the dense {self.P} x {self.P} matrix",
+                "diag(), mv(), quad(), trace() and solve() need no P x P matrix; or pass a larger memory_budget")
         out = torch.zeros(self.P, self.P, dtype=self.dtype, device=self.device)
         for part in self.parts:
             i = part.idx.reshape(-1)
@@ -190,8 +238,21 @@ class FisherMatrix:
                 "parts": [{"kind": part.kind, **part.tensors()} for part in self.parts]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.P, self.num_samples, self.structure = state["P"], state["num_samples"], state["structure"]
-        self.parts = [_PARTS[p["kind"]](**{k: v for k, v in p.items() if k != "kind"}) for p in state["parts"]]
+        """Replaces this matrix by ``state`` (from ``state_dict()``), checked in full before anything is
+        replaced: ValueError/TypeError naming ``state`` (missing keys, unknown part kinds, shapes)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected the dict of FisherMatrix.state_dict(), got {type(state).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"state: missing keys {', '.join(map(repr, missing))} (a FisherMatrix state has "
+                             f"{', '.join(map(repr, _STATE_KEYS))})")
+        P = check_positive_int("state['P']", state["P"])
+        num_samples = check_positive_int("state['num_samples']", state["num_samples"])
+        entries = state["parts"]
+        if not isinstance(entries, (list, tuple)) or not entries:
+            raise ValueError(f"state: 'parts' must be a non-empty list, got {entries!r}")
+        parts = [_part_from_state(i, entry, P) for i, entry in enumerate(entries)]
+        self.P, self.num_samples, self.structure, self.parts = P, num_samples, state["structure"], parts
 
     def to(self, *args, **kwargs) -> FisherMatrix:
         """A copy with values converted like ``Tensor.to`` (index tensors only change device)."""

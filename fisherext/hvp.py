@@ -8,7 +8,10 @@ With outputs :math:`z_n = f(x_n;\theta)` [C], per-sample loss :math:`\ell(z_n, y
 - Generalized Gauss-Newton: :math:`Gv = \frac1N\sum_n J_n^\top \Lambda_n J_n v` with
   :math:`J_n = \partial z_n/\partial\theta` and :math:`\Lambda_n = \nabla^2_z \ell`: a JVP gives
   :math:`J_n v`, the loss Hessian is applied in output space, a VJP maps back. For softmax cross-entropy
-  :math:`\Lambda_n u = p\odot u - p(p^\top u)` is one fused kernel (``fisherext.ops.softmax_hvp``).
+  :math:`\Lambda_n u = p\odot u - p(p^\top u)` is one fused kernel (``fisherext.ops.softmax_hvp``); any
+  other ``loss_fn`` (torch's MSE, label-smoothed or ignore_index cross-entropy, BCE with logits, NLL of
+  a log_softmax, outputs [N, T, C] flattened by the loss) by double backprop of ``loss_fn`` in z. The
+  split is at the model's output: a LogSoftmax inside the model with ``nn.NLLLoss`` gives Λ = 0.
   G is positive semi-definite when the loss is convex in z; it drops the second-order terms of f that
   make H indefinite.
 - Fisher: :math:`Fv = \frac1N\sum_n J_n^\top \hat\Lambda_n J_n v` with the Fisher's own output-space
@@ -24,19 +27,26 @@ Data stream in batches; a batch of :math:`n_b` samples whose ``loss_fn`` returns
 with weight :math:`n_b / N`, so the result is the product for the mean loss over the whole data set
 whatever the batching. Several vectors ``V`` [K, P] share a batch's forward pass and first backward
 pass (its graph); each vector then costs one more backward.
+
+Forward passes follow ``fisherext.conventions``: deterministic per sample (train-mode dropout and
+batch-statistics BatchNorm refused), padding_idx lookups constant (so the dual forward of one vector,
+the reverse-mode paths of several and the finite differences agree), attention by the math kernel
+(which has second derivatives), outputs checked to be finite tensors.
 """
 from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call
 
 from . import ops
-from .capture import check_batchnorm, iter_batches, resolve_params
-from .fisher import LOSSES, _check_inputs, output_cotangents
+from .capture import iter_batches, resolve_params
+from .conventions import check_deterministic, checked_output, curvature_forward
+from .fisher import _check_inputs
+from .likelihood import LOSSES, Cotangents
 from .perturb import ParameterPerturbation, _directions, _eps
-from .utils import check_choice
+from .utils import check_choice, check_positive_int
 
 METHODS = ("exact", "ggn", "fd")
 
@@ -45,7 +55,7 @@ class FunctionalModel:
     """A model as a function of its selected parameters: flat vectors [K, P] ↔ per-parameter tensors."""
 
     def __init__(self, model: nn.Module, params=None):
-        check_batchnorm(model)
+        check_deterministic(model)
         self.model = model
         self.selected = resolve_params(model, params)
         self.names = [n for n, _ in self.selected]
@@ -65,8 +75,10 @@ class FunctionalModel:
         """[P] → one view per parameter."""
         return [t.view(s) for t, s in zip(v.split(self.sizes), self.shapes)]
 
-    def forward(self, x):
-        return lambda params: functional_call(self.model, params, (x,))
+    def outputs(self, x, params: dict, offset: int = 0) -> torch.Tensor:
+        """The model's outputs for the batch x at ``params`` ({name: tensor}), checked by
+        ``conventions.checked_output`` (``offset``: the batch's first sample in the data)."""
+        return checked_output(functional_call(self.model, params, (x,)), offset)
 
     def vectors(self, v) -> tuple[torch.Tensor, bool]:
         """v [P] or [K, P] → ([K, P] in the parameters' dtype, whether v was one vector)."""
@@ -83,6 +95,10 @@ def is_cross_entropy(loss_fn) -> bool:
         return True
     return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean" and loss_fn.weight is None
             and loss_fn.label_smoothing == 0.0)
+
+
+def _ignore_index(loss_fn) -> int:
+    return loss_fn.ignore_index if isinstance(loss_fn, nn.CrossEntropyLoss) else -100
 
 
 def likelihood(loss_fn) -> str:
@@ -105,20 +121,25 @@ def _check_loss_fn(loss_fn):
 
 def _fused_labels(loss_fn, out, y) -> bool:
     """Whether the fused softmax Hessian is exact here: cross-entropy on [N, C] logits with class labels
-    that all count (an ignored label would change the mean's denominator)."""
+    that all count (an ignored label, -100 or the module's ignore_index, would change the mean's
+    denominator)."""
     return (is_cross_entropy(loss_fn) and out.dim() == 2 and isinstance(y, torch.Tensor)
-            and not y.is_floating_point() and y.dim() == 1 and bool((y >= 0).all()))
+            and not y.is_floating_point() and y.dim() == 1
+            and bool(((y >= 0) & (y != _ignore_index(loss_fn))).all()))
 
 
 def output_hessian_product(loss_fn, out: torch.Tensor, y, U: torch.Tensor) -> torch.Tensor:
-    """∇²_z loss_fn(z, y) at z = out applied to U [K, *out.shape] (the batch-mean loss's Hessian)."""
+    """∇²_z loss_fn(z, y) at z = out applied to U [K, *out.shape] (the batch-mean loss's Hessian).
+
+    Any loss other than the fused cross-entropy: double backprop of ``loss_fn`` in z, one backward per
+    vector through the small output-space graph. (torch.func's jvp-of-grad fails inside torch's own
+    losses: ``mse_loss``'s backward writes into the ZeroTensor tangent of the target.)"""
     if _fused_labels(loss_fn, out, y):
         return ops.softmax_hvp(out, U) / out.shape[0]
-
-    def loss_grad(z):
-        return grad(lambda z: loss_fn(z, y))(z)
-
-    return vmap(lambda u: jvp(loss_grad, (out,), (u,))[1])(U)
+    z = out.detach().requires_grad_()
+    with torch.enable_grad():
+        g = _grads([loss_fn(z, y)], [z], [None], retain_graph=True, create_graph=True)
+        return torch.stack([_grads(g, [z], [u], retain_graph=k < U.shape[0] - 1)[0] for k, u in enumerate(U)])
 
 
 # ---- products on one batch (each for the batch-mean loss) ------------------------------------------
@@ -140,12 +161,12 @@ def _grads(outputs, leaves, grad_outputs, retain_graph=False, create_graph=False
     return [torch.zeros_like(p) if g is None else g for g, p in zip(got, leaves)]
 
 
-def hessian_batch(fm: FunctionalModel, loss_fn, x, y, V: torch.Tensor) -> torch.Tensor:
+def hessian_batch(fm: FunctionalModel, loss_fn, x, y, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """H_b V for the batch-mean loss: the gradient with its graph (double backprop, Pearlmutter's
     R-operator in reverse mode), then one backward through it per vector, sharing the graph. [K, P]"""
     leaves = fm.leaves()
     with torch.enable_grad():
-        loss = loss_fn(fm.forward(x)(dict(zip(fm.names, leaves))), y)
+        loss = loss_fn(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
         g = _grads([loss], leaves, [torch.ones_like(loss)], retain_graph=True, create_graph=True)
         K = V.shape[0]
         return torch.stack([torch.cat([h.reshape(-1) for h in _grads(g, leaves, fm.unflat(V[k]),
@@ -153,7 +174,7 @@ def hessian_batch(fm: FunctionalModel, loss_fn, x, y, V: torch.Tensor) -> torch.
                             for k in range(K)])
 
 
-def _output_space_batch(fm: FunctionalModel, x, V, apply) -> torch.Tensor:
+def _output_space_batch(fm: FunctionalModel, x, V, apply, offset: int) -> torch.Tensor:
     """Jᵀ A(J V) for the batch: J V [K, N, C], ``apply(out, JV)`` the output-space factor, then one VJP per
     vector. One vector: J v by forward-mode AD in the same forward pass that records the graph for the
     VJP. Several: J v_k = ∂(Jᵀu)/∂u · v_k, the double-VJP trick, every vector sharing one graph. [K, P]"""
@@ -163,10 +184,10 @@ def _output_space_batch(fm: FunctionalModel, x, V, apply) -> torch.Tensor:
         if K == 1:
             with fwAD.dual_level():
                 dual = {n: fwAD.make_dual(p, t) for n, p, t in zip(fm.names, leaves, fm.unflat(V[0]))}
-                out, Jv = fwAD.unpack_dual(fm.forward(x)(dual))
+                out, Jv = fwAD.unpack_dual(fm.outputs(x, dual, offset))
                 JV = (torch.zeros_like(out) if Jv is None else Jv)[None]
         else:
-            out = fm.forward(x)(dict(zip(fm.names, leaves)))
+            out = fm.outputs(x, dict(zip(fm.names, leaves)), offset)
             u = torch.zeros_like(out, requires_grad=True)
             Ju = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
             JV = torch.stack([_grads(Ju, [u], fm.unflat(V[k]), retain_graph=True)[0] for k in range(K)])
@@ -175,27 +196,35 @@ def _output_space_batch(fm: FunctionalModel, x, V, apply) -> torch.Tensor:
                             for k in range(K)])
 
 
-def ggn_batch(fm: FunctionalModel, loss_fn, x, y, V: torch.Tensor) -> torch.Tensor:
+def ggn_batch(fm: FunctionalModel, loss_fn, x, y, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """G_b V = Jᵀ ∇²_z L_b J V for the batch-mean loss L_b. [K, P]"""
-    return _output_space_batch(fm, x, V, lambda out, JV: output_hessian_product(loss_fn, out, y, JV))
+    return _output_space_batch(fm, x, V, lambda out, JV: output_hessian_product(loss_fn, out, y, JV), offset)
 
 
 def fisher_batch(fm: FunctionalModel, loss: str, kind: str, x, y, V: torch.Tensor, *, mc_samples=1,
-                 generator=None, offset=0) -> torch.Tensor:
-    """F_b V = (1/n_b) Σ_n J_nᵀ Λ̂_n J_n V, Λ̂_n from the cotangents of ``fisherext.fisher``. [K, P]"""
+                 generator=None, offset=0, class_dim=None, ignore_index=-100) -> torch.Tensor:
+    """F_b V = (1/n_b) Σ_n J_nᵀ Λ̂_n J_n V, Λ̂_n from the cotangents of ``fisherext.fisher`` (outputs
+    [N, C], or with positions [N, T, C] / [N, C, H, W]: a sum over the positions that count). [K, P]"""
 
     def apply(out, JV):
         n = out.shape[0]
-        if kind == "true" and loss == "cross_entropy":
-            return ops.softmax_hvp(out, JV) / n
-        if kind == "true":  # Gaussian likelihood with unit variance: Λ = I
+        if kind == "true" and loss == "mse":  # Gaussian likelihood with unit variance: Λ = I
             return JV / n
-        cot, w = output_cotangents(out, y, kind, loss, mc_samples, generator, offset)  # [M, N, C], [M]
+        c = Cotangents(out, y, kind, loss, mc_samples=mc_samples, generator=generator, class_dim=class_dim,
+                       ignore_index=ignore_index)
+        if kind == "true":  # Λ u = p⊙u − p(pᵀu) at every position, by the fused kernel, 0 where ignored
+            N, T, C = c.rows.shape
+            U = JV.movedim(c.axis + 1, -1).reshape(-1, N * T, C)
+            U = ops.softmax_hvp(c.rows.reshape(N * T, C), U).view(-1, N, T, C)
+            if c.valid is not None:
+                U = U * c.valid[..., None].to(U.dtype)
+            return U.reshape(-1, *c.moved_shape).movedim(-1, c.axis + 1) / n
         # Λ̂_n u = Σ_m w_m c_mn (c_mnᵀ u): the M labels' outer products, never a per-sample gradient
-        coef = torch.einsum("mnc,knc->kmn", cot, JV) * w[None, :, None]
-        return torch.einsum("kmn,mnc->knc", coef, cot) / n
+        cot = c.all().reshape(c.K, n, -1)
+        coef = torch.einsum("mne,kne->kmn", cot, JV.reshape(JV.shape[0], n, -1)) * c.weights[None, :, None]
+        return torch.einsum("kmn,mne->kne", coef, cot).reshape(JV.shape) / n
 
-    return _output_space_batch(fm, x, V, apply)
+    return _output_space_batch(fm, x, V, apply, offset)
 
 
 def _mean_loss_grad(fm: FunctionalModel, loss_fn, data, batch_size) -> torch.Tensor:
@@ -204,7 +233,7 @@ def _mean_loss_grad(fm: FunctionalModel, loss_fn, data, batch_size) -> torch.Ten
     def batch_grad(x, y, V, offset):
         leaves = fm.leaves()
         with torch.enable_grad():
-            loss = loss_fn(fm.forward(x)(dict(zip(fm.names, leaves))), y)
+            loss = loss_fn(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
             return torch.cat([t.reshape(-1) for t in _grads([loss], leaves, [torch.ones_like(loss)])])[None]
 
     return stream(fm, data, batch_size, batch_grad, None)[0]
@@ -258,22 +287,29 @@ def hvp(model: nn.Module, loss_fn, data, v: torch.Tensor, *, method: str = "exac
         data: a DataLoader, a Dataset, or an (x, y) tuple of tensors; streamed in batches.
         v: one vector [P] or K vectors [K, P] over the selected parameters (flat, in
             ``model.named_parameters()`` order).
-        method: "exact" (Hv, forward-over-reverse), "ggn" (Gv, the Gauss-Newton matrix) or "fd"
+        method: "exact" (Hv, double backprop), "ggn" (Gv, the Gauss-Newton matrix) or "fd"
             (central finite differences of the gradient with step ``r``).
         params: None (all parameters that require grad), or names, modules or tensors.
-        batch_size: samples per batch for tensor or Dataset data.
+        batch_size: samples per batch for tensor or Dataset data (a positive int).
     Returns:
         Tensor of v's shape.
+
+    The forward passes follow ``fisherext.conventions``: a model in train mode with dropout (or BatchNorm
+    on batch statistics) is refused, padding_idx lookups are constants, attention runs the math kernel.
     """
     check_choice("method", method, METHODS)
     _check_loss_fn(loss_fn)
+    check_positive_int("batch_size", batch_size, optional=True)
+    if method == "fd":
+        r = _eps(r, name="r")
     fm = FunctionalModel(model, params)
     V, single = fm.vectors(v)
-    if method == "fd":
-        out = fd_product(fm, loss_fn, data, V, _eps(r), batch_size)
-    else:
-        batch = hessian_batch if method == "exact" else ggn_batch
-        out = stream(fm, data, batch_size, lambda x, y, V, _: batch(fm, loss_fn, x, y, V), V)
+    with curvature_forward(model):  # entered before fd_product moves any parameter
+        if method == "fd":
+            out = fd_product(fm, loss_fn, data, V, r, batch_size)
+        else:
+            batch = hessian_batch if method == "exact" else ggn_batch
+            out = stream(fm, data, batch_size, lambda x, y, V, offset: batch(fm, loss_fn, x, y, V, offset), V)
     return out[0] if single else out
 
 

@@ -33,11 +33,12 @@ from torch.func import functional_call, grad, vmap
 
 from . import solvers
 from .capture import iter_batches
+from .conventions import check_deterministic, checked_output, curvature_forward
 from .hvp import FunctionalModel, _check_loss_fn
 from .linop import DEFAULT_MAX_ELEMENTS
 from .operators import GGNOperator, HessianOperator
 from .spectral import power_iteration
-from .utils import check_choice
+from .utils import check_choice, check_positive_int
 
 SOLVERS = ("exact", "cg", "lissa")
 CURVATURES = ("hessian", "ggn")
@@ -58,6 +59,7 @@ def num_samples(data, name: str) -> int:
             raise ValueError(f"{name}: x and y have {x.shape[0]} and {y.shape[0]} samples")
         n = x.shape[0]
     elif isinstance(data, torch.utils.data.DataLoader):
+        _check_in_order(data, name)
         n = len(data.dataset)
     elif isinstance(data, torch.utils.data.Dataset):
         n = len(data)
@@ -69,6 +71,23 @@ def num_samples(data, name: str) -> int:
     return n
 
 
+def _check_in_order(loader: torch.utils.data.DataLoader, name: str) -> None:
+    """Refuses a DataLoader that does not yield its dataset in order: the rows (test data) and columns
+    (training data) of the influence matrix follow the data's order, and the gradients are streamed
+    again at every call, so a shuffled order would make them random and differ from call to call."""
+    data = torch.utils.data
+    if isinstance(loader.dataset, data.IterableDataset):
+        return  # no sampler: the dataset's own iteration order
+    batches = loader.batch_sampler
+    ordered = isinstance(loader.sampler, data.SequentialSampler) and (
+        batches is None or (type(batches) is data.BatchSampler and batches.sampler is loader.sampler))
+    if not ordered:
+        used = type(loader.sampler if batches is None or type(batches) is data.BatchSampler else batches).__name__
+        raise ValueError(f"{name}: the DataLoader draws its samples through a {used}, not in order, so the "
+                         "influence matrix's rows/columns would be in a random order that changes from call to "
+                         "call; pass a DataLoader with shuffle=False (and no sampler), a Dataset or an (x, y) tuple")
+
+
 class InfluenceFunctions:
     r"""Influence of training points on test losses, :math:`I = -G_{test}(H+\lambda I)^{-1}G_{train}^\top`
     (see the module docstring for the math, sign and normalization).
@@ -77,7 +96,8 @@ class InfluenceFunctions:
         model: maps inputs to outputs; its parameters are read at each call (the factorization of
             ``solver="exact"`` is recomputed when they change).
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss (e.g. ``F.cross_entropy``).
-        train_data: a DataLoader (not shuffling: columns follow its order), a Dataset, or an (x, y) tuple.
+        train_data: a DataLoader (in order, no shuffling or other sampler: columns follow its order,
+            and a shuffling one is refused), a Dataset, or an (x, y) tuple.
         params: None (all parameters that require grad), or names, modules or tensors: H, gradients and
             influence are then those of that subset, the rest held fixed (e.g. the last layer only).
         damping: λ ≥ 0 added to the curvature. For a model trained with an L2 penalty
@@ -87,13 +107,16 @@ class InfluenceFunctions:
             batched) or "lissa" (``fisherext.solvers.lissa``).
         curvature: "hessian" (may be indefinite) or "ggn" (Gauss-Newton, PSD for a convex loss).
         batch_size: samples per batch for the curvature products and the gradient stream (tensor or
-            Dataset data; a DataLoader keeps its own batches).
+            Dataset data; a DataLoader keeps its own batches). A positive int.
         solver_kwargs: passed to the solver. "cg": ``tol``, ``maxiter``, ``preconditioner``. "lissa":
             ``scale`` (default 1.1× the largest-magnitude eigenvalue of H, by power iteration),
             ``depth`` (default 1000), ``repeats`` and, for the stochastic variant, ``sample_size``
             (samples per minibatch operator, drawn from the training tensors with ``seed``). Here the
             damping stays absolute: λ is passed to lissa as ``damping = λ / scale``.
         progress: tqdm bars over the training chunks.
+
+    Forward passes follow ``fisherext.conventions``: a model in train mode with dropout (or BatchNorm on
+    batch statistics) is refused, padding_idx lookups are constants, attention runs the math kernel.
     """
 
     def __init__(self, model: nn.Module, loss_fn, train_data, *, params=None, damping: float = 0.0,
@@ -102,6 +125,8 @@ class InfluenceFunctions:
         check_choice("solver", solver, SOLVERS)
         check_choice("curvature", curvature, CURVATURES)
         _check_loss_fn(loss_fn)
+        check_positive_int("batch_size", batch_size, optional=True)
+        check_deterministic(model)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
                 or damping < 0:
             raise ValueError(f"damping: must be a finite number >= 0, got {damping!r}")
@@ -123,21 +148,25 @@ class InfluenceFunctions:
 
     # ---- gradients ------------------------------------------------------------------------------
 
-    def _per_sample_grads(self, x, y) -> torch.Tensor:
-        """∇θ ℓ(z_n) for each sample of the batch, flat over the selected parameters: [B, P]."""
+    def _per_sample_grads(self, x, y, offset: int) -> torch.Tensor:
+        """∇θ ℓ(z_n) for each sample of the batch, flat over the selected parameters: [B, P]. The outputs
+        are checked by ``conventions.checked_output`` (``offset``: the first sample's index in the data)."""
         model, loss_fn = self.model, self.loss_fn
 
         def loss_one(params, xn, yn):
-            return loss_fn(functional_call(model, params, (xn[None],)), yn[None])
+            out = checked_output(functional_call(model, params, (xn[None],)), finite=False)
+            return loss_fn(out, yn[None]), out.detach()
 
         fm = self.fm
         primals = {n: p.detach() for n, p in zip(fm.names, fm.params)}
-        grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(primals, x, y)
+        grads, outputs = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0))(primals, x, y)
+        checked_output(outputs, offset)
         return torch.cat([grads[n].flatten(1) for n in fm.names], dim=1).detach()
 
     def _gradient_chunks(self, data, name: str, desc: str):
         """Per-sample gradients [B, P] of ``data`` in chunks of at most CHUNK_ELEMENTS entries, in order."""
         total = num_samples(data, name)
+        check_deterministic(self.model)  # read at each call, like the parameters
         rows = max(1, CHUNK_ELEMENTS // self.fm.P)
         bar = None
         if self.progress:
@@ -145,13 +174,16 @@ class InfluenceFunctions:
 
             bar = tqdm(total=total, desc=desc, unit="sample")
         try:
+            seen = 0
             for x, y in iter_batches(data, self.batch_size):
                 if y is None:
                     raise ValueError(f"{name}: influence needs targets; the data yields inputs only")
                 if x.device != self.fm.device:
                     raise ValueError(f"{name}: is on {x.device} but the parameters are on {self.fm.device}")
                 for s in range(0, x.shape[0], rows):
-                    G = self._per_sample_grads(x[s:s + rows], y[s:s + rows])
+                    with curvature_forward(self.model):  # not across the yield: the caller's code runs there
+                        G = self._per_sample_grads(x[s:s + rows], y[s:s + rows], seen)
+                    seen += G.shape[0]
                     if bar is not None:
                         bar.update(G.shape[0])
                     yield G

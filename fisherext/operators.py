@@ -6,15 +6,19 @@ over the data), ``A.shape``, ``A.dense()`` and ``A.to_scipy()`` work, and every 
 ``fisherext.solvers`` and spectral method in ``fisherext.spectral`` accepts it. Products stream over the
 data in batches and are normalized by the number of samples (the curvature of the mean loss), whatever
 the batching; the math is in ``fisherext.hvp``. The model's parameters are read at each product, so an
-operator follows the model as it trains.
+operator follows the model as it trains; its mode is checked at each product too (``fisherext.conventions``:
+a model switched to train mode with dropout is refused, not silently sampled).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .fisher import KINDS
-from .hvp import FunctionalModel, _check_loss_fn, fisher_batch, ggn_batch, hessian_batch, likelihood, stream
+from .conventions import check_deterministic, curvature_forward
+from .likelihood import KINDS
+from .hvp import (
+    FunctionalModel, _check_loss_fn, _ignore_index, fisher_batch, ggn_batch, hessian_batch, likelihood, stream,
+)
 from .linop import LinearOperator
 from .utils import check_choice, check_positive_int
 
@@ -31,8 +35,11 @@ class _CurvatureOperator(LinearOperator):
         raise NotImplementedError
 
     def _matmat(self, X):
+        check_deterministic(self.fm.model)  # the operator follows the model, whose mode may have changed
         V = X.T.contiguous()  # the products take vectors as rows
-        return stream(self.fm, self.data, self.batch_size, self._batch, V, self.progress, type(self).__name__).T
+        with curvature_forward(self.fm.model):
+            return stream(self.fm, self.data, self.batch_size, self._batch, V, self.progress,
+                          type(self).__name__).T
 
 
 class HessianOperator(_CurvatureOperator):
@@ -47,7 +54,7 @@ class HessianOperator(_CurvatureOperator):
         self.loss_fn = loss_fn
 
     def _batch(self, x, y, V, offset):
-        return hessian_batch(self.fm, self.loss_fn, x, y, V)
+        return hessian_batch(self.fm, self.loss_fn, x, y, V, offset)
 
 
 class GGNOperator(HessianOperator):
@@ -55,7 +62,7 @@ class GGNOperator(HessianOperator):
     convex in the outputs); softmax cross-entropy uses the fused output-space kernel."""
 
     def _batch(self, x, y, V, offset):
-        return ggn_batch(self.fm, self.loss_fn, x, y, V)
+        return ggn_batch(self.fm, self.loss_fn, x, y, V, offset)
 
 
 class FisherOperator(_CurvatureOperator):
@@ -65,16 +72,21 @@ class FisherOperator(_CurvatureOperator):
     ``loss_fn`` names the likelihood: "cross_entropy" or "mse" (or ``F.cross_entropy``,
     ``nn.CrossEntropyLoss()``, ``F.mse_loss``, ``nn.MSELoss()``; "mse" is the unit-variance Gaussian,
     :math:`\Lambda = I`, as in ``fisher``). ``kind="mc"`` draws its labels from ``seed`` afresh at every
-    product, so the operator is one fixed matrix (as a solver needs).
+    product, so the operator is one fixed matrix (as a solver needs). Outputs with positions
+    ([N, T, C], [N, C, H, W]) sum over the positions as in ``fisher``: ``class_dim`` names the class axis
+    (None: read off the labels) and positions labelled ``ignore_index`` do not count (None: that of an
+    ``nn.CrossEntropyLoss`` passed as ``loss_fn``, else -100).
     """
 
     def __init__(self, model: nn.Module, loss_fn, data, *, kind: str = "true", mc_samples: int = 1, seed: int = 0,
-                 **kw):
+                 class_dim: int | None = None, ignore_index: int | None = None, **kw):
         check_choice("kind", kind, KINDS)
         self.loss = likelihood(loss_fn)
         check_positive_int("mc_samples", mc_samples)
         super().__init__(model, data, **kw)
         self.kind, self.mc_samples, self.seed = kind, mc_samples, seed
+        self.class_dim = class_dim
+        self.ignore_index = _ignore_index(loss_fn) if ignore_index is None else ignore_index
         self._generator = None
 
     def _matmat(self, X):
@@ -84,7 +96,8 @@ class FisherOperator(_CurvatureOperator):
 
     def _batch(self, x, y, V, offset):
         return fisher_batch(self.fm, self.loss, self.kind, x, y, V, mc_samples=self.mc_samples,
-                            generator=self._generator, offset=offset)
+                            generator=self._generator, offset=offset, class_dim=self.class_dim,
+                            ignore_index=self.ignore_index)
 
 
 __all__ = ["FisherOperator", "GGNOperator", "HessianOperator"]

@@ -20,6 +20,7 @@ back from a saved buffer, bit for bit, also when the forward pass raises.
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -28,7 +29,8 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
 from . import ops
-from .capture import check_batchnorm, resolve_params
+from .capture import resolve_params
+from .conventions import check_deterministic, checked_output, curvature_forward
 from .fisher import _check_inputs
 from .utils import all_finite, check_choice
 
@@ -39,11 +41,12 @@ _LINEAR_MAX_INPUTS = 16
 METHODS = ("exact", "fd")
 
 
-def _eps(eps, positive=True) -> float:
+def _eps(eps, positive=True, name="eps") -> float:
+    """A finite-difference step: a finite number (positive unless ``positive=False``), named ``name``."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise ValueError(f"eps: must be a finite number, got {eps!r}")
+        raise ValueError(f"{name}: must be a finite number, got {eps!r}")
     if positive and eps <= 0:
-        raise ValueError(f"eps: must be positive, got {eps!r}")
+        raise ValueError(f"{name}: must be positive, got {eps!r}")
     return float(eps)
 
 
@@ -137,7 +140,11 @@ def _moved(selected, v, step):
 @contextmanager
 def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params=None):
     """Inside the block the selected parameters are θ + eps·v; on exit (also on an exception) they are
-    restored bit for bit. ``v`` is a flat vector over the selected parameters."""
+    restored bit for bit. ``v`` is a flat vector over the selected parameters.
+
+    The block runs the user's own forward passes, so no rule of ``fisherext.conventions`` is imposed: a
+    model in train mode with dropout is allowed (a SAM-style step trains at the perturbed point), and
+    the restore does not depend on the mode."""
     selected = resolve_params(model, params)
     eps = _eps(eps, positive=False)
     v = _directions(v, selected).contiguous()
@@ -149,17 +156,27 @@ def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params=None):
         state.restore()
 
 
-def _logits(model, x):
-    out = model(x)
+def _logits(out) -> torch.Tensor:
+    """A model's output as logits [N, C]: a tensor (else rule 4's TypeError, see ``fisherext.conventions``)
+    with two dimensions. Shapes only, so it also runs under vmap; finiteness is checked on the results."""
+    checked_output(out, finite=False)
     if out.dim() != 2:
         raise ValueError(f"model: expected outputs of shape [N, C], got {tuple(out.shape)}")
     return out
 
 
+def _check_finite(*outputs):
+    """Rule 4 on logits [N, C] or stacks of them [K, N, C] (K perturbed models): one pass and one host
+    sync when all are finite; otherwise the first non-finite output names its input n."""
+    if not all_finite(outputs):
+        for out in outputs:
+            checked_output(out if out.dim() == 2 else out.transpose(0, 1))
+
+
 def _per_input_logits(model, selected, x, V, eps):
     """Logits of input n at θ + eps·V[n], for every n: one batched forward over stacked parameters."""
     def one(x_n, v_n):
-        return functional_call(model, _moved(selected, v_n, eps), (x_n.unsqueeze(0),)).squeeze(0)
+        return _logits(functional_call(model, _moved(selected, v_n, eps), (x_n.unsqueeze(0),))).squeeze(0)
 
     return vmap(one)(x, V)
 
@@ -171,11 +188,12 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
     ``v`` is one direction [P] or one per input [N, P] (evaluated in one batched forward over stacked
     parameters). ``scheme="central"`` (error O(ε²)) or ``"forward"`` (O(ε)). ``block=True`` perturbs
     one parameter tensor at a time and sums the results: the block-diagonal approximation of seed 001,
-    kept for comparison only.
+    kept for comparison only. Forward passes follow ``fisherext.conventions`` (no dropout in train mode;
+    padding_idx lookups keep their unperturbed value).
     """
     check_choice("scheme", scheme, SCHEMES)
     eps = _eps(eps)
-    check_batchnorm(model)
+    check_deterministic(model)
     _check_inputs(model, x)
     selected = resolve_params(model, params)
     v = _directions(v, selected, x.shape[0])
@@ -188,25 +206,24 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
             total = total + fd_quadratic(model, x, part, eps=eps, scheme=scheme, params=params)
             offset += p.numel()
         return total
-    if v.dim() == 2:
-        with torch.no_grad():
+    with curvature_forward(model), torch.no_grad():  # entered before any parameter moves
+        if v.dim() == 2:
             plus = _per_input_logits(model, selected, x, v, eps)
-            other = _per_input_logits(model, selected, x, v, -eps) if scheme == "central" else _logits(model, x)
-    else:
-        v = v.contiguous()
-        state = ParameterPerturbation(selected)
-        try:
-            with torch.no_grad():
+            other = _per_input_logits(model, selected, x, v, -eps) if scheme == "central" else None
+        else:
+            v = v.contiguous()
+            state = ParameterPerturbation(selected)
+            try:
                 state.set(v, eps)
-                plus = _logits(model, x)
+                plus = _logits(model(x))
                 if scheme == "central":
                     state.set(v, -eps)
-                    other = _logits(model, x)
-        finally:
-            state.restore()
+                    other = _logits(model(x))
+            finally:
+                state.restore()
         if scheme == "forward":
-            with torch.no_grad():
-                other = _logits(model, x)
+            other = _logits(model(x))
+    _check_finite(plus, other)
     # forward differences: (Δ log p)(Δ p)/ε² is the central formula with half the step
     quad, _, _ = ops.fd_fisher_reduce(plus, other, None, eps if scheme == "central" else eps / 2)
     return quad
@@ -225,9 +242,14 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
       parameters adds :math:`\pm\varepsilon (V_k h + c_k)` to its output on the rows of direction k,
       since :math:`(W \pm \varepsilon V_k) h + b \pm \varepsilon c_k` is exactly that: no perturbed copy of
       the parameters is made, and W meets all rows in one GEMM. Only when every selected parameter is
-      the weight or bias of an nn.Linear; a selected parameter found in use outside its nn.Linear while
-      the forward runs (e.g. ``F.linear(h, self.fc.weight)``) sends the call to "in_place" instead.
-      It does twice the arithmetic of the others, so it pays for few inputs.
+      the weight or bias of an nn.Linear. The batch axis of each Linear input is established, not
+      assumed: the input must derive from the replicated inputs (every torch op of the forward is
+      watched) and have exactly one axis of size 2K·N other than the feature axis (a sequence-first
+      [T, 2K·N, D] input works). A Linear input without one (a buffer broadcast over the batch, rows
+      merged with other axes, another axis of the same size), or a selected parameter used outside its
+      nn.Linear (e.g. ``F.linear(h, self.fc.weight)``), sends the call to "in_place" instead. A model
+      that reinterprets rows of the batch as another axis by a bare reshape (mixing samples) is not
+      detected. It does twice the arithmetic of the others, so it pays for few inputs.
     - ``"auto"`` (default): "vmap" on CUDA, where a small model's forwards are launch-bound; on CPU
       "linear" for at most 16 inputs where the model allows it, else "in_place" (measured on the
       85k-parameter digits MLP with K = 16, in one process: at N = 8 inputs linear 2.7 ms, vmap 4.3 ms,
@@ -236,7 +258,7 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
     """
     check_choice("strategy", strategy, STRATEGIES)
     eps = _eps(eps)
-    check_batchnorm(model)
+    check_deterministic(model)
     _check_inputs(model, x)
     selected = resolve_params(model, params)
     P = sum(p.numel() for _, p in selected)
@@ -255,11 +277,12 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
     if strategy == "linear" and owners is None:
         raise ValueError("strategy: 'linear' needs every selected parameter to be the weight or bias of an "
                          "nn.Linear; use 'in_place' or 'vmap'")
-    with torch.no_grad():
+    with curvature_forward(model), torch.no_grad():
         logits = _linear_logits(model, selected, owners, x, V, eps) if strategy == "linear" else None
-        if logits is None:  # not "linear", or a selected parameter was used outside its nn.Linear
+        if logits is None:  # not "linear", or the forward did not allow it (see the docstring)
             logits = (_stacked_logits if strategy == "vmap" else _in_place_logits)(model, selected, x, V, eps)
     plus, minus = logits
+    _check_finite(plus, minus)
     K, N = V.shape[0], x.shape[0]
     quad, _, _ = ops.fd_fisher_reduce(plus.reshape(K * N, -1), minus.reshape(K * N, -1), None, eps)
     return quad.view(K, N)
@@ -279,49 +302,97 @@ def _linear_owners(model, selected) -> dict[nn.Module, set[str]] | None:
     return owners
 
 
-class _OutsideUse(TorchFunctionMode):
-    """Notes a torch op taking a watched parameter while no owning nn.Linear's forward runs."""
+def _tensors(values):
+    """The tensors among ``values``, directly or in a list/tuple (how torch ops take them: cat, stack)."""
+    for a in values:
+        if type(a) in (list, tuple):
+            yield from (b for b in a if isinstance(b, torch.Tensor))
+        elif isinstance(a, torch.Tensor):
+            yield a
 
-    def __init__(self, watched: set[int]):
+
+class _LinearWatch(TorchFunctionMode):
+    """While the "linear" strategy's forward runs: which tensors derive from the replicated inputs (an op
+    with such an argument makes its outputs so; held by weak reference, so activations are freed as
+    usual), and whether a selected parameter is used while no owning nn.Linear's forward runs (``depth``
+    counts those in progress). ``fallback`` says why the strategy cannot be used, once it cannot."""
+
+    def __init__(self, watched: set[int], inputs: torch.Tensor):
         super().__init__()
-        self.watched, self.depth, self.seen = watched, 0, False
+        self.watched, self.depth, self.fallback = watched, 0, None
+        self.derived: dict[int, weakref.ref] = {}
+        self.mark(inputs)
+
+    def mark(self, t: torch.Tensor):
+        self.derived[id(t)] = weakref.ref(t)
+
+    def is_derived(self, t) -> bool:
+        ref = self.derived.get(id(t))
+        return ref is not None and ref() is t  # an id may be reused by a tensor allocated later
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.depth and not self.seen:
-            # torch ops take tensors directly or in a list (cat, stack): a flat scan, not a pytree walk
-            for a in (*args, *kwargs.values()):
-                if id(a) in self.watched or (type(a) in (list, tuple) and any(id(b) in self.watched for b in a)):
-                    self.seen = True
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.fallback is None:
+            derived = False
+            for a in _tensors((*args, *kwargs.values())):
+                if not self.depth and id(a) in self.watched:
+                    self.fallback = "a selected parameter is used outside its nn.Linear"
+                    return out
+                derived = derived or self.is_derived(a)
+            if derived:
+                for t in _tensors(out if type(out) in (list, tuple) else (out,)):
+                    self.mark(t)
+        return out
+
+
+def _batch_axis(watch: _LinearWatch, a, rows: int) -> int | None:
+    """The axis of the Linear input ``a`` holding the ``rows`` replicated inputs, or None (then
+    ``watch.fallback`` says why): ``a`` must derive from the inputs and have exactly one axis of that size
+    other than the feature axis."""
+    if not watch.is_derived(a):
+        watch.fallback = "a Linear input does not derive from the inputs"
+        return None
+    axes = [d for d in range(a.dim() - 1) if a.shape[d] == rows]
+    if len(axes) != 1:
+        watch.fallback = f"a Linear input {tuple(a.shape)} has {len(axes)} axes of the batch size {rows}"
+        return None
+    return axes[0]
 
 
 def _linear_logits(model, selected, owners, x, V, eps):
     """Logits [K, N, C] at θ ± εv_k by the "linear" strategy (see fd_quadratic_directions), or None when
-    a selected parameter turned out to be used outside its nn.Linear (those rows would be wrong)."""
+    the forward did not allow it (a Linear input without an established batch axis, or a selected
+    parameter used outside its nn.Linear): those rows would be wrong."""
     K, N = V.shape[0], x.shape[0]
     dtype = selected[0][1].dtype
     sizes = [p.numel() for _, p in selected]
     pieces = {id(p): t.reshape(K, *p.shape) for (_, p), t in zip(selected, V.to(dtype).split(sizes, dim=1))}
     steps = torch.tensor([eps, -eps], dtype=dtype, device=V.device)
-    watch = _OutsideUse(set(pieces))
+    inputs = x.unsqueeze(0).expand(2 * K, *x.shape).reshape(2 * K * N, *x.shape[1:])
+    watch = _LinearWatch(set(pieces), inputs)
 
     def enter(module, args):
         watch.depth += 1
 
     def perturb(module, args, out):
         watch.depth -= 1
-        # Rows are ordered (direction, sign, input): the rows of direction k, both signs, are one block,
-        # so V_k meets them in one batched GEMM with no reordering copy (V_k's transpose as strides).
+        axis = None if watch.fallback else _batch_axis(watch, args[0], 2 * K * N)
+        if axis is None:
+            return out
+        # Rows are ordered (direction, sign, input): with the batch axis first, the rows of direction k,
+        # both signs (and all other positions), are one block, so V_k meets them in one batched GEMM.
+        a = args[0].movedim(axis, 0)
         O = out.shape[-1]
-        span = out.numel() // (2 * K * O)  # inputs times positions per (direction, sign)
+        span = a.numel() // (2 * K * a.shape[-1])  # inputs times positions per (direction, sign)
         delta = None
         if "weight" in owners[module]:
-            delta = torch.bmm(args[0].reshape(K, 2 * span, -1), pieces[id(module.weight)].transpose(1, 2))
+            delta = torch.bmm(a.reshape(K, 2 * span, -1), pieces[id(module.weight)].transpose(1, 2))
         if "bias" in owners[module]:
             bias = pieces[id(module.bias)][:, None, :]
             delta = bias.expand(K, 2 * span, O) if delta is None else delta + bias
-        return out + (delta.reshape(K, 2, span * O) * steps.view(1, 2, 1)).view(out.shape)
+        delta = (delta.reshape(K, 2, span * O) * steps.view(1, 2, 1)).view(*a.shape[:-1], O)
+        return out + delta.movedim(0, axis)
 
     handles = []
     try:
@@ -329,11 +400,11 @@ def _linear_logits(model, selected, owners, x, V, eps):
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(perturb))
         with watch:
-            out = _logits(model, x.unsqueeze(0).expand(2 * K, *x.shape).reshape(2 * K * N, *x.shape[1:]))
+            out = _logits(model(inputs))
     finally:
         for handle in handles:
             handle.remove()
-    if watch.seen:
+    if watch.fallback:
         return None
     out = out.view(K, 2, N, -1)
     return out[:, 0], out[:, 1]
@@ -342,7 +413,7 @@ def _linear_logits(model, selected, owners, x, V, eps):
 def _stacked_logits(model, selected, x, V, eps):
     """Logits [K, N, C] at θ ± εv_k: one vmapped forward per sign over stacked parameters."""
     def logits_at(v, step):
-        return functional_call(model, _moved(selected, v, step), (x,))
+        return _logits(functional_call(model, _moved(selected, v, step), (x,)))
 
     return vmap(lambda v: logits_at(v, eps))(V), vmap(lambda v: logits_at(v, -eps))(V)
 
@@ -354,9 +425,9 @@ def _in_place_logits(model, selected, x, V, eps):
     try:
         for v in V:
             state.set(v, eps)
-            plus.append(_logits(model, x))
+            plus.append(_logits(model(x)))
             state.set(v, -eps)
-            minus.append(_logits(model, x))
+            minus.append(_logits(model(x)))
     finally:
         state.restore()
     return torch.stack(plus), torch.stack(minus)
@@ -387,20 +458,28 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
 
     ``v``: [P] or [N, P]; default: the normalized gradient of the predicted class's log-probability,
     per input. ``method="exact"`` uses forward mode in θ over reverse mode in x; ``"fd"`` central
-    differences in θ (each input's own perturbed parameters, in one batched pass).
+    differences in θ (each input's own perturbed parameters, in one batched pass). Forward passes follow
+    ``fisherext.conventions``.
     """
     check_choice("method", method, METHODS)
     eps = _eps(eps)
-    check_batchnorm(model)
+    check_deterministic(model)
     selected = resolve_params(model, params)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x: the inputs must be a floating-point tensor (sensitivity differentiates in x)")
-    V = predicted_class_directions(model, x, params=params) if v is None else _directions(v, selected, x.shape[0])
+    with curvature_forward(model):
+        V = predicted_class_directions(model, x, params=params) if v is None else _directions(v, selected,
+                                                                                               x.shape[0])
+        return _sensitivity(model, selected, x, V, method, eps)
+
+
+def _sensitivity(model, selected, x, V, method, eps):
+    """input_sensitivity's work, once the arguments are checked."""
     names = [n for n, _ in selected]
     base = {n: p.detach() for n, p in selected}
 
     def log_probs(w, x_n):
-        return torch.log_softmax(functional_call(model, w, (x_n.unsqueeze(0),)).squeeze(0), -1)
+        return torch.log_softmax(_logits(functional_call(model, w, (x_n.unsqueeze(0),))).squeeze(0), -1)
 
     def exact(x_n, v_n):
         tangent = dict(zip(names, _split(v_n, selected)))
@@ -414,20 +493,22 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
         (J, lp), (dJ, dlp) = jvp(grads_in_x, (base,), (tangent,))
         col = (-1,) + (1,) * x_n.dim()
         # ∂x(d log p_c/dε) = dJ_c and ∂x(d p_c/dε) = ∂x(p_c d log p_c/dε) = p_c (dJ_c + (d log p_c/dε) J_c)
-        return (lp.exp().reshape(col) * (dJ + dlp.reshape(col) * J) * dJ).sum(0)
+        return (lp.exp().reshape(col) * (dJ + dlp.reshape(col) * J) * dJ).sum(0), lp[None]
 
     def finite(x_n, v_n):
-        grads = []
+        grads, lps = [], []
         for sign in (1.0, -1.0):
             moved = _moved(selected, v_n, sign * eps)
-            J_log = jacrev(lambda x_n: log_probs(moved, x_n))(x_n)  # [C, *x]
-            p = log_probs(moved, x_n).exp().reshape(-1, *([1] * x_n.dim()))
-            grads.append((p * J_log, J_log))
+            J_log, lp = jacrev(lambda x_n: (log_probs(moved, x_n),) * 2, has_aux=True)(x_n)  # [C, *x], [C]
+            grads.append((lp.exp().reshape(-1, *([1] * x_n.dim())) * J_log, J_log))
+            lps.append(lp)
         (dp_plus, dlog_plus), (dp_minus, dlog_minus) = grads
-        return ((dp_plus - dp_minus) * (dlog_plus - dlog_minus)).sum(0) / (2 * eps) ** 2
+        return ((dp_plus - dp_minus) * (dlog_plus - dlog_minus)).sum(0) / (2 * eps) ** 2, torch.stack(lps)
 
     fn = exact if method == "exact" else finite
-    return vmap(fn, in_dims=(0, 0 if V.dim() == 2 else None))(x.detach(), V.detach())
+    fis, log_p = vmap(fn, in_dims=(0, 0 if V.dim() == 2 else None))(x.detach(), V.detach())
+    checked_output(log_p)  # [N, S, C]: non-finite where the model's outputs were (rule 4)
+    return fis
 
 
 def kl_vs_fisher(model: nn.Module, x: torch.Tensor, v: torch.Tensor, eps_values, *, params=None) -> list[dict]:
@@ -435,20 +516,28 @@ def kl_vs_fisher(model: nn.Module, x: torch.Tensor, v: torch.Tensor, eps_values,
     :math:`\tfrac12\varepsilon^2 v^\top F v` (true Fisher over the same inputs) for every ε.
 
     Returns one row per ε: ``{"eps", "kl", "half_quad", "ratio"}``; the ratio tends to 1 as ε → 0.
+    Forward passes follow ``fisherext.conventions``.
     """
     from .measures import per_sample_fisher
 
+    eps_values = [_eps(eps) for eps in eps_values]
+    check_deterministic(model)
     selected = resolve_params(model, params)
     v = _directions(v, selected)
-    quad = float(per_sample_fisher(model, x, kind="true", quantity="quad", v=v, params=params).mean())
-    with torch.no_grad():
-        log_p = torch.log_softmax(_logits(model, x), -1)
-    rows = []
-    for eps in eps_values:
-        eps = _eps(eps)
-        with perturbed(model, v, eps, params=params), torch.no_grad():
-            log_q = torch.log_softmax(_logits(model, x), -1)
-        kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-        half = 0.5 * eps**2 * quad
-        rows.append({"eps": eps, "kl": kl, "half_quad": half, "ratio": kl / half if half > 0 else float("nan")})
+    with curvature_forward(model):
+        quad = float(per_sample_fisher(model, x, kind="true", quantity="quad", v=v, params=params).mean())
+        with torch.no_grad():
+            base = _logits(model(x))
+            _check_finite(base)
+            log_p = torch.log_softmax(base, -1)
+        rows = []
+        for eps in eps_values:
+            with perturbed(model, v, eps, params=params), torch.no_grad():
+                moved = _logits(model(x))
+            _check_finite(moved)
+            log_q = torch.log_softmax(moved, -1)
+            kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+            half = 0.5 * eps**2 * quad
+            rows.append({"eps": eps, "kl": kl, "half_quad": half,
+                         "ratio": kl / half if half > 0 else float("nan")})
     return rows

@@ -190,3 +190,190 @@ def test_user_hooks_are_kept_and_still_fire():
     assert_matches(F.diag(), reference_fisher("mlp", "true").diagonal(), rtol=1e-8)
     handle.remove()
     assert_no_hooks(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine v2: uses, views, fallback reasons, refusals, chunked cotangents
+# --------------------------------------------------------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models import per_sample_fishers  # noqa: E402
+
+
+def _fisher_warnings(model, data, **kw):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with untouched(model):
+            F_ = fx.fisher(model, data, **kw)
+    return F_, [str(w.message) for w in record if "fisherext" in str(w.message)]
+
+
+class BufferNet(nn.Module):
+    """A Linear applied to a buffer broadcast over the batch, and a parameter used by torch.mul."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(3, 4))
+        self.fc = nn.Linear(4, 4)
+        self.gain = nn.Parameter(torch.rand(4) + 0.5)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(((x + self.fc(self.table)) * self.gain).flatten(1))
+
+
+def test_fallback_names_each_parameter_and_why():
+    torch.manual_seed(0)
+    model = BufferNet().double().eval()
+    x, y = torch.randn(7, 3, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    F_, messages = _fisher_warnings(model, (x, y), kind="true", structure="full")
+    assert len(messages) == 1
+    msg = messages[0]
+    assert "'fc.weight'" in msg and "'fc.bias'" in msg and "without a batch axis" in msg
+    assert "'gain'" in msg and "mul" in msg
+    assert "'head.weight'" not in msg, "head is captured natively"
+    expected = per_sample_fishers(model, x, y, "true", "cross_entropy").mean(0)
+    assert_matches(F_.dense(), expected, rtol=1e-10)
+
+
+class PackedProjection(nn.Module):
+    """Two projections stored as row slices of one packed weight (like attention's in_proj_weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.packed = nn.Parameter(torch.randn(7, 4) * 0.5)
+        self.bias = nn.Parameter(torch.randn(7) * 0.1)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        w_a, w_b = self.packed.split([3, 4])
+        b_a, b_b = self.bias.split([3, 4])
+        h = torch.cat([torch.tanh(F.linear(x, w_a, b_a)), torch.tanh(F.linear(x, w_b, b_b))], -1)
+        return self.head(h)
+
+
+class Separate(nn.Module):
+    def __init__(self, packed: PackedProjection):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 3), nn.Linear(4, 4), packed.head
+        with torch.no_grad():
+            self.a.weight.copy_(packed.packed[:3]), self.b.weight.copy_(packed.packed[3:])
+            self.a.bias.copy_(packed.bias[:3]), self.b.bias.copy_(packed.bias[3:])
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], -1))
+
+
+@pytest.mark.parametrize("structure", ["diag", "full", "kfac"])
+def test_slices_of_a_packed_weight_are_captured_as_their_own_linear_maps(structure):
+    """Per-sample gradients of views (split rows) scattered into the packed parameter: the packed model's
+    Fisher is the separate model's, permuted. K-FAC factors each slice as a layer of its own."""
+    torch.manual_seed(1)
+    packed = PackedProjection().double().eval()
+    separate = Separate(packed).double().eval()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    Fp, messages = _fisher_warnings(packed, (x, y), kind="true", structure=structure)
+    assert not messages, "slices of a parameter need no fallback"
+    Fs = compute(separate, (x, y), kind="true", structure=structure)
+    # separate order: a.w (12) a.b (3) b.w (16) b.b (4) head; packed order: packed (28) bias (7) head
+    perm = torch.cat([torch.arange(0, 12), torch.arange(15, 31), torch.arange(12, 15), torch.arange(31, 35),
+                      torch.arange(35, Fs.shape[0])])
+    if structure == "kfac":  # the biases join the slices' Kronecker factors there, not here: compare weights
+        keep = torch.cat([torch.arange(0, 28), torch.arange(35, Fs.shape[0])])
+        assert_matches(Fp.dense()[keep][:, keep], Fs.dense()[perm][:, perm][keep][:, keep], rtol=1e-10)
+    else:
+        assert_matches(Fp.dense(), Fs.dense()[perm][:, perm], rtol=1e-10)
+
+
+def test_a_parameter_the_forward_modifies_is_refused():
+    class Renorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.fc.weight.mul_(1.0)
+            return self.fc(x)
+
+    model = Renorm().double().eval()
+    with pytest.raises(ValueError, match=r"fc\.weight.*in place"):
+        fx.fisher(model, (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Linear(3, 2)).train(),
+    lambda: nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)).train(),   # functional dropout below
+])
+def test_random_forward_passes_are_refused(make):
+    model = make().double()
+    if len(model) == 2:
+        model.forward = lambda x: model[1](F.dropout(model[0](x), 0.2, training=True))
+    data = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        fx.fisher(model, data)
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        fx.per_sample_fisher(model, *data)
+
+
+@pytest.mark.parametrize("option,value", [("max_norm", 1.0), ("scale_grad_by_freq", True)])
+def test_embeddings_that_couple_or_rewrite_are_refused(option, value):
+    model = nn.Sequential(nn.Embedding(5, 3, **{option: value}), nn.Flatten(), nn.Linear(6, 2)).double().eval()
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=option):
+        fx.fisher(model, (torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,))))
+    assert torch.equal(model[0].weight, before)
+
+
+class TinyLM(nn.Module):
+    """Token embedding tied to the output projection, outputs [N, T, V]."""
+
+    def __init__(self, V=6, D=4):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.mix = nn.Linear(D, D)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.mix(self.emb(x))), self.emb.weight)
+
+
+@pytest.mark.parametrize("structure", ["diag", "block", "kfac"])
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_cotangents_chunked_under_a_small_budget_give_the_same_fisher(kind, structure):
+    """A true Fisher over T = 5 positions and V = 6 classes backpropagates 30 cotangents per sample:
+    under a small budget they go a few at a time, in batches of a few samples, to the same result."""
+    torch.manual_seed(2)
+    model = TinyLM().double().eval()
+    x = torch.randint(0, 6, (11, 5))
+    y = torch.randint(0, 6, (11, 5))
+    y[0, 2] = -100
+    big = compute(model, (x, y), kind=kind, structure=structure, memory_budget=1 << 30)
+    small = compute(model, (x, y), kind=kind, structure=structure, memory_budget=1 << 14)
+    assert_matches(small.dense(), big.dense(), rtol=1e-12)
+
+
+def test_layouts_follow_a_sequence_length_that_changes_between_batches():
+    torch.manual_seed(3)
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.fc(x.transpose(0, 1))).mean(0))
+
+    model = SeqFirst().double().eval()
+    batches = [(torch.randn(4, T, 3, dtype=torch.float64), torch.randint(0, 2, (4,))) for T in (5, 4, 7)]
+    F_ = compute(model, _ListLoader(batches), kind="empirical", structure="full")
+    expected = torch.cat([per_sample_fishers(model, x, y, "empirical", "cross_entropy") for x, y in batches]).mean(0)
+    assert_matches(F_.dense(), expected, rtol=1e-10)
+
+
+class _ListLoader(torch.utils.data.DataLoader):
+    """A DataLoader over pre-made batches of different shapes."""
+
+    def __init__(self, batches):
+        super().__init__(batches, batch_size=1, collate_fn=lambda b: b[0])

@@ -8,7 +8,7 @@ from torch import nn
 import fisherext
 from conftest import assert_close
 from curvature import MODELS, directions, explicit_ggn, explicit_hessian, setup
-from fisherext import FisherOperator, HessianOperator
+from fisherext import FisherOperator, GGNOperator, HessianOperator
 from models import num_params
 
 
@@ -115,8 +115,8 @@ def test_fd_hvp_restores_parameters_bitwise_also_on_error():
     (dict(v=torch.zeros(4, dtype=torch.int64)), TypeError, "v: expected a floating-point tensor"),
     (dict(method="newton"), ValueError, "method: must be one of"),
     (dict(loss_fn="nll"), TypeError, "loss_fn: expected a callable"),
-    (dict(method="fd", r=0.0), ValueError, "eps: must be positive"),
-    (dict(method="fd", r=float("inf")), ValueError, "eps: must be a finite number"),
+    (dict(method="fd", r=0.0), ValueError, "r: must be positive"),
+    (dict(method="fd", r=float("inf")), ValueError, "r: must be a finite number"),
 ])
 def test_bad_input(kwargs, exc, msg):
     model, data, loss_fn = setup("mlp")
@@ -138,3 +138,109 @@ def test_non_finite_direction_and_unknown_likelihood():
         FisherOperator(model, lambda z, y: z.sum(), data)
     with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
         HessianOperator(model, loss_fn, data, batch_size=0)
+
+
+# ---- GGN products with torch's own losses -------------------------------------------------------------
+
+
+class _PerPosition(nn.Module):
+    """Linear(3, 5) - tanh - Linear(5, 3) applied at every position: x [N, T, 3] -> outputs [N, T, 3]."""
+
+    def __init__(self, log_softmax=False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 5), nn.Linear(5, 3)
+        self.log_softmax = log_softmax
+
+    def forward(self, x):
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        return out.log_softmax(-1) if self.log_softmax else out
+
+
+def _flat_ce(loss):
+    """Cross-entropy per position: [N, T, C] outputs and [N, T] labels flattened to rows."""
+    return lambda z, y: loss(z.reshape(-1, z.shape[-1]), y.reshape(-1))
+
+
+TORCH_LOSSES = {  # name: (loss_fn on [N, C] outputs, loss_fn on [N, T, C] outputs, targets)
+    "F.mse_loss": (F.mse_loss, F.mse_loss, "float"),
+    "MSELoss": (nn.MSELoss(), nn.MSELoss(), "float"),
+    "MSELoss-sum": (nn.MSELoss(reduction="sum"), nn.MSELoss(reduction="sum"), "float"),
+    "F.cross_entropy": (F.cross_entropy, _flat_ce(F.cross_entropy), "labels"),
+    "CrossEntropyLoss": (nn.CrossEntropyLoss(), _flat_ce(nn.CrossEntropyLoss()), "labels"),
+    "CrossEntropyLoss-label_smoothing": (nn.CrossEntropyLoss(label_smoothing=0.1),
+                                         _flat_ce(nn.CrossEntropyLoss(label_smoothing=0.1)), "labels"),
+    "CrossEntropyLoss-ignore_index": (nn.CrossEntropyLoss(ignore_index=1),
+                                      _flat_ce(nn.CrossEntropyLoss(ignore_index=1)), "labels"),
+    "nll_of_log_softmax": (lambda z, y: F.nll_loss(F.log_softmax(z, -1), y),
+                           _flat_ce(lambda z, y: F.nll_loss(F.log_softmax(z, -1), y)), "labels"),
+    "bce_with_logits": (F.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, "probabilities"),
+}
+
+
+def _torch_loss_problem(outputs, targets, log_softmax=False):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = _PerPosition(log_softmax).double().eval()
+    g = torch.Generator().manual_seed(4)
+    shape = (6,) if outputs == "[N, C]" else (4, 3)
+    x = torch.randn(*shape, 3, generator=g, dtype=torch.float64)
+    if targets == "labels":
+        y = torch.randint(0, 3, shape, generator=g)
+        y.view(-1)[:2] = 1  # the ignored class of the ignore_index case occurs
+    else:
+        y = torch.rand(*shape, 3, generator=g, dtype=torch.float64)
+        y = y if targets == "probabilities" else 3 * y - 1
+    return model, (x, y)
+
+
+@pytest.mark.parametrize("outputs", ["[N, C]", "[N, T, C]"])
+@pytest.mark.parametrize("name", list(TORCH_LOSSES))
+def test_ggn_with_torch_losses_equals_explicit_jt_h_j(name, outputs):
+    """hvp(method="ggn") with one vector (a dual forward) and three (the double-VJP trick) and
+    GGNOperator against Jᵀ H J: J the Jacobian of all outputs, H = ∇²_z loss_fn by
+    torch.autograd.functional.hessian. A loss with an ignored label must not take the fused kernel."""
+    from test_conventions import explicit_ggn
+
+    flat_loss, seq_loss, targets = TORCH_LOSSES[name]
+    loss_fn = flat_loss if outputs == "[N, C]" else seq_loss
+    model, (x, y) = _torch_loss_problem(outputs, targets)
+    G = explicit_ggn(model, loss_fn, x, y)
+    V = directions(G.shape[0])
+    assert_close(fisherext.hvp(model, loss_fn, (x, y), V, method="ggn"), V @ G)
+    assert_close(fisherext.hvp(model, loss_fn, (x, y), V[0], method="ggn"), G @ V[0])
+    assert_close(GGNOperator(model, loss_fn, (x, y)) @ V.T, G @ V.T)
+
+
+def test_ggn_of_nll_loss_on_a_log_softmax_model_is_zero():
+    """nn.NLLLoss is linear in its input, so with the LogSoftmax inside the model the GGN (split at the
+    model's output) is Jᵀ·0·J = 0 while the Hessian is not: put log_softmax in loss_fn instead
+    (``nll_of_log_softmax`` above), which gives the cross-entropy GGN."""
+    model, (x, y) = _torch_loss_problem("[N, C]", "labels", log_softmax=True)
+    P = num_params(model)
+    V = directions(P)
+    zero = torch.zeros(3, P, dtype=torch.float64)
+    assert_close(fisherext.hvp(model, nn.NLLLoss(), (x, y), V, method="ggn"), zero, scale=1.0)
+    assert_close(fisherext.hvp(model, nn.NLLLoss(), (x, y), V[0], method="ggn"), zero[0], scale=1.0)
+    assert_close(GGNOperator(model, nn.NLLLoss(), (x, y)) @ V.T, zero.T, scale=1.0)
+    assert fisherext.hvp(model, nn.NLLLoss(), (x, y), V).abs().max() > 1e-3
+
+
+# ---- argument checks before any work ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "4"])
+@pytest.mark.parametrize("method", ["exact", "ggn", "fd"])
+def test_batch_size_is_validated_before_any_work(method, batch_size):
+    """0 used to mean one batch, -1 'no samples', 2.5 a raw Python error."""
+    model, data, loss_fn = setup("mlp")
+    calls = model.forward_calls
+    with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+        fisherext.hvp(model, loss_fn, data, torch.ones(num_params(model), dtype=torch.float64), method=method,
+                      batch_size=batch_size)
+    assert model.forward_calls == calls
+    for operator in (HessianOperator, GGNOperator):
+        with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+            operator(model, loss_fn, data, batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+        FisherOperator(model, "cross_entropy", data, batch_size=batch_size)
+    assert model.forward_calls == calls

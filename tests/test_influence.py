@@ -282,3 +282,38 @@ def test_non_positive_definite_cg():
     inf = InfluenceFunctions(model, loss_fn, train, solver="cg", solver_kwargs=CG_TIGHT)
     with pytest.raises(ValueError, match=r"not positive definite.*damping.*(GGN|ggn)"):
         inf.influence(test)
+
+
+def _loader(data, **kw):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=4, **kw)
+
+
+def test_a_data_loader_that_is_not_in_order_is_refused():
+    """The influence matrix's columns (rows) follow the training (test) data's order, and the gradients
+    are streamed again at every call: a shuffled order would be random and change between calls."""
+    model, train, test, loss_fn = setup("mlp")
+    n = train[0].shape[0]
+    unordered = {
+        "shuffle": _loader(train, shuffle=True),
+        "sampler": _loader(train, sampler=torch.utils.data.SubsetRandomSampler(range(n))),
+    }
+    for how, loader in unordered.items():
+        with pytest.raises(ValueError, match=r"train_data: the DataLoader draws its samples through a "
+                                             r"\w*Random\w*Sampler, not in order.*shuffle=False"):
+            InfluenceFunctions(model, loss_fn, loader, damping=DAMPING)
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train),
+                                          batch_sampler=[[3, 1], [0, 2]] + [list(range(4, n))])
+    with pytest.raises(ValueError, match=r"train_data: the DataLoader draws its samples through a list"):
+        InfluenceFunctions(model, loss_fn, batches, damping=DAMPING)
+    inf = InfluenceFunctions(model, loss_fn, _loader(train), damping=DAMPING)
+    with pytest.raises(ValueError, match=r"test_data: the DataLoader draws its samples through a RandomSampler"):
+        inf.influence(_loader(test, shuffle=True))
+    assert_close(inf.influence(_loader(test)), InfluenceFunctions(model, loss_fn, train, damping=DAMPING).influence(test))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_batch_size_is_validated_before_any_work(batch_size):
+    model, train, _, loss_fn = setup("mlp")
+    with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+        InfluenceFunctions(model, loss_fn, train, batch_size=batch_size)
+    assert model.forward_calls == 0

@@ -135,3 +135,56 @@ def test_hutchinson_trace_of_the_fisher_operator():
                                                    return_std=True)
     assert abs(float(est) - exact) < 4 * float(err)
     assert float(err) < 0.2 * exact
+
+
+# ---- the Fisher of outputs with positions -------------------------------------------------------------
+
+
+class _Positions(nn.Module):
+    """x [N, T, 3] -> logits [N, T, 4] (class axis last) or [N, 4, T] (class axis 1)."""
+
+    def __init__(self, class_axis):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 5), nn.Linear(5, 4)
+        self.class_axis = class_axis
+
+    def forward(self, x):
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        return out if self.class_axis == -1 else out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("class_axis", [-1, 1])
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_fisher_operator_sums_over_the_positions_that_count(kind, class_axis):
+    """F = (1/N) Σ_n Σ_t J_ntᵀ Λ_nt J_nt (true) or (1/N) Σ_n g_n g_nᵀ with g_n the gradient of the summed
+    per-position cross-entropy (empirical), positions labelled ignore_index left out, as in fisher();
+    references by a backward per sample, position and class."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(8)
+        model = _Positions(class_axis).double().eval()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (4, 3), generator=g)
+    y[0, 1] = y[2, 0] = 7  # ignored positions
+    params = list(model.parameters())
+    P = sum(p.numel() for p in params)
+    F_ref = torch.zeros(P, P, dtype=torch.float64)
+    for n in range(4):
+        logits = model(x[n:n + 1]).movedim(1, -1)[0] if class_axis == 1 else model(x[n:n + 1])[0]  # [T, C]
+        logp = torch.log_softmax(logits, -1)
+        valid = [t for t in range(3) if y[n, t] != 7]
+        if kind == "true":
+            for t in valid:
+                p = logp[t].detach().exp()
+                for c in range(4):
+                    gc = torch.cat([a.reshape(-1) for a in torch.autograd.grad(-logp[t, c], params, retain_graph=True)])
+                    F_ref += p[c] * torch.outer(gc, gc)
+        else:
+            loss = -sum(logp[t, y[n, t]] for t in valid)
+            gn = torch.cat([a.reshape(-1) for a in torch.autograd.grad(loss, params)])
+            F_ref += torch.outer(gn, gn)
+    F_ref /= 4
+    V = directions(P).T
+    A = FisherOperator(model, nn.CrossEntropyLoss(ignore_index=7), (x, y), kind=kind, batch_size=3)
+    assert_close(A @ V, F_ref @ V)
+    assert_close(A @ V[:, 0].contiguous(), F_ref @ V[:, 0])  # one vector: a dual forward

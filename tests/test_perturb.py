@@ -573,3 +573,73 @@ def test_fd_quadratic_rejects_non_tensor_inputs_and_misplaced_v():
         with pytest.raises(ValueError, match="v: is on meta"):
             fx.fd_quadratic(model, make_data("mlp", n=3)[0], randn(P, 31).to("meta"))
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# fd_quadratic_directions, "linear" strategy: the batch axis of each Linear input is established
+
+
+class SequenceFirst(nn.Module):
+    """x [N, T·4] viewed as [N, T, 4], transposed to sequence-first [T, N, 4]: fc sees the batch on axis 1."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = x.view(x.shape[0], self.T, 4).transpose(0, 1)
+        return self.head(torch.tanh(self.fc(h)).mean(0))
+
+
+class BroadcastBuffer(nn.Module):
+    """pos_fc applies to a buffer [T, 4] (no batch axis) whose result is broadcast over the batch."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.register_buffer("pos", torch.randn(T, 4))
+        self.inp, self.pos_fc, self.head = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.inp(x.view(x.shape[0], -1, 4)) + self.pos_fc(self.pos)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def explicit_directional_fisher(model, x, V):
+    """[K, N]: v_kᵀ F_n v_k = (J_n v_k)ᵀ (diag p_n − p_n p_nᵀ) (J_n v_k), J by a backward per output."""
+    from test_conventions import explicit_jacobian
+
+    J = explicit_jacobian(model, x).view(x.shape[0], -1, V.shape[1])
+    p = torch.softmax(model(x), -1).detach()
+    JV = torch.einsum("ncp,kp->knc", J, V)
+    return (p * JV ** 2).sum(-1) - ((p * JV).sum(-1)) ** 2
+
+
+@pytest.mark.parametrize("T", [3, 8], ids=["T=3", "T=2KN"])
+@pytest.mark.parametrize("build", [SequenceFirst, BroadcastBuffer], ids=["sequence_first", "broadcast_buffer"])
+def test_linear_strategy_establishes_the_batch_axis_or_falls_back(build, T, monkeypatch):
+    """With K = 2 directions and N = 2 inputs the replicated batch has 2KN = 8 rows. A sequence-first
+    Linear input [T, 8, 4] has its batch on axis 1 (used); with T = 8 two axes qualify (ambiguous: in
+    place). A Linear applied to a buffer has no batch axis at all, whatever T (in place). Either way the
+    numbers are the exact ones (the dim-0 assumption was 42-85 % off on such models)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = build(T).double().eval()
+    x = randn((2, T * 4), 40)
+    V = randn((2, num_params(model)), 41)
+    in_place_calls = []
+    real = fx.perturb._in_place_logits
+    monkeypatch.setattr(fx.perturb, "_in_place_logits", lambda *a: in_place_calls.append(1) or real(*a))
+    with untouched(model):
+        linear = fx.fd_quadratic_directions(model, x, V, eps=1e-4, strategy="linear")
+        auto = fx.fd_quadratic_directions(model, x, V, eps=1e-4)  # CPU, 2 inputs: "linear" where it can
+    monkeypatch.undo()
+    in_place = fx.fd_quadratic_directions(model, x, V, eps=1e-4, strategy="in_place")
+    used = build is SequenceFirst and T == 3
+    assert len(in_place_calls) == (0 if used else 2), "the linear strategy was used or refused wrongly"
+    if used:
+        assert rel_err(linear, in_place) < 1e-7
+    else:
+        assert torch.equal(linear, in_place) and torch.equal(auto, in_place)
+    assert torch.equal(auto, linear)
+    assert rel_err(linear, explicit_directional_fisher(model, x, V)) < 1e-6
