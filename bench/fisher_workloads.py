@@ -46,6 +46,18 @@ def digits_inputs(generator, N, batch=None):
     return inputs if batch is None else {**inputs, "batch_size": batch}
 
 
+def build_cnn(seed: int = 0) -> nn.Sequential:
+    """Two 3×3 convolutions (16, 32 channels, padding 1) and a Linear head on the 8×8 digits: P = 25,354."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2048, 10)).eval()
+
+
+def digits_cnn_inputs(generator, N):
+    """``digits_inputs`` with the CNN of ``build_cnn`` instead of the MLP."""
+    return {**digits_inputs(generator, N), "model": build_cnn()}
+
+
 def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -235,6 +247,13 @@ FISHER_WORKLOADS = [
              quick_dims=dict(N=32)),
     Workload("per_input_trace", digits_inputs, dict(N=256), _TRACE, baseline="autograd-loop",
              quick_dims=dict(N=32)),
+    # The same Fishers of a CNN: per-sample gradients of convolutions over 64 positions each.
+    Workload("fisher_diag_empirical_cnn", digits_cnn_inputs, dict(N=256), _EMPIRICAL, baseline="autograd-loop",
+             quick_dims=dict(N=32)),
+    Workload("fisher_diag_true_cnn", digits_cnn_inputs, dict(N=64), _TRUE, baseline="autograd-loop",
+             quick_dims=dict(N=16)),
+    Workload("per_input_trace_cnn", digits_cnn_inputs, dict(N=64), _TRACE, baseline="autograd-loop",
+             quick_dims=dict(N=16)),
     # Peak memory with a fixed batch must not grow with N (fisherext streams batches); torch.func's does.
     # Only fisherext runs at the larger N (torch.func would need ~5 GB), so it is its own baseline there.
     Workload("fisher_diag_empirical_mem", digits_inputs, dict(N=1024, batch=1024),

@@ -290,7 +290,7 @@ def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag
             raise ValueError("data: no samples")
         _check_inputs(model, first[0])
         with cap, torch.no_grad():
-            out2 = cap.probe(first[0])
+            out2 = checked_output(cap.probe(first[0]), 0, finite=False)
         K = 1 if kind == "empirical" else mc_samples if kind == "mc" else out2[0].numel()
         batch_size = batch_plan(*footprint(cap.probed_uses, out2), K, chunk_bytes)
     batches = iter_batches(data, batch_size)

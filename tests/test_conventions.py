@@ -198,6 +198,10 @@ def _entry_points():
         "fd_quadratic_directions": lambda m, d, V: fx.fd_quadratic_directions(m, d[0], V),
         "input_sensitivity": lambda m, d, V: fx.input_sensitivity(m, d[0], V[0]),
         "kl_vs_fisher": lambda m, d, V: fx.kl_vs_fisher(m, d[0], V[0], [1e-2]),
+        **{f"fisher-{s}": (lambda s: lambda m, d, V: fx.fisher(m, d, structure=s))(s) for s in ("diag", "full")},
+        "fisher-batched": lambda m, d, V: fx.fisher(m, d, kind="empirical", batch_size=2),
+        "per_sample_fisher-trace": lambda m, d, V: fx.per_sample_fisher(m, d[0], d[1]),
+        "per_sample_fisher-quad": lambda m, d, V: fx.per_sample_fisher(m, d[0], d[1], quantity="quad", v=V[0]),
     }
 
 

@@ -529,6 +529,32 @@ def test_empty_data(form, structure):
     refuses(model, EMPTY_DATA[form](x, y), ValueError, names_argument("data"), structure=structure)
 
 
+def test_a_dataloader_without_batches_is_refused():
+    """DataLoader(batch_size=None) yields single samples without a batch axis: said so, not blamed on
+    the model's output shape."""
+    model = make_model("mlp")
+    x, y = make_data("mlp")
+    refuses(model, DataLoader(TensorDataset(x, y), batch_size=None), ValueError, r"data: .*batch_size=None")
+    with pytest.raises(ValueError, match=r"data: .*batch_size=None"):
+        fx.hvp(model, torch.nn.functional.cross_entropy, DataLoader(TensorDataset(x, y), batch_size=None),
+               torch.ones(num_params(model), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("budget,exc", [("1GB", TypeError), (-5, ValueError), (float("nan"), ValueError),
+                                        (0, ValueError), (2.5, ValueError), (True, TypeError)])
+def test_bad_memory_budget_is_refused(budget, exc, mlp_problem):
+    model, data = mlp_problem
+    refuses(model, data, exc, names_argument("memory_budget"), memory_budget=budget)
+
+
+def test_hvp_on_empty_data_says_so():
+    model = make_model("mlp")
+    x, y = make_data("mlp")
+    with pytest.raises(ValueError, match=r"data: no samples"):
+        fx.hvp(model, torch.nn.functional.cross_entropy, (x[:0], y[:0]), torch.ones(num_params(model),
+                                                                                   dtype=torch.float64))
+
+
 def test_integer_inputs_to_a_linear_model():
     model = make_model("mlp")
     x, y = make_data("mlp")

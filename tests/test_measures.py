@@ -161,6 +161,19 @@ def test_bad_direction(mlp):
     refuses(model, x, y, (TypeError, ValueError), names_argument("v"), quantity="quad", v=torch.ones(P, dtype=torch.long))
 
 
+def test_bad_direction_values_and_sample_counts(mlp):
+    """A NaN in v, a v on another device, and mc_samples that are not positive integers are refused."""
+    model, x, y = mlp
+    P = num_params(model)
+    v = torch.ones(P, dtype=torch.float64)
+    v[3] = float("nan")
+    refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=v)
+    refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P, dtype=torch.float64,
+                                                                                         device="meta"))
+    for bad in (0, -1, 2.5, True):
+        refuses(model, x, y, ValueError, names_argument("mc_samples"), kind="mc", mc_samples=bad)
+
+
 def test_empirical_needs_labels(mlp):
     model, x, _ = mlp
     refuses(model, x, None, ValueError, names_argument("y"), kind="empirical")
