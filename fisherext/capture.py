@@ -132,6 +132,7 @@ class _Recorder(TorchFunctionMode):
         self.unrecognized: dict[int, str] = {}        # parameter index -> the function that used it
         self.views: dict[int, tuple] = {}            # id(view) -> (view, parameter index, index map, key)
         self.parameters: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, torch.Tensor] = {}   # per viewed parameter, shared by the Capture
 
     # -- what a call touches
 
@@ -211,8 +212,8 @@ class _Recorder(TorchFunctionMode):
             sources.setdefault(slot.param, slot)
         outputs = out if isinstance(out, (tuple, list)) else (out,)
         for t in outputs:
-            if not isinstance(t, torch.Tensor) or not t.requires_grad:
-                continue
+            if not isinstance(t, torch.Tensor) or not t.requires_grad or id(t) in self.watched:
+                continue  # not differentiable, or the input itself (``w.contiguous()``, ``w.to(w.dtype)``)
             view = self._as_view(t, sources)
             if view is not None:
                 self.views[id(t)] = view
@@ -230,8 +231,11 @@ class _Recorder(TorchFunctionMode):
             p = self.parameters[param]
             if t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
                 continue
-            positions = torch.empty_strided(p.shape, p.stride(), dtype=torch.long, device=p.device)
-            positions.copy_(torch.arange(p.numel(), device=p.device).view(p.shape))
+            positions = self.positions.get(param)
+            if positions is None:  # the flat position of every element, laid out in memory like p
+                positions = torch.empty_strided(p.shape, p.stride(), dtype=torch.long, device=p.device)
+                positions.copy_(torch.arange(p.numel(), device=p.device).view(p.shape))
+                self.positions[param] = positions
             index = positions.as_strided(t.shape, t.stride(), t.storage_offset() - p.storage_offset())
             return t, param, index, (param, tuple(t.shape), tuple(t.stride()), t.storage_offset())
         return None
@@ -351,6 +355,7 @@ class Capture:
         self.chunk_bytes = 1 << 26
         self._probed = None          # (signatures, layouts) of the last probe
         self._seed = None            # (inputs, uses) of a forward by ``probe``
+        self._positions = {}         # flat positions of parameters seen through views
         self._warned: set[int] = set()
         self._state = None
 
@@ -381,6 +386,7 @@ class Capture:
     def _run(self, x, edges):
         recorder = _Recorder(self.ids, edges)
         recorder.parameters = {i: p for i, (_, p) in enumerate(self.params)}
+        recorder.positions = self._positions
         with torch.enable_grad(), second_order_attention(), recorder:
             out = self.model(x)
         return out, recorder
@@ -482,7 +488,7 @@ class Capture:
         x, uses, layouts, fallback = self._state
         n, K = x.shape[0], cot.shape[0]
         native = [(u, lay) for u, lay in zip(uses, layouts)
-                  if not any(s.param in fallback for s in u.slots.values())]
+                  if any(s.param not in fallback for s in u.slots.values())]
         entries: dict[int, list] = {}
         if native:
             edges = [u.edge for u, _ in native]
@@ -499,10 +505,12 @@ class Capture:
                 with torch.no_grad():
                     terms = use.rule.terms(use, dz.detach(), layout, n)
                 for role, slot in use.slots.items():
-                    entries.setdefault(slot.param, []).append((terms[role], slot.index, slot.key))
+                    if slot.param not in fallback:
+                        entries.setdefault(slot.param, []).append((terms[role], slot.index, slot.key))
         result: list[Term | None] = [None] * len(self.params)
         for i, items in entries.items():
             result[i] = combine(items, self.params[i][1].numel())
+            result[i].chunk_bytes = self.chunk_bytes  # materialized gradients, if any, within the budget
         if fallback:
             group = FallbackGroup(self.model, self.params, sorted(fallback), x, cot.detach(), self.chunk_bytes)
             for i in fallback:

@@ -377,3 +377,26 @@ class _ListLoader(torch.utils.data.DataLoader):
 
     def __init__(self, batches):
         super().__init__(batches, batch_size=1, collate_fn=lambda b: b[0])
+
+
+class SharedBias(nn.Module):
+    """A Linear whose bias is also added elsewhere by torch.add (so it goes to the fallback) and whose
+    weight is passed through ``.contiguous()`` (the same tensor: still the weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.fc.weight.contiguous(), self.fc.bias))
+        return self.head(h + self.fc.bias)
+
+
+def test_a_use_whose_bias_falls_back_still_counts_for_its_weight():
+    torch.manual_seed(4)
+    model = SharedBias().double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    F_, messages = _fisher_warnings(model, (x, y), kind="true", structure="full")
+    assert len(messages) == 1 and "'fc.bias'" in messages[0] and "'fc.weight'" not in messages[0]
+    assert_matches(F_.dense(), per_sample_fishers(model, x, y, "true", "cross_entropy").mean(0), rtol=1e-10)
