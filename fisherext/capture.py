@@ -32,6 +32,7 @@ How they are captured, correct by construction on the patterns real models are m
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable
 
@@ -95,26 +96,22 @@ def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Paramete
 # The function mode that records uses
 
 
-def _refuse_random(name, p_default):
-    def check(input, p=p_default, training=True, *args, **kwargs):
-        if training and p > 0:
-            raise ValueError(f"model: {name} runs with training=True (p={p}), so every forward pass draws new "
-                             "random numbers and per-sample curvature is undefined; call model.eval() (or pass "
-                             "training=self.training)")
-    return check
+# Functional stochastic ops: refused when they run in training mode and draw random numbers
+# (check_deterministic refuses the modules; this catches F.dropout(x, p, training=True) in custom code).
+_RANDOM = {fn: inspect.signature(fn) for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                                  F.feature_alpha_dropout, F.rrelu)}
 
 
-def _refuse_rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, *args, **kwargs):
-    if training and lower < upper:
-        raise ValueError("model: F.rrelu runs with training=True and draws random slopes at every forward "
-                         "pass, so per-sample curvature is undefined; call model.eval()")
+def _refuse_random(func, args, kwargs):
+    bound = _RANDOM[func].bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if a["training"] and (a["p"] > 0 if "p" in a else a["lower"] < a["upper"]):
+        raise ValueError(f"model: F.{func.__name__} runs with training=True, so every forward pass draws new random "
+                         "numbers and per-sample curvature is undefined; call model.eval() (or pass "
+                         "training=self.training)")
 
 
-# Functional stochastic ops, refused when they draw random numbers (check_deterministic catches the modules).
-_RANDOM: dict = {F.dropout: _refuse_random("F.dropout", 0.5), F.dropout1d: _refuse_random("F.dropout1d", 0.5),
-           F.dropout2d: _refuse_random("F.dropout2d", 0.5), F.dropout3d: _refuse_random("F.dropout3d", 0.5),
-           F.alpha_dropout: _refuse_random("F.alpha_dropout", 0.5),
-           F.feature_alpha_dropout: _refuse_random("F.feature_alpha_dropout", 0.5), F.rrelu: _refuse_rrelu}
 _SPECIAL = set(_RANDOM) | set(DESCEND)
 
 
@@ -160,7 +157,7 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _SPECIAL:
             if func in _RANDOM:
-                _RANDOM[func](*args, **kwargs)
+                _refuse_random(func, args, kwargs)
             if func in DESCEND:
                 with self:
                     return DESCEND[func](*args, **kwargs)
