@@ -44,7 +44,3 @@ def require(nbytes: int, budget: int, what: str, hint: str) -> None:
     if nbytes > budget:
         raise ValueError(f"{what} needs {nbytes:,} bytes but the memory budget is {budget:,} bytes; {hint}")
 
-
-def chunk_rows(row_bytes: int, chunk_bytes: int) -> int:
-    """Rows of ``row_bytes`` each that fit in ``chunk_bytes`` (at least one)."""
-    return max(1, chunk_bytes // max(1, row_bytes))
