@@ -50,9 +50,13 @@ def _check_inputs(model, x):
         raise TypeError(f"data: inputs x have dtype {x.dtype}; the model needs floating-point inputs")
 
 
-def block_key(name: str) -> str:
-    """The block of a parameter in structure="block": the module owning it (its name's prefix)."""
-    return name.rsplit(".", 1)[0] if "." in name else ""
+def blocks(params) -> dict[str, list[int]]:
+    """The blocks of structure="block": per module owning parameters (the prefix of a parameter's name),
+    the indices of its parameters among ``params`` [(name, parameter)]."""
+    out: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(params):
+        out.setdefault(name.rsplit(".", 1)[0] if "." in name else "", []).append(i)
+    return out
 
 
 def footprint(uses, out: torch.Tensor) -> tuple[int, int]:
@@ -89,7 +93,8 @@ class _Accumulator:
         ref = cap.params[0][1]
         self.opts = dict(dtype=ref.dtype, device=ref.device)
         self.diag_sums = [torch.zeros(p.numel(), **self.opts) for _, p in cap.params]
-        self.blocks = {}
+        self.blocks = blocks(cap.params) if structure == "block" else {}
+        self.block_sums = {}
         self.kron = {}                # (param, part, group) -> [A_sum, G_sum, rows, idx]
         self.kron_params = set()
         self.full = torch.zeros(self.P, self.P, **self.opts) if structure == "full" else None
@@ -100,10 +105,7 @@ class _Accumulator:
             self._add_dense(terms, wk, list(range(len(terms))), None)
             return
         if self.structure == "block":
-            by_block = {}
-            for i, (name, _) in enumerate(self.cap.params):
-                by_block.setdefault(block_key(name), []).append(i)
-            for key, idx in by_block.items():
+            for key, idx in self.blocks.items():
                 self._add_dense(terms, wk, idx, key)
             return
         kron = {}
@@ -163,9 +165,9 @@ class _Accumulator:
         if key is None:
             target = self.full
         else:
-            target = self.blocks.get(key)
+            target = self.block_sums.get(key)
             if target is None:
-                target = self.blocks[key] = torch.zeros(width, width, **self.opts)
+                target = self.block_sums[key] = torch.zeros(width, width, **self.opts)
         live = [(i, t) for i, t in ((i, terms[i]) for i in idx) if t is not None]
         if not live:
             return
@@ -183,30 +185,30 @@ class _Accumulator:
                 G[:, :, local[i]:local[i] + t.numel] = t.per_sample_grads(s, e)
             ops.sym_outer_accum_(target, G.reshape(-1, width), wk.repeat_interleave(e - s))
 
-    def finish(self, N: int) -> FisherMatrix:
+    def _positions(self, indices) -> torch.Tensor:
+        """Flat-vector positions of the parameters ``indices``, in that order."""
+        indices = list(indices)
         device = self.opts["device"]
+        if indices == list(range(len(self.cap.params))):
+            return torch.arange(self.P, device=device)
+        return torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.cap.params[i][1].numel(),
+                                       device=device) for i in indices])
+
+    def finish(self, N: int) -> FisherMatrix:
         parts = []
         if self.structure in ("diag", "kfac"):
             rest = [i for i in range(len(self.cap.params)) if i not in self.kron_params]
             if rest:
-                idx = torch.arange(self.P, device=device) if len(rest) == len(self.cap.params) else torch.cat(
-                    [torch.arange(self.offsets[i], self.offsets[i] + self.diag_sums[i].numel(), device=device)
-                     for i in rest])
-                parts.append(DiagPart(idx, torch.cat([self.diag_sums[i] for i in rest]) / N))
+                parts.append(DiagPart(self._positions(rest), torch.cat([self.diag_sums[i] for i in rest]) / N))
             for A, G, rows, idx in self.kron.values():
                 parts.append(KronPart(idx, A / rows, G / N))
-        if self.structure == "block":
-            by_block = {}
-            for i, (name, _) in enumerate(self.cap.params):
-                by_block.setdefault(block_key(name), []).append(i)
-            for key, idx in by_block.items():
-                flat = torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.cap.params[i][1].numel(),
-                                               device=device) for i in idx])
-                block = self.blocks.get(key)
-                parts.append(DensePart(flat, torch.zeros(flat.numel(), flat.numel(), **self.opts) if block is None
-                                       else block / N))
+        for key, idx in self.blocks.items():
+            flat = self._positions(idx)
+            block = self.block_sums.get(key)
+            parts.append(DensePart(flat, torch.zeros(flat.numel(), flat.numel(), **self.opts) if block is None
+                                   else block / N))
         if self.structure == "full":
-            parts.append(DensePart(torch.arange(self.P, device=device), self.full / N))
+            parts.append(DensePart(self._positions(range(len(self.cap.params))), self.full / N))
         return FisherMatrix(self.P, parts, N, self.structure)
 
 
@@ -230,10 +232,7 @@ def _planned_bytes(structure, cap: Capture, item: int) -> int:
     if structure == "full":
         return P * P * item
     if structure == "block":
-        blocks = {}
-        for (name, _), n in zip(cap.params, sizes):
-            blocks[block_key(name)] = blocks.get(block_key(name), 0) + n
-        return sum(n * n for n in blocks.values()) * item
+        return sum(sum(sizes[i] for i in idx) ** 2 for idx in blocks(cap.params).values()) * item
     if structure == "kfac":
         total = P
         for _, p in cap.params:

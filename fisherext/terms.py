@@ -104,38 +104,20 @@ class DenseTerm(Term):
         return DenseTerm(sum(t.g for t in terms))
 
 
-class BiasTerm(Term):
+class BiasTerm(DenseTerm):
     r"""The bias of a linear map: :math:`g_{nk} = \sum_t \delta_{nkt}`, from the output gradients d
     [K, N, T, O] it shares with the weight's LinearTerm (``partner``), whose diagonal already reduced
     :math:`\sum_k w_k \delta^2` at one position: the bias diagonal is then its column sum, no further pass."""
 
     def __init__(self, d: torch.Tensor, partner: LinearTerm | None = None):
-        self.d, self.partner = d, partner
-        self.K, self.batch, _, self.numel = d.shape
-        self.dtype, self.device = d.dtype, d.device
-
-    def per_sample_grads(self, s, e):
-        d = self.d[:, s:e]
-        return d[:, :, 0] if d.shape[2] == 1 else d.sum(2)
+        super().__init__(d[:, :, 0] if d.shape[2] == 1 else d.sum(2))
+        self.partner = partner
 
     def diag(self, wk):
         cached = None if self.partner is None else self.partner.reduced
         if cached is not None and cached[0] is wk:
             return cached[1].sum(0)
-        g = self.per_sample_grads(0, self.batch)
-        return wk @ (g * g).sum(1)
-
-    def sq_norms(self, wk):
-        g = self.per_sample_grads(0, self.batch)
-        return wk @ (g * g).sum(-1)
-
-    def gram(self):
-        g = self.per_sample_grads(0, self.batch)
-        return torch.einsum("kno,lno->nkl", g, g)
-
-    @staticmethod
-    def merge(terms: list[BiasTerm]) -> BiasTerm:
-        return BiasTerm(torch.cat([t.d for t in terms], dim=2))
+        return super().diag(wk)
 
 
 class LinearTerm(Term):
