@@ -1,10 +1,7 @@
 import pytest
 import torch
 
-import fisherext  # noqa: F401  (registers torch.ops.fisherext)
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.float64]
+from support import DEVICES, DTYPES
 
 
 @pytest.fixture(params=DEVICES)
@@ -17,77 +14,5 @@ def dtype(request):
     return request.param
 
 
-def assert_close(actual, expected, dtype=None, scale=None):
-    """Equal up to the precision of `dtype`, relative to the largest entry of `expected` (or to `scale`,
-    the size of the terms `expected` was summed from, where a sum cancels far below them)."""
-    dtype = dtype or expected.dtype
-    rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}[dtype]
-    scale = scale or expected.abs().max().item() or 1.0
-    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=rtol * scale)
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: statistical or larger tests (still run by default; deselect with -m 'not slow')")
-
-
-def _to_meta(a):
-    """The same arguments as meta tensors, strides kept (a.to("meta") makes a non-dense tensor, such as an
-    expanded one, contiguous)."""
-    if isinstance(a, (list, tuple)):
-        return type(a)(_to_meta(x) for x in a)
-    if isinstance(a, torch.Tensor):
-        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
-    return a
-
-
-def _clone(a):
-    return [x.clone() for x in a] if isinstance(a, list) else a.clone()
-
-
-def _equal(a, b):
-    return all(map(torch.equal, a, b)) if isinstance(a, list) else torch.equal(a, b)
-
-
-def check_bad_input(name, args, exc, msg, path):
-    """Calls op `name` through `path` ("wrapper": fisherext.ops, "compiled": torch.ops.fisherext,
-    "fake": torch.ops.fisherext on meta tensors) and checks the error names the op and the argument,
-    and that an in-place op left every tensor argument (its outputs among them) untouched."""
-    from fisherext import ops
-
-    if path == "wrapper":
-        call = getattr(ops, name)
-    else:
-        call = getattr(torch.ops.fisherext, name)
-        if path == "fake":
-            args = _to_meta(args)
-    tensors = [a for a in args if isinstance(a, (torch.Tensor, list))]
-    snapshot = [_clone(a) for a in tensors] if name.endswith("_") and path != "fake" else None
-    with pytest.raises(exc, match=msg) as info:
-        call(*args)
-    assert f"fisherext.{name}" in str(info.value)
-    if snapshot is not None:
-        assert all(map(_equal, tensors, snapshot)), "a rejected call must leave its arguments untouched"
-
-
-ALL_PATHS = ("wrapper", "compiled", "fake")
-# Arguments that share memory are refused by the compiled kernels (checks.h check_no_overlap) and not by the
-# fakes: meta tensors have no memory to compare (every data pointer is 0), and _to_meta makes each argument
-# a separate meta tensor anyway. So overlap cases run through the wrapper and the compiled op only.
-OVERLAP_PATHS = ("wrapper", "compiled")
-
-
-def views_of(make, buffer=lambda: torch.randn(12)):
-    """An args factory for the overlap cases: make(b) on a fresh b = buffer(), the args being views of b."""
-    return lambda: make(buffer())
-
-
-def bad_input_test(cases, paths=ALL_PATHS):
-    """The bad-input test of an op family: every case (op name, args factory, exception type, message
-    pattern) through each of `paths`: the wrapper, the compiled op and the fake kernel (see check_bad_input)."""
-
-    @pytest.mark.parametrize("path", paths)
-    @pytest.mark.parametrize("name,make_args,exc,msg", cases, ids=[f"{c[0]}-{i}" for i, c in enumerate(cases)])
-    def test_bad_input_names_the_argument(name, make_args, exc, msg, path):
-        check_bad_input(name, make_args(), exc, msg, path)
-
-    return test_bad_input_names_the_argument

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fisherext as fx
-from models import (
+from support.models import (
     MLP, SPECS, assert_matches, assert_no_hooks, assert_symmetric_psd, block_mask, compute,
     expect_fallback_warning, expected_dense, flat_indices, global_hook_counts, kfac_param_names,
     make_data, make_model, reference_fisher, submatrix, untouched,
@@ -199,7 +199,7 @@ def test_user_hooks_are_kept_and_still_fire():
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models import per_sample_fishers  # noqa: E402
+from support.models import per_sample_fishers  # noqa: E402
 
 
 def _fisher_warnings(model, data, **kw):

@@ -25,7 +25,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fisherext as fx
-from conftest import assert_close
+from support import assert_close
 from fisherext.conventions import (
     check_deterministic, checked_output, curvature_forward, padding_as_constant, second_order_attention,
 )

@@ -1,4 +1,4 @@
-"""fx.fisher and fx.FisherMatrix against the per-sample autograd reference of tests/models.py.
+"""fx.fisher and fx.FisherMatrix against the per-sample autograd reference of tests/support/models.py.
 
 Kinds x structures x losses on an MLP, Monte-Carlo checks (exact: the result is one of the finitely many
 possible draws; statistical: within a few standard errors of the true Fisher), parameter subsets,
@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import fisherext as fx
-from conftest import assert_close
-from models import (
+from support import assert_close
+from support.models import (
     KINDS, LOSSES, SPECS, STRUCTURES, assert_is_one_of, assert_matches, assert_no_hooks, assert_symmetric_psd,
     batch_mean_gradient, block_mask, compute, expected_dense, flat_indices,
     kfac_dense, make_data, make_model, mc_candidates, names_argument, num_params, per_class_grads,

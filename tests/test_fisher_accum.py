@@ -8,7 +8,7 @@ from torch.func import grad, vmap
 
 import fisherext.reference as ref
 from fisherext import ops
-from conftest import assert_close
+from support import assert_close
 
 
 def _with_t(t, pos_axis):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_close
+from support import assert_close
 from fisherext.fisher_matrix import DensePart, DiagPart, FisherMatrix, KronPart
 
 DT = torch.float64

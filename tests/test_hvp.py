@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherext
-from conftest import assert_close
-from curvature import MODELS, directions, explicit_ggn, explicit_hessian, setup
+from support import assert_close
+from support.curvature import MODELS, directions, explicit_ggn, explicit_hessian, setup
 from fisherext import FisherOperator, GGNOperator, HessianOperator
-from models import num_params
+from support.models import num_params
 
 
 # ---- exact Hessian and GGN against explicit matrices ------------------------------------------------

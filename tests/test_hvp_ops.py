@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import fisherext.reference as ref
-from conftest import OVERLAP_PATHS, assert_close, bad_input_test, views_of
+from support import assert_close
+from support.opcheck import OVERLAP_PATHS, bad_input_test, views_of
 from fisherext import ops
 
 LOW = [torch.float16, torch.bfloat16]

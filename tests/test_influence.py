@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherext
-from conftest import assert_close
+from support import assert_close
 from fisherext.influence import InfluenceFunctions
-from models import make_data, make_model, named_trainable
-from curvature import LOSS, MODELS, explicit_ggn, explicit_hessian
+from support.models import make_data, make_model, named_trainable
+from support.curvature import LOSS, MODELS, explicit_ggn, explicit_hessian
 
 DAMPING = 0.5
 

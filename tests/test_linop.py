@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fisherext as fx
-from conftest import assert_close
+from support import assert_close
 from fisherext.linop import DenseOperator, FisherMatrixOperator, LinearOperator, as_operator
-from models import compute, make_data, make_model, names_argument
-from spectra import mixed_spectrum, with_spectrum
+from support.models import compute, make_data, make_model, names_argument
+from support.spectra import mixed_spectrum, with_spectrum
 
 
 class CountingOperator(LinearOperator):

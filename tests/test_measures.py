@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fisherext as fx
-from conftest import assert_close
-from models import (
+from support import assert_close
+from support.models import (
     SPECS, assert_matches, compute, compute_per_sample, make_data, make_model, names_argument, num_params,
     param_slices, reference, untouched,
 )

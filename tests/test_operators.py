@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherext
-from conftest import assert_close
-from curvature import MODELS, directions, explicit_ggn, explicit_hessian, setup
+from support import assert_close
+from support.curvature import MODELS, directions, explicit_ggn, explicit_hessian, setup
 from fisherext import FisherOperator, GGNOperator, HessianOperator
-from models import flat_indices, num_params
+from support.models import flat_indices, num_params
 
 
 def test_ggn_differs_from_hessian_and_is_psd():

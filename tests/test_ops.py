@@ -3,7 +3,7 @@ error naming the argument, by the Python wrapper, the compiled kernel and the fa
 import pytest
 import torch
 
-from conftest import OVERLAP_PATHS, bad_input_test, views_of
+from support.opcheck import OVERLAP_PATHS, bad_input_test, views_of
 from fisherext import ops
 
 F = torch.float32

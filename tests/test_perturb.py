@@ -1,7 +1,7 @@
 """fisherext.perturb: perturbed(), the finite-difference Fisher quadratic, input sensitivity, KL vs Fisher.
 
 Every finite-difference value is checked against an exact value (``per_sample_fisher(quantity="quad")``,
-itself checked against the per-sample autograd loop of tests/models.py, or an explicit autograd loop
+itself checked against the per-sample autograd loop of tests/support/models.py, or an explicit autograd loop
 written here), and every routine against the standing invariant of DESIGN.md: the model is left bit for
 bit as it was (parameters, storage, .grad, buffers, modes), also when the forward pass raises.
 
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import fisherext as fx
-from conftest import assert_close
+from support import assert_close
 from fisherext.utils import unflatten
-from models import (
+from support.models import (
     MLP, bitwise_equal, make_data, make_model, named_trainable, names_argument, num_params,
     param_slices, per_sample_fishers, untouched,
 )

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 import fisherext.reference as ref
-from conftest import OVERLAP_PATHS, assert_close, bad_input_test, views_of
+from support import assert_close
+from support.opcheck import OVERLAP_PATHS, bad_input_test, views_of
 from fisherext import ops
 
 LOW = [torch.float16, torch.bfloat16]

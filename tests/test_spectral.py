@@ -11,8 +11,8 @@ import torch
 import fisherext as fx
 from fisherext.linop import LinearOperator
 from fisherext.spectral import hutchinson_trace, lanczos, power_iteration, slq_density
-from models import compute, make_data, make_model, names_argument, slow
-from spectra import mixed_spectrum, mlp_hessian, with_spectrum
+from support.models import compute, make_data, make_model, names_argument, slow
+from support.spectra import mixed_spectrum, mlp_hessian, with_spectrum
 
 RTOL = 1e-10   # float64 eigenvalues, relative to the largest |λ|
 

@@ -1,4 +1,4 @@
-"""The model zoo (tests/zoo.py) against explicit per-sample autograd references (tests/zoo_refs.py).
+"""The model zoo (tests/support/zoo.py) against explicit per-sample autograd references (tests/support/oracles.py).
 
 What users bring: in-place activations and residual adds, tied weights, sequence-first and broadcast
 layouts, custom modules called with keyword arguments, modules whose forward never runs, attention and
@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import fisherext as fx
-from curvature import directions
+from support.curvature import directions
 from fisherext.influence import InfluenceFunctions
-from models import assert_matches, block_mask, flat_indices, named_trainable, num_params, slow, submatrix, untouched
-from zoo import IGNORE, ZOO, DropoutNet, zoo_data, zoo_model
-from zoo_refs import (
+from support.models import assert_matches, block_mask, flat_indices, named_trainable, num_params, slow, submatrix, untouched
+from support.zoo import IGNORE, ZOO, DropoutNet, zoo_data, zoo_model
+from support.oracles import (
     INFLUENCE_DAMPING, KFAC_MODELS, dense_names, fisher_reference, ggn_reference, hessian_reference,
     in_model_order, influence_reference, kfac_reference, loss_fn_for, probe,
 )

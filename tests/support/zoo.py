@@ -9,7 +9,7 @@ padding_idx embeddings, the less common convolutions, recurrent layers, and outp
 axes ([N, T, C] language models, [N, C, H, W] segmentation) with ignored labels.
 
 ZOO maps a name to a ZooModel; zoo_model(name) and zoo_data(name) build the seeded model and data.
-The references (tests/zoo_refs.py) and the tests (tests/test_zoo.py) read only this registry.
+The references (tests/support/oracles.py) and the tests (tests/test_zoo.py) read only this registry.
 Nothing here calls fisherext.
 """
 from __future__ import annotations

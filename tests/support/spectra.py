@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, hessian
 
-from models import make_data, make_model, named_trainable
+from support.models import make_data, make_model, named_trainable
 
 
 def with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,7 @@ fisherext), float64."""
 import torch
 import torch.nn.functional as F
 
-from models import make_data, make_model, named_trainable
+from support.models import make_data, make_model, named_trainable
 
 
 def half_mse(out, y):

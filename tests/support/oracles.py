@@ -1,4 +1,4 @@
-"""Independent references for the model zoo (tests/zoo.py): explicit per-sample autograd loops, float64.
+"""Independent references for the model zoo (tests/support/zoo.py): explicit per-sample autograd loops, float64.
 
 Nothing here calls fisherext or torch.func. For each sample n (a batch of one) the model's output is
 turned into scalars s with weights w such that F_n = sum w grad(s) grad(s)^T, each gradient from its own
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvature import explicit_hessian
-from models import flat_indices, named_trainable, num_params, reference_kfac
-from zoo import IGNORE, ZOO, InplaceMLP, zoo_data, zoo_model
+from support.curvature import explicit_hessian
+from support.models import flat_indices, named_trainable, num_params, reference_kfac
+from support.zoo import IGNORE, ZOO, InplaceMLP, zoo_data, zoo_model
 
 DENSE_LIMIT = 2000   # beyond this many parameters the dense references cover only ZooModel.subset
 
@@ -160,7 +160,7 @@ def fisher_reference(name, kind, labels=True):
 
 
 # --------------------------------------------------------------------------------------------------
-# KFAC (nn.Linear-only models; tests/models.py's reference_kfac, on an out-of-place twin where the
+# KFAC (nn.Linear-only models; tests/support/models.py's reference_kfac, on an out-of-place twin where the
 # model's in-place activations would make its output-hook reference read the overwritten tensor)
 # --------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,18 @@
+"""Test support: devices and dtypes, one assert_close, the model zoo (``support.zoo``, ``support.models``),
+independent oracles (``support.oracles``, ``support.curvature``, ``support.spectra``) and the op-family
+bad-input factory (``support.opcheck``). Tests import from here, never from conftest."""
+import torch
+
+import fisherext  # noqa: F401  (registers torch.ops.fisherext)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float64]
+
+
+def assert_close(actual, expected, dtype=None, scale=None):
+    """Equal up to the precision of `dtype`, relative to the largest entry of `expected` (or to `scale`,
+    the size of the terms `expected` was summed from, where a sum cancels far below them)."""
+    dtype = dtype or expected.dtype
+    rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}[dtype]
+    scale = scale or expected.abs().max().item() or 1.0
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=rtol * scale)
