@@ -32,7 +32,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 run: install
-	$(PY) -m fisherext.demo
+	$(PY) -m fisherext.experiments.demo
 
 bench: install
 	$(PY) -m bench.run

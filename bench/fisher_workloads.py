@@ -1,7 +1,7 @@
 r"""Model-level workloads: the Fisher of the digits MLP by ``fisherext`` against what users would write instead.
 
 Data: scikit-learn's digits (pixels / 16, float32), the first N samples, the set tiled where N > 1797.
-Model: the MLP 64-256-256-10 of ``fisherext.demo`` (ReLU, seeded, eval mode, P = 85,002), as in PEERS.md.
+Model: the MLP 64-256-256-10 of ``fisherext.experiments.demo`` (ReLU, seeded, eval mode, P = 85,002), as in PEERS.md.
 Every impl returns the Fisher normalized as the mean over samples, flattened in ``model.parameters()``
 order (the per-input trace: one value per input), so ``bench.run`` checks all of them against the baseline.
 
@@ -23,8 +23,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import fisherext
-from fisherext.demo import build_mlp, load_digits_tensors
-from fisherext.utils import flatten
+from fisherext.experiments.demo import build_mlp, load_digits_tensors
+from fisherext import flatten
 
 from .workloads import WORKLOADS, Workload
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
 
 import fisherext
-from fisherext.demo import build_mlp, load_digits_tensors
+from fisherext.experiments.demo import build_mlp, load_digits_tensors
 
 from .workloads import WORKLOADS, Workload
 

@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherext.demo import load_digits_tensors
-from fisherext.influence import InfluenceFunctions
+from fisherext.experiments.demo import load_digits_tensors
+from fisherext import InfluenceFunctions
 
 from .workloads import WORKLOADS, Workload
 

@@ -46,8 +46,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 import fisherext
-from fisherext.demo import load_digits_tensors
-from fisherext.perturb import ParameterPerturbation
+from fisherext.experiments.demo import load_digits_tensors
+from fisherext._core.perturbation import ParameterPerturbation
 
 from .workloads import WORKLOADS, Workload
 

@@ -1,6 +1,6 @@
 r"""Closed-form Fisher information and KL divergence for univariate and multivariate normals.
 
-This module is the exact reference behind the ``gaussian`` experiment (seed 000): for a Gaussian
+The exact reference behind the Gaussian KL study (seed 000, ``fisherext.experiments.gaussian_kl``): for a Gaussian
 :math:`p_\theta`, the KL divergence to a perturbed Gaussian and the Fisher quadratic form agree to
 second order,
 
@@ -53,22 +53,18 @@ every direction orthogonal to :math:`\sum_i g_i`, instead of the mean of per-sam
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
-from .utils import check_choice
+from ._core.checks import check_choice
 
 PARAMS = ("sigma", "log_sigma")
 DIAGS = ("raw", "log")
-WHICH = ("mean", "L", "both")
-KINDS = ("true", "empirical")
-DEFAULT_RADII = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 __all__ = [
-    "DEFAULT_RADII", "DIAGS", "KINDS", "PARAMS", "WHICH",
-    "empirical_fisher", "empirical_fisher_quad", "format_ratio_table", "kl_vs_fisher_grid",
-    "kl_vs_fisher_study", "mvn_empirical_fisher_quad", "mvn_fisher", "mvn_fisher_mv", "mvn_fisher_quad",
+    "DIAGS", "PARAMS",
+    "empirical_fisher", "empirical_fisher_quad", "mvn_empirical_fisher_quad", "mvn_fisher", "mvn_fisher_mv", "mvn_fisher_quad",
     "mvn_kl", "mvn_log_prob", "mvn_num_params", "mvn_pack", "mvn_score", "mvn_score_dot", "mvn_unpack",
     "random_mvn", "univariate_fisher", "univariate_kl", "univariate_log_prob", "univariate_pack",
     "univariate_score", "univariate_unpack",
@@ -104,7 +100,7 @@ def _check_sigma(name, sigma):
         raise ValueError(f"{name}: the standard deviation must be positive, got {sigma.detach().min().item()}")
 
 
-def _check_mvn(mu, L, mu_name="mu", L_name="L"):
+def check_mvn(mu, L, mu_name="mu", L_name="L"):
     """Validate (μ [d], L [d, d] lower triangular with a positive diagonal); return d."""
     if not isinstance(L, torch.Tensor) or not L.is_floating_point():
         raise TypeError(f"{L_name}: expected a floating-point tensor")
@@ -250,7 +246,7 @@ def _tril(d, device):
 def mvn_pack(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tensor:
     """θ = concat(μ, L[tril_indices]) with the diagonal of L raw or logged (module docstring): Tensor [P]."""
     check_choice("diag", diag, DIAGS)
-    d = _check_mvn(mu, L)
+    d = check_mvn(mu, L)
     rows, cols, on_diag = _tril(d, L.device)
     ell = L[rows, cols]
     if diag == "log":
@@ -275,7 +271,7 @@ def mvn_unpack(theta: torch.Tensor, d: int, diag: str = "raw"):
     return theta[:d], L
 
 
-def _solve(L, B):
+def tri_solve(L, B):
     """L⁻¹ B for lower-triangular L."""
     return torch.linalg.solve_triangular(L, B, upper=False)
 
@@ -296,9 +292,9 @@ def random_mvn(d: int, *, generator: torch.Generator | None = None, dtype=torch.
 def mvn_log_prob(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     r""":math:`\log p(x) = -\tfrac d2\log 2\pi - \sum_j \log L_{jj} - \tfrac12\|z\|^2`,
     :math:`z = L^{-1}(x-\mu)`: Tensor [*x.shape[:-1]]."""
-    d = _check_mvn(mu, L)
+    d = check_mvn(mu, L)
     x = _check_samples(x, d, L)
-    z = _solve(L, (x - mu).reshape(-1, d).T).T.reshape(x.shape)
+    z = tri_solve(L, (x - mu).reshape(-1, d).T).T.reshape(x.shape)
     return -0.5 * d * _LOG_2PI - torch.log(torch.diagonal(L)).sum() - 0.5 * (z * z).sum(-1)
 
 
@@ -316,10 +312,10 @@ def mvn_score(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, diag: str = "r
     Built entry-wise on the tril indices (never an n×d×d intermediate). ``x``: [n, d] (or [d]).
     """
     check_choice("diag", diag, DIAGS)
-    d = _check_mvn(mu, L)
+    d = check_mvn(mu, L)
     x = _check_samples(x, d, L)
     x = x.reshape(-1, d)
-    z = _solve(L, (x - mu).T)                                  # [d, n]
+    z = tri_solve(L, (x - mu).T)                                  # [d, n]
     w = torch.linalg.solve_triangular(L.T, z, upper=True).T    # [n, d]
     z = z.T
     rows, cols, on_diag = _tril(d, L.device)
@@ -330,7 +326,7 @@ def mvn_score(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, diag: str = "r
     return torch.cat([w, dL], dim=1)
 
 
-def _split_delta(delta, mu, L, diag):
+def split_delta(delta, mu, L, diag):
     """Δ [..., P] → (Δμ [..., d], ΔL [..., d, d]) in raw-L coordinates (log diagonal: ΔL_jj = L_jj Δθ_jj)."""
     d = L.shape[0]
     rows, cols, on_diag = _tril(d, L.device)
@@ -356,11 +352,11 @@ def mvn_fisher_quad(mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor, diag
     chain rule, :math:`\Delta_{L,jj} = L_{jj}\Delta\theta_{jj}`. Cost: two triangular solves.
     """
     check_choice("diag", diag, DIAGS)
-    d = _check_mvn(mu, L)
+    d = check_mvn(mu, L)
     delta = _check_vector("delta", delta, mvn_num_params(d), L)
-    dmu, dL = _split_delta(delta, mu, L, diag)
-    a = _solve(L, dmu.unsqueeze(-1)).squeeze(-1)
-    A = _solve(L, dL)
+    dmu, dL = split_delta(delta, mu, L, diag)
+    a = tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1)
+    A = tri_solve(L, dL)
     Ad = torch.diagonal(A, dim1=-2, dim2=-1)
     return (a * a).sum(-1) + (A * A).sum((-2, -1)) + (Ad * Ad).sum(-1)
 
@@ -374,11 +370,11 @@ def mvn_fisher_mv(mu: torch.Tensor, L: torch.Tensor, v: torch.Tensor, diag: str 
     :math:`D = \mathrm{diag}(1,\dots,L_{jj},\dots)` on both sides (:math:`F_{\log} = D F_{\rm raw} D`).
     """
     check_choice("diag", diag, DIAGS)
-    d = _check_mvn(mu, L)
+    d = check_mvn(mu, L)
     v = _check_vector("v", v, mvn_num_params(d), L)
-    vmu, V = _split_delta(v, mu, L, diag)
-    out_mu = torch.linalg.solve_triangular(L.T, _solve(L, vmu.unsqueeze(-1)), upper=True).squeeze(-1)
-    SV = torch.linalg.solve_triangular(L.T, _solve(L, V), upper=True)   # Σ⁻¹ V
+    vmu, V = split_delta(v, mu, L, diag)
+    out_mu = torch.linalg.solve_triangular(L.T, tri_solve(L, vmu.unsqueeze(-1)), upper=True).squeeze(-1)
+    SV = torch.linalg.solve_triangular(L.T, tri_solve(L, V), upper=True)   # Σ⁻¹ V
     rows, cols, on_diag = _tril(d, L.device)
     Ldiag = torch.diagonal(L)
     Ld = Ldiag[cols]
@@ -413,10 +409,10 @@ def mvn_fisher(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Te
     needed, use ``mvn_fisher_mv`` / ``mvn_fisher_quad``.
     """
     check_choice("diag", diag, DIAGS)
-    d = _check_mvn(mu, L)
+    d = check_mvn(mu, L)
     P = mvn_num_params(d)
     eye = torch.eye(d, dtype=L.dtype, device=L.device)
-    Linv = _solve(L, eye)
+    Linv = tri_solve(L, eye)
     Sinv = Linv.T @ Linv
     Sinv = 0.5 * (Sinv + Sinv.T)
     F = torch.zeros(P, P, dtype=L.dtype, device=L.device)
@@ -454,14 +450,14 @@ def mvn_kl(mu0: torch.Tensor, L0: torch.Tensor, mu1: torch.Tensor, L1: torch.Ten
     .. math:: \mathrm{KL} = \tfrac12\Big[\sum_{i\ne j}D_{ij}^2 + \sum_j\big(D_{jj}^2 + 2(D_{jj}
               - \mathrm{log1p}(D_{jj}))\big) + \|z\|^2\Big].
     """
-    d = _check_mvn(mu0, L0, "mu0", "L0")
-    d1 = _check_mvn(mu1, L1, "mu1", "L1")
+    d = check_mvn(mu0, L0, "mu0", "L0")
+    d1 = check_mvn(mu1, L1, "mu1", "L1")
     if d1 != d:
         raise ValueError(f"L1: dimension {d1} differs from L0's {d}")
     if L1.dtype != L0.dtype or L1.device != L0.device:
         raise ValueError(f"L1: dtype/device {L1.dtype}/{L1.device} differ from L0's {L0.dtype}/{L0.device}")
-    D = _solve(L1, L0 - L1)
-    z = _solve(L1, (mu1 - mu0).unsqueeze(-1)).squeeze(-1)
+    D = tri_solve(L1, L0 - L1)
+    z = tri_solve(L1, (mu1 - mu0).unsqueeze(-1)).squeeze(-1)
     e = torch.diagonal(D)
     off = (D * D).sum() - (e * e).sum()
     return 0.5 * (off + (e * e + 2.0 * (e - torch.log1p(e))).sum() + (z * z).sum())
@@ -476,15 +472,15 @@ def mvn_score_dot(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, delta: tor
     :math:`\langle L^{-\top}(z z^\top - I), \Delta_L\rangle`). O(n d²), no n×P array.
     """
     check_choice("diag", diag, DIAGS)
-    d = _check_mvn(mu, L)
+    d = check_mvn(mu, L)
     x = _check_samples(x, d, L).reshape(-1, d)
     delta = _check_vector("delta", delta, mvn_num_params(d), L)
     if delta.dim() != 1:
         raise ValueError(f"delta: expected a single vector [P], got shape {tuple(delta.shape)}")
-    dmu, dL = _split_delta(delta, mu, L, diag)
-    a = _solve(L, dmu.unsqueeze(-1)).squeeze(-1)
-    A = _solve(L, dL)
-    z = _solve(L, (x - mu).T).T                                  # [n, d]
+    dmu, dL = split_delta(delta, mu, L, diag)
+    a = tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1)
+    A = tri_solve(L, dL)
+    z = tri_solve(L, (x - mu).T).T                                  # [n, d]
     return z @ a + ((z @ A.T) * z).sum(-1) - torch.diagonal(A).sum()
 
 
@@ -542,17 +538,17 @@ def _empirical_quad_stats(get_chunk, n, mu, L, delta, diag, chunk_size):
     """(mean of (gᵀΔ)², its standard error) over n samples x given chunk-wise."""
     if n < 2:
         raise ValueError(f"n: need at least 2 samples, got {n}")
-    dmu, dL = _split_delta(delta, mu, L, diag)
-    a = _solve(L, dmu.unsqueeze(-1)).squeeze(-1)
-    A = _solve(L, dL)
+    dmu, dL = split_delta(delta, mu, L, diag)
+    a = tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1)
+    A = tri_solve(L, dL)
 
     def whitened(start, stop):
-        return _solve(L, (get_chunk(start, stop) - mu).T).T
+        return tri_solve(L, (get_chunk(start, stop) - mu).T).T
 
-    return _whitened_quad_stats(whitened, n, a, A, chunk_size)
+    return whitened_quad_stats(whitened, n, a, A, chunk_size)
 
 
-def _whitened_quad_stats(get_z, n, a, A, chunk_size):
+def whitened_quad_stats(get_z, n, a, A, chunk_size):
     """Mean and standard error of q_i = (aᵀz_i + z_iᵀAz_i − tr A)² over whitened z_i = L⁻¹(x_i − μ)."""
     s1 = torch.zeros((), dtype=A.dtype, device=A.device)
     s2 = torch.zeros((), dtype=A.dtype, device=A.device)
@@ -567,123 +563,3 @@ def _whitened_quad_stats(get_z, n, a, A, chunk_size):
     mean = s1 / n
     var = (s2 / n - mean * mean) * n / (n - 1)
     return mean, torch.sqrt(var.clamp_min(0) / n)
-
-
-# ---------------------------------------------------------------------------------------- study
-
-
-def _direction(P, d, which, generator, dtype, device):
-    """A random unit vector in θ space supported on the mean (first d), the L, or all coordinates."""
-    v = torch.randn(P, generator=generator, dtype=dtype)
-    if which == "mean":
-        v[d:] = 0
-    elif which == "L":
-        v[:d] = 0
-    return (v / v.norm()).to(device)
-
-
-def kl_vs_fisher_study(d: int, which: str = "both", kind: str = "true", *, n: int = 200_000,
-                       radii: Sequence[float] = DEFAULT_RADII, generator: torch.Generator | None = None,
-                       mu: torch.Tensor | None = None, L: torch.Tensor | None = None, diag: str = "raw",
-                       dtype=torch.float64, device=None, chunk_size: int | None = None) -> list[dict]:
-    r"""Seed 000's study: :math:`\mathrm{KL}(p_\theta\|p_{\theta+r u})` against :math:`\tfrac12 r^2 u^\top F u`.
-
-    The Gaussian is :math:`\mathcal N(\mu, LL^\top)` in dimension ``d`` (d = 1 is the univariate
-    normal, θ = (μ, σ) for ``diag="raw"`` or (μ, log σ) for ``diag="log"``); (μ, L) are drawn with
-    ``random_mvn`` unless given. u is one random unit direction in θ space (drawn from ``generator``),
-    supported on the mean coordinates (``which="mean"``), on the L coordinates (``"L"``) or on all
-    (``"both"``), and each radius r gives Δ = r u. The perturbed parameters are θ + Δ in the θ layout of
-    the module docstring (so with ``diag="log"`` the diagonal of L is multiplied by exp(Δ)).
-
-    ``kind="true"`` uses the exact Fisher (``mvn_fisher_quad``); ``kind="empirical"`` draws ``n`` samples
-    :math:`x_i\sim p_\theta` once and uses :math:`\frac1n\sum_i(g_i^\top u)^2` (the per-sample mean of
-    outer products, evaluated as a quadratic form — no P×P matrix). The same direction and samples serve
-    every radius, so for the empirical Fisher the small-radius ratio converges to
-    :math:`u^\top F u / u^\top\hat F u`, whose relative Monte-Carlo error is reported as
-    ``quad_half_se / quad_half`` (:math:`\approx\sqrt{2/n}` when :math:`g^\top u` is close to Gaussian).
-
-    Returns one dict per radius: ``d, which, kind, n`` (None for "true"), ``radius``, ``kl``,
-    ``quad_half`` (= ½ΔᵀFΔ), ``ratio`` (= kl / quad_half → 1 as r → 0, deviation O(r)), and
-    ``quad_half_se`` (the standard error of quad_half; 0 for "true"). A radius at which the perturbed L
-    has a non-positive diagonal (raw diagonal only) is not a Cholesky factor: its ``kl`` and ``ratio``
-    are NaN.
-    """
-    check_choice("which", which, WHICH)
-    check_choice("kind", kind, KINDS)
-    check_choice("diag", diag, DIAGS)
-    if not isinstance(d, int) or d < 1:
-        raise ValueError(f"d: expected a positive int, got {d!r}")
-    if kind == "empirical" and (not isinstance(n, int) or n < 2):
-        raise ValueError(f"n: expected an int >= 2 for kind='empirical', got {n!r}")
-    radii = [float(r) for r in radii]
-    if not radii or any(not math.isfinite(r) or r <= 0 for r in radii):
-        raise ValueError(f"radii: expected a non-empty sequence of positive numbers, got {radii}")
-    if (mu is None) != (L is None):
-        raise ValueError("mu, L: give both or neither")
-    if mu is None:
-        mu, L = random_mvn(d, generator=generator, dtype=dtype)
-    else:
-        if L.dim() == 0 or (L.dim() == 1 and L.numel() == 1):
-            L = L.reshape(1, 1)
-        mu = mu.reshape(-1)
-        if _check_mvn(mu, L) != d:
-            raise ValueError(f"L: expected shape ({d}, {d}), got {tuple(L.shape)}")
-    mu, L = mu.to(device), L.to(device)
-    theta = mvn_pack(mu, L, diag)
-    P = theta.numel()
-    u = _direction(P, d, which, generator, L.dtype, L.device)
-
-    if kind == "true":
-        quad_u, se_u = mvn_fisher_quad(mu, L, u, diag), torch.zeros((), dtype=L.dtype)
-    else:
-        # x_i = μ + L z_i with z_i ~ N(0, I): the whitened L⁻¹(x_i − μ) that the score needs is z_i
-        # itself, so the samples are drawn in whitened form (same formula as mvn_score_dot).
-        dmu, dL = _split_delta(u, mu, L, diag)
-        a = _solve(L, dmu.unsqueeze(-1)).squeeze(-1)
-        A = _solve(L, dL)
-
-        def draw(start, stop):
-            return torch.randn(stop - start, d, generator=generator, dtype=L.dtype).to(L.device)
-
-        quad_u, se_u = _whitened_quad_stats(draw, n, a, A, chunk_size or max(1024, (1 << 22) // d))
-
-    rows = []
-    for r in radii:
-        mu1, L1 = mvn_unpack(theta + r * u, d, diag)
-        if bool((torch.diagonal(L1) > 0).all()):
-            kl = mvn_kl(mu, L, mu1, L1).item()
-        else:
-            kl = float("nan")
-        quad_half = 0.5 * r * r * quad_u.item()
-        rows.append({"d": d, "which": which, "kind": kind, "n": n if kind == "empirical" else None,
-                     "radius": r, "kl": kl, "quad_half": quad_half, "ratio": kl / quad_half,
-                     "quad_half_se": 0.5 * r * r * float(se_u)})
-    return rows
-
-
-def kl_vs_fisher_grid(ds: Sequence[int] = (1, 10, 100), whichs: Sequence[str] = WHICH,
-                      kinds: Sequence[str] = KINDS, *, n: int = 200_000, radii: Sequence[float] = DEFAULT_RADII,
-                      seed: int = 0, **kwargs) -> list[dict]:
-    """All rows of ``kl_vs_fisher_study`` over ``ds`` × ``whichs`` × ``kinds``; case (d, which) uses the
-    same (μ, L) and direction for both kinds (a generator seeded with ``seed`` + 1000·d + the index of ``which``)."""
-    rows = []
-    for d in ds:
-        for w_idx, which in enumerate(whichs):
-            for kind in kinds:
-                g = torch.Generator().manual_seed(seed + 1000 * d + w_idx)
-                rows += kl_vs_fisher_study(d, which, kind, n=n, radii=radii, generator=g, **kwargs)
-    return rows
-
-
-def format_ratio_table(rows: Sequence[dict]) -> str:
-    """Markdown table of KL/(½ΔᵀFΔ): one row per radius, one column per (d, which, kind) case."""
-    cases = list(dict.fromkeys((r["d"], r["which"], r["kind"]) for r in rows))
-    radii = list(dict.fromkeys(r["radius"] for r in rows))
-    val = {(r["d"], r["which"], r["kind"], r["radius"]): r["ratio"] for r in rows}
-    head = "| radius | " + " | ".join(f"d={d} {w} {k}" for d, w, k in cases) + " |"
-    sep = "|---" * (len(cases) + 1) + "|"
-    body = []
-    for rad in radii:
-        cells = [f"{val[c + (rad,)]:.5f}" if c + (rad,) in val else "" for c in cases]
-        body.append(f"| {rad:g} | " + " | ".join(cells) + " |")
-    return "\n".join([head, sep, *body])

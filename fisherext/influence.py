@@ -31,14 +31,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from . import solvers
-from .capture import iter_batches
-from .conventions import check_deterministic, checked_output, curvature_forward
-from .hvp import FunctionalModel, _check_loss_fn
-from .linop import DEFAULT_MAX_ELEMENTS
-from .operators import GGNOperator, HessianOperator
-from .spectral import power_iteration
-from .utils import check_choice, check_positive_int
+from ._core.checks import check_choice, check_loss_fn, check_positive_int
+from ._core.conventions import check_deterministic, checked_output, curvature_forward
+from ._core.data import iter_batches, num_samples
+from ._core.functional import FunctionalModel
+from .curvature.operators import GGNOperator, HessianOperator
+from .linalg import solvers
+from .linalg.linop import DEFAULT_MAX_ELEMENTS
+from .linalg.spectral import power_iteration
 
 SOLVERS = ("exact", "cg", "lissa")
 CURVATURES = ("hessian", "ggn")
@@ -47,45 +47,6 @@ CURVATURES = ("hessian", "ggn")
 CHUNK_ELEMENTS = 1 << 22
 _NOT_PD = ("pass a larger damping (more than -lambda_min of the Hessian) or curvature='ggn' "
            "(positive semi-definite)")
-
-
-def num_samples(data, name: str) -> int:
-    """Number of samples of a DataLoader, a Dataset or an (x, y) tuple; ValueError naming ``name`` if 0."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if not isinstance(y, torch.Tensor):
-            raise ValueError(f"{name}: influence needs targets: an (x, y) tuple with y a tensor, got y={y!r}")
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"{name}: x and y have {x.shape[0]} and {y.shape[0]} samples")
-        n = x.shape[0]
-    elif isinstance(data, torch.utils.data.DataLoader):
-        _check_in_order(data, name)
-        n = len(data.dataset)
-    elif isinstance(data, torch.utils.data.Dataset):
-        n = len(data)
-    else:
-        raise TypeError(f"{name}: expected a DataLoader, a Dataset or an (x, y) tuple of tensors, "
-                        f"got {type(data).__name__}")
-    if n == 0:
-        raise ValueError(f"{name}: no samples")
-    return n
-
-
-def _check_in_order(loader: torch.utils.data.DataLoader, name: str) -> None:
-    """Refuses a DataLoader that does not yield its dataset in order: the rows (test data) and columns
-    (training data) of the influence matrix follow the data's order, and the gradients are streamed
-    again at every call, so a shuffled order would make them random and differ from call to call."""
-    data = torch.utils.data
-    if isinstance(loader.dataset, data.IterableDataset):
-        return  # no sampler: the dataset's own iteration order
-    batches = loader.batch_sampler
-    ordered = isinstance(loader.sampler, data.SequentialSampler) and (
-        batches is None or (type(batches) is data.BatchSampler and batches.sampler is loader.sampler))
-    if not ordered:
-        used = type(loader.sampler if batches is None or type(batches) is data.BatchSampler else batches).__name__
-        raise ValueError(f"{name}: the DataLoader draws its samples through a {used}, not in order, so the "
-                         "influence matrix's rows/columns would be in a random order that changes from call to "
-                         "call; pass a DataLoader with shuffle=False (and no sampler), a Dataset or an (x, y) tuple")
 
 
 class InfluenceFunctions:
@@ -124,7 +85,7 @@ class InfluenceFunctions:
                  solver_kwargs: dict | None = None, progress: bool = False):
         check_choice("solver", solver, SOLVERS)
         check_choice("curvature", curvature, CURVATURES)
-        _check_loss_fn(loss_fn)
+        check_loss_fn(loss_fn)
         check_positive_int("batch_size", batch_size, optional=True)
         check_deterministic(model)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \

@@ -50,11 +50,11 @@ def test_every_op_has_cpu_kernel_fake_and_twin(op):
 
 def test_flatten_unflatten_roundtrip():
     ts = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 1, 2)]
-    flat = fisherext.utils.flatten(ts)
+    flat = fisherext.flatten(ts)
     assert flat.shape == (21,)
-    back = fisherext.utils.unflatten(flat, ts)
+    back = fisherext.unflatten(flat, ts)
     assert all(torch.equal(a, b) for a, b in zip(back, ts))
     with pytest.raises(ValueError, match="'vec'"):
-        fisherext.utils.unflatten(flat[:-1], ts)
+        fisherext.unflatten(flat[:-1], ts)
     with pytest.raises(ValueError, match="'tensors'"):
-        fisherext.utils.flatten([])
+        fisherext.flatten([])

@@ -26,10 +26,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fisherext as fx
 from support import assert_close
-from fisherext.conventions import (
+from fisherext._core.conventions import (
     check_deterministic, checked_output, curvature_forward, padding_as_constant, second_order_attention,
 )
-from fisherext.influence import InfluenceFunctions
+from fisherext import InfluenceFunctions
 
 DT = torch.float64
 

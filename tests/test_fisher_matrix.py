@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from support import assert_close
-from fisherext.fisher_matrix import DensePart, DiagPart, FisherMatrix, KronPart
+from fisherext.capture.matrix import DensePart, DiagPart, FisherMatrix, KronPart
 
 DT = torch.float64
 

@@ -19,6 +19,7 @@ from torch.autograd.functional import hessian, jacobian
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 import fisherext.gaussian as G
+from fisherext.experiments import gaussian_kl as S
 
 f64 = torch.float64
 TOL = 1e-10
@@ -221,17 +222,17 @@ def test_empirical_fisher_converges_to_true_fisher():
 
 SMALL = 1e-4
 RADII = (1e-4, 1e-3, 1e-2, 1e-1)
-CASES = [(d, which) for d in (1, 10, 100) for which in G.WHICH]
+CASES = [(d, which) for d in (1, 10, 100) for which in S.WHICH]
 
 
 def case_generator(d, which):
-    return gen(1000 * d + G.WHICH.index(which))
+    return gen(1000 * d + S.WHICH.index(which))
 
 
 @pytest.mark.parametrize("diag", G.DIAGS)
 @pytest.mark.parametrize("d,which", CASES)
 def test_ratio_true_fisher(d, which, diag):
-    rows = G.kl_vs_fisher_study(d, which, "true", radii=RADII, generator=case_generator(d, which), diag=diag)
+    rows = S.kl_vs_fisher_study(d, which, "true", radii=RADII, generator=case_generator(d, which), diag=diag)
     ratios = [r["ratio"] for r in rows]
     assert abs(ratios[0] - 1) < 0.01, ratios
     # the deviation is O(radius): it shrinks (or stays at rounding level) as the radius goes down
@@ -256,7 +257,7 @@ EMPIRICAL_N = {1: 2_400_000, 10: 1_000_000, 100: 200_000}
 @pytest.mark.parametrize("d,which", CASES)
 def test_ratio_empirical_fisher(d, which):
     n = EMPIRICAL_N[d]
-    rows = G.kl_vs_fisher_study(d, which, "empirical", n=n, radii=(SMALL, 1e-2), generator=case_generator(d, which))
+    rows = S.kl_vs_fisher_study(d, which, "empirical", n=n, radii=(SMALL, 1e-2), generator=case_generator(d, which))
     first = rows[0]
     rel_se = first["quad_half_se"] / first["quad_half"]
     assert rel_se < 0.0035, rel_se
@@ -269,7 +270,7 @@ def test_study_uses_whitened_samples_consistently():
     """The study's empirical quadratic equals mvn_empirical_fisher_quad on the same draws."""
     d, n = 4, 5000
     mu, L = mvn(d, seed=3)
-    rows = G.kl_vs_fisher_study(d, "both", "empirical", n=n, radii=(1.0,), generator=gen(4), mu=mu, L=L)
+    rows = S.kl_vs_fisher_study(d, "both", "empirical", n=n, radii=(1.0,), generator=gen(4), mu=mu, L=L)
     g = gen(4)
     u = torch.randn(G.mvn_num_params(d), generator=g, dtype=f64)
     u /= u.norm()
@@ -310,7 +311,7 @@ def test_seed_sum_then_outer_empirical_fisher_is_wrong():
 @pytest.mark.parametrize("d,which", CASES)
 def test_seed_missing_half_gives_factor_two(d, which):
     """Comparing KL with ΔᵀFΔ instead of ½ΔᵀFΔ: ΔᵀFΔ / KL → 2, not 1."""
-    row = G.kl_vs_fisher_study(d, which, "true", radii=(SMALL,), generator=case_generator(d, which))[0]
+    row = S.kl_vs_fisher_study(d, which, "true", radii=(SMALL,), generator=case_generator(d, which))[0]
     assert 2 * row["quad_half"] / row["kl"] == pytest.approx(2.0, rel=0.01)
     assert abs(2 * row["quad_half"] / row["kl"] - 1) > 0.9
 
@@ -319,10 +320,10 @@ def test_seed_missing_half_gives_factor_two(d, which):
 
 
 def test_study_rows_and_table():
-    rows = G.kl_vs_fisher_grid(ds=(1, 3), kinds=("true",), radii=(1e-3, 1e-2))
+    rows = S.kl_vs_fisher_grid(ds=(1, 3), kinds=("true",), radii=(1e-3, 1e-2))
     assert len(rows) == 2 * 3 * 2
     assert set(rows[0]) == {"d", "which", "kind", "n", "radius", "kl", "quad_half", "ratio", "quad_half_se"}
-    table = G.format_ratio_table(rows)
+    table = S.format_ratio_table(rows)
     assert table.count("\n") == 3 and "d=3 both true" in table
 
 
@@ -331,13 +332,13 @@ def test_study_invalid_cholesky_gives_nan():
     mu, L = torch.zeros(1, dtype=f64), torch.full((1, 1), 0.5, dtype=f64)
     seen = set()
     for seed in range(10):
-        row = G.kl_vs_fisher_study(1, "L", radii=(2.0,), generator=gen(seed), mu=mu, L=L)[0]
+        row = S.kl_vs_fisher_study(1, "L", radii=(2.0,), generator=gen(seed), mu=mu, L=L)[0]
         sign = torch.randn(2, generator=gen(seed), dtype=f64)[1].sign().item()   # the study's direction
         assert math.isnan(row["kl"]) == (0.5 + 2.0 * sign < 0)
         seen.add(sign)
     assert seen == {-1.0, 1.0}
     # the log-diagonal parameterization is valid for every radius
-    row = G.kl_vs_fisher_study(1, "L", radii=(2.0,), generator=gen(0), mu=mu, L=L, diag="log")[0]
+    row = S.kl_vs_fisher_study(1, "L", radii=(2.0,), generator=gen(0), mu=mu, L=L, diag="log")[0]
     assert math.isfinite(row["kl"]) and row["kl"] > 0
 
 
@@ -373,10 +374,10 @@ def test_errors_name_the_argument():
         (lambda: G.mvn_fisher_quad(mu, L, torch.zeros(8, dtype=f64)), "delta"),
         (lambda: G.mvn_fisher_mv(mu, L, torch.zeros(10, dtype=f64)), "v"),
         (lambda: G.mvn_fisher(mu, torch.full_like(L, float("nan")).tril()), "L"),
-        (lambda: G.kl_vs_fisher_study(3, which="cov"), "which"),
-        (lambda: G.kl_vs_fisher_study(3, kind="mc"), "kind"),
-        (lambda: G.kl_vs_fisher_study(3, radii=(0.0,)), "radii"),
-        (lambda: G.kl_vs_fisher_study(3, kind="empirical", n=1), "n"),
+        (lambda: S.kl_vs_fisher_study(3, which="cov"), "which"),
+        (lambda: S.kl_vs_fisher_study(3, kind="mc"), "kind"),
+        (lambda: S.kl_vs_fisher_study(3, radii=(0.0,)), "radii"),
+        (lambda: S.kl_vs_fisher_study(3, kind="empirical", n=1), "n"),
         (lambda: G.empirical_fisher(torch.zeros(0, 3)), "scores"),
         (lambda: G.mvn_unpack(torch.zeros(5, dtype=f64), 3), "theta"),
     ]

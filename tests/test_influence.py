@@ -10,7 +10,7 @@ from torch import nn
 
 import fisherext
 from support import assert_close
-from fisherext.influence import InfluenceFunctions
+from fisherext import InfluenceFunctions
 from support.models import make_data, make_model, named_trainable
 from support.curvature import LOSS, MODELS, explicit_ggn, explicit_hessian
 

@@ -4,7 +4,7 @@ axis, a wrong row count or a wrong order shows as a wrong id."""
 import pytest
 import torch
 
-from fisherext.layout import NO_BATCH, Layout, from_sizes, ordering, to_samples
+from fisherext.capture.layout import NO_BATCH, Layout, from_sizes, ordering, to_samples
 
 
 @pytest.mark.parametrize("shape1,shape2,expected", [

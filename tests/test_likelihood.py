@@ -4,7 +4,7 @@ log-likelihood (block-diagonal over positions, ignored positions zero), whatever
 import pytest
 import torch
 
-from fisherext.likelihood import Cotangents, class_axis
+from fisherext._core.likelihood import Cotangents, class_axis
 
 D64 = torch.float64
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import fisherext as fx
 from support import assert_close
-from fisherext.utils import unflatten
+from fisherext import unflatten
 from support.models import (
     MLP, bitwise_equal, make_data, make_model, named_trainable, names_argument, num_params,
     param_slices, per_sample_fishers, untouched,
@@ -320,7 +320,7 @@ def test_fd_quadratic_directions_linear_strategy_equals_in_place(case):
     else:
         model, dtype = tanh_mlp(dtype=torch.float32), torch.float32
     x = make_data(case, n=6)[0] if case in ("tied", "seq") else randn((6, 5), 30, dtype)
-    P = sum(p.numel() for _, p in fx.capture.resolve_params(model, params))
+    P = sum(p.numel() for _, p in fx._core.params.resolve_params(model, params))
     V = randn((4, P), 31)
     with untouched(model):
         linear = fx.fd_quadratic_directions(model, x, V, eps=1e-4, params=params, strategy="linear")
@@ -628,8 +628,8 @@ def test_linear_strategy_establishes_the_batch_axis_or_falls_back(build, T, monk
     x = randn((2, T * 4), 40)
     V = randn((2, num_params(model)), 41)
     in_place_calls = []
-    real = fx.perturb._in_place_logits
-    monkeypatch.setattr(fx.perturb, "_in_place_logits", lambda *a: in_place_calls.append(1) or real(*a))
+    real = fx.perturb.finite_differences._in_place_logits
+    monkeypatch.setattr(fx.perturb.finite_differences, "_in_place_logits", lambda *a: in_place_calls.append(1) or real(*a))
     with untouched(model):
         linear = fx.fd_quadratic_directions(model, x, V, eps=1e-4, strategy="linear")
         auto = fx.fd_quadratic_directions(model, x, V, eps=1e-4)  # CPU, 2 inputs: "linear" where it can

@@ -80,8 +80,8 @@ def test_unflatten_copy_is_bitwise(case, device, dtype):
 
 def test_unflatten_axpy_pairs_elements_in_memory_order(device):
     """Tensor i takes the next numel(out[i]) entries of the flat vectors, in memory (row-major) order:
-    the order of fisherext.utils.flatten."""
-    from fisherext.utils import flatten
+    the order of fisherext.flatten."""
+    from fisherext import flatten
 
     out = [randn((4, 3), torch.float64, device, 1), randn((5,), torch.float64, device, 2)]
     x = flatten([randn((4, 3), torch.float64, device, 3), randn((5,), torch.float64, device, 4)])
@@ -121,7 +121,7 @@ def test_unflatten_axpy_cuda_metadata_boundaries(with_v):
 def test_perturb_then_copy_restores_bitwise(device, dtype):
     """theta <- theta_saved ± eps v, then a copy back from the saved vector restores every bit; undoing
     the step by arithmetic (the seeds' +eps, -2 eps, +eps) would not."""
-    from fisherext.utils import flatten
+    from fisherext import flatten
 
     params, _, v = list_and_flats(LIST_CASES["130"], dtype, device)
     saved = flatten(params).clone()

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherext.recurrent import STEPWISE
-from fisherext.rules import DESCEND, _same_padding, unfold
+from fisherext._core.recurrent import STEPWISE
+from fisherext.capture.layers import DESCEND, unfold
+from fisherext.capture.layers.conv import _same_padding
 
 D64 = torch.float64
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fisherext as fx
-from fisherext.linop import LinearOperator
-from fisherext.spectral import hutchinson_trace, lanczos, power_iteration, slq_density
+from fisherext.linalg.linop import LinearOperator
+from fisherext.linalg.spectral import hutchinson_trace, lanczos, power_iteration, slq_density
 from support.models import compute, make_data, make_model, names_argument, slow
 from support.spectra import mixed_spectrum, mlp_hessian, with_spectrum
 

@@ -5,7 +5,7 @@ the summed per-sample gradient."""
 import pytest
 import torch
 
-from fisherext.terms import BiasTerm, DenseTerm, EmbeddingTerm, LinearTerm, combine
+from fisherext.capture.terms import BiasTerm, DenseTerm, EmbeddingTerm, LinearTerm, combine
 
 D64 = torch.float64
 K, N = 3, 5

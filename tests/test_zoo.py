@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import fisherext as fx
 from support.curvature import directions
-from fisherext.influence import InfluenceFunctions
+from fisherext import InfluenceFunctions
 from support.models import assert_matches, block_mask, flat_indices, named_trainable, num_params, slow, submatrix, untouched
 from support.zoo import IGNORE, ZOO, DropoutNet, zoo_data, zoo_model
 from support.oracles import (

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from .fisher_matrix import FisherMatrix
-
 DEFAULT_MAX_ELEMENTS = 1 << 26   # dense(): 64 Mi entries, 512 MiB in float64
 
 
@@ -55,7 +53,7 @@ class LinearOperator:
         return self._device
 
     def _check(self, X, name: str, ndim: int) -> torch.Tensor:
-        P = self._P
+        P = self.shape[0]
         want = f"[{P}]" if ndim == 1 else f"[{P}, K]"
         if not isinstance(X, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor of shape {want}, got {type(X).__name__}")
@@ -64,10 +62,10 @@ class LinearOperator:
         if X.dim() != ndim or X.shape[0] != P:
             raise ValueError(f"{name}: expected shape {want} (P = {P}), got {tuple(X.shape)}")
         # an operator declared on "cuda" (no index) accepts its inputs on the current CUDA device
-        if X.device.type != self._device.type or (
-                self._device.index is not None and X.device.index is not None and X.device != self._device):
-            raise ValueError(f"{name}: is on {X.device} but the operator is on {self._device}")
-        return X.to(self._dtype)
+        if X.device.type != self.device.type or (
+                self.device.index is not None and X.device.index is not None and X.device != self.device):
+            raise ValueError(f"{name}: is on {X.device} but the operator is on {self.device}")
+        return X.to(self.dtype)
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor:
         """A X for X [P, K]."""
@@ -95,17 +93,17 @@ class LinearOperator:
         Refuses (ValueError) when P² > ``max_elements``; ``block_size`` (columns per product) defaults to
         about 2²⁰ entries per block, at least one column.
         """
-        P = self._P
+        P = self.shape[0]
         if P * P > max_elements:
-            nbytes = P * P * torch.empty((), dtype=self._dtype).element_size()
+            nbytes = P * P * torch.empty((), dtype=self.dtype).element_size()
             raise ValueError(f"dense: a {P} x {P} matrix needs {nbytes:,} bytes ({P * P:,} elements > "
                              f"max_elements={max_elements:,}); use matrix-free products (A @ X) instead")
         if block_size is None:
             block_size = max(1, min(P, (1 << 20) // P))
-        out = torch.empty(P, P, dtype=self._dtype, device=self._device)
+        out = torch.empty(P, P, dtype=self.dtype, device=self.device)
         for start in range(0, P, block_size):
             stop = min(P, start + block_size)
-            E = torch.zeros(P, stop - start, dtype=self._dtype, device=self._device)
+            E = torch.zeros(P, stop - start, dtype=self.dtype, device=self.device)
             E[start:stop].fill_diagonal_(1)
             out[:, start:stop] = self.matmat(E)
         return out
@@ -120,7 +118,7 @@ class LinearOperator:
             raise ImportError("to_scipy: needs scipy, which is not installed (pip install scipy)") from err
 
         def matmat(X):
-            X = torch.from_numpy(np.asarray(X, dtype=np.float64)).to(self._device, self._dtype)
+            X = torch.from_numpy(np.asarray(X, dtype=np.float64)).to(self.device, self.dtype)
             return self.matmat(X).to("cpu", torch.float64).numpy()
 
         def matvec(x):   # scipy may pass [P] or [P, 1]
@@ -130,7 +128,7 @@ class LinearOperator:
                                    rmatmat=matmat, dtype=np.float64)
 
     def __repr__(self):
-        return f"{type(self).__name__}(P={self._P}, dtype={self._dtype}, device={self._device})"
+        return f"{type(self).__name__}(P={self.shape[0]}, dtype={self.dtype}, device={self.device})"
 
 
 class DenseOperator(LinearOperator):
@@ -158,24 +156,11 @@ class DenseOperator(LinearOperator):
         return self.M @ X
 
 
-class FisherMatrixOperator(LinearOperator):
-    """A ``FisherMatrix`` (the result of ``fisherext.fisher``) as an operator: one ``F.mv`` per column."""
-
-    def __init__(self, F: FisherMatrix):
-        super().__init__(F.P, F.dtype, F.device)
-        self.F = F
-
-    def _matmat(self, X):
-        return torch.stack([self.F.mv(x) for x in X.unbind(1)], 1) if X.shape[1] else X.clone()
-
-
 def as_operator(A) -> LinearOperator:
-    """``A`` as a LinearOperator: an operator is returned as is, a square symmetric tensor becomes a
-    ``DenseOperator``, a ``FisherMatrix`` a ``FisherMatrixOperator``."""
+    """``A`` as a LinearOperator: an operator (a ``FisherMatrix`` among them) is returned as is, a square
+    symmetric tensor becomes a ``DenseOperator``."""
     if isinstance(A, LinearOperator):
         return A
     if isinstance(A, torch.Tensor):
         return DenseOperator(A)
-    if isinstance(A, FisherMatrix):
-        return FisherMatrixOperator(A)
     raise TypeError(f"A: expected a LinearOperator, a square tensor or a FisherMatrix, got {type(A).__name__}")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from .. import ops
 
 # Cotangents per class_gram call when only the diagonal of a per-sample Gram is needed: bounds the
 # [N, k, k] scratch.

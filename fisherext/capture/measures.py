@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .capture import Capture, resolve_params
-from .conventions import check_deterministic, checked_output, curvature_forward
-from .fisher import _check_inputs, cotangent_step, footprint
-from .likelihood import KINDS, LOSSES, Cotangents
-from .perturb import _directions
-from .utils import check_choice, check_positive_int
+from .._core.checks import check_choice, check_inputs, check_positive_int, check_vectors
+from .._core.conventions import check_deterministic, checked_output, curvature_forward
+from .._core.likelihood import KINDS, LOSSES, Cotangents
+from .._core.params import resolve_params
+from .accumulate import cotangent_step, footprint
+from .engine import Capture
 
 QUANTITIES = ("trace", "quad")
 _CHUNK_BYTES = 1 << 26
@@ -45,7 +45,7 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     check_choice("quantity", quantity, QUANTITIES)
     check_choice("loss", loss, LOSSES)
     check_positive_int("mc_samples", mc_samples)
-    _check_inputs(model, x)
+    check_inputs(model, x)
     if x.shape[0] == 0:
         raise ValueError("x: the batch is empty")
     opts = dict(mc_samples=mc_samples, generator=generator, class_dim=class_dim, ignore_index=ignore_index)
@@ -54,7 +54,7 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
         selected = resolve_params(model, params)
         if v is None:
             raise TypeError("v: quantity='quad' needs a direction v over the selected parameters")
-        return _quad(model, selected, x, y, kind, loss, _directions(v, selected), opts)
+        return _quad(model, selected, x, y, kind, loss, check_vectors(v, selected), opts)
     with Capture(model, params) as cap, torch.no_grad():
         out = checked_output(cap.forward(x))
         cot = Cotangents(out, y, kind, loss, **opts)

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .memory import require, resolve_budget
-from .utils import check_positive_int
+from .._core.checks import check_positive_int
+from .._core.memory import require, resolve_budget
+from ..linalg.linop import LinearOperator
 
 
 def _singular(what):
@@ -151,7 +152,7 @@ def _part_from_state(i: int, entry, P: int):
     return part
 
 
-class FisherMatrix:
+class FisherMatrix(LinearOperator):
     """The result of ``fisherext.fisher``: a P×P Fisher (mean over ``num_samples`` samples).
 
     Flat vectors follow the order of the selected parameters (``fisherext.utils.flatten``).
@@ -215,8 +216,8 @@ class FisherMatrix:
         v = self._vector(v)
         return self._scatter(part.mv(v[part.idx.reshape(-1)]) for part in self.parts)
 
-    def __matmul__(self, v):
-        return self.mv(v)
+    def _matmat(self, X):
+        return torch.stack([self.mv(x) for x in X.unbind(1)], 1) if X.shape[1] else X.clone()
 
     def quad(self, v: torch.Tensor) -> float:
         """vᵀ F v (no ½: the KL divergence is ½ ΔᵀFΔ)."""

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from . import ops
+from .. import ops
 
 # LiSSA and Neumann test their iterates for divergence every this many iterations (and at the end): each
 # test is a host sync, and a diverging recurrence grows geometrically, so a few steps of delay are harmless.

@@ -38,108 +38,19 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call
 
-from . import ops
-from .capture import iter_batches, resolve_params
-from .conventions import check_deterministic, checked_output, curvature_forward
-from .fisher import _check_inputs
-from .likelihood import LOSSES, Cotangents
-from .perturb import ParameterPerturbation, _directions, _eps
-from .utils import check_choice, check_positive_int
+from .. import ops
+from .._core.checks import check_choice, check_eps, check_loss_fn, check_positive_int
+from .._core.conventions import curvature_forward
+from .._core.data import stream
+from .._core.functional import FunctionalModel, grads
+from .._core.likelihood import Cotangents, output_hessian_product
+from .._core.perturbation import ParameterPerturbation
 
 METHODS = ("exact", "ggn", "fd")
 
 
-class FunctionalModel:
-    """A model as a function of its selected parameters: flat vectors [K, P] ↔ per-parameter tensors."""
-
-    def __init__(self, model: nn.Module, params=None):
-        check_deterministic(model)
-        self.model = model
-        self.selected = resolve_params(model, params)
-        self.names = [n for n, _ in self.selected]
-        self.params = [p for _, p in self.selected]
-        self.shapes = [p.shape for p in self.params]
-        self.sizes = [p.numel() for p in self.params]
-        self.P = sum(self.sizes)
-        self.dtype = self.params[0].dtype
-        self.device = self.params[0].device
-
-    def leaves(self) -> list[torch.Tensor]:
-        """The current parameter values as fresh leaves that require grad: products differentiate with
-        respect to these, so frozen parameters work and the model's ``.grad`` stays untouched."""
-        return [p.detach().requires_grad_() for p in self.params]
-
-    def unflat(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """[P] → one view per parameter."""
-        return [t.view(s) for t, s in zip(v.split(self.sizes), self.shapes)]
-
-    def outputs(self, x, params: dict, offset: int = 0) -> torch.Tensor:
-        """The model's outputs for the batch x at ``params`` ({name: tensor}), checked by
-        ``conventions.checked_output`` (``offset``: the batch's first sample in the data)."""
-        return checked_output(functional_call(self.model, params, (x,)), offset)
-
-    def vectors(self, v) -> tuple[torch.Tensor, bool]:
-        """v [P] or [K, P] → ([K, P] in the parameters' dtype, whether v was one vector)."""
-        v = _directions(v, self.selected, "K")
-        single = v.dim() == 1
-        return (v.unsqueeze(0) if single else v).to(self.dtype), single
-
-
 # ---- losses --------------------------------------------------------------------------------------
-
-def is_cross_entropy(loss_fn) -> bool:
-    """Mean softmax cross-entropy over class logits, whose output-space Hessian has the fused kernel."""
-    if loss_fn is nn.functional.cross_entropy:
-        return True
-    return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean" and loss_fn.weight is None
-            and loss_fn.label_smoothing == 0.0)
-
-
-def _ignore_index(loss_fn) -> int:
-    return loss_fn.ignore_index if isinstance(loss_fn, nn.CrossEntropyLoss) else -100
-
-
-def likelihood(loss_fn) -> str:
-    """The likelihood a Fisher needs, named as in ``fisherext.fisher``: from a name or a torch loss."""
-    if isinstance(loss_fn, str):
-        check_choice("loss_fn", loss_fn, LOSSES)
-        return loss_fn
-    if is_cross_entropy(loss_fn):
-        return "cross_entropy"
-    if loss_fn is nn.functional.mse_loss or isinstance(loss_fn, nn.MSELoss):
-        return "mse"
-    raise ValueError("loss_fn: a Fisher needs a likelihood: 'cross_entropy' or 'mse' (or F.cross_entropy, "
-                     f"nn.CrossEntropyLoss(), F.mse_loss, nn.MSELoss()), got {loss_fn!r}")
-
-
-def _check_loss_fn(loss_fn):
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn: expected a callable loss_fn(outputs, targets) -> mean loss, got {loss_fn!r}")
-
-
-def _fused_labels(loss_fn, out, y) -> bool:
-    """Whether the fused softmax Hessian is exact here: cross-entropy on [N, C] logits with class labels
-    that all count (an ignored label, -100 or the module's ignore_index, would change the mean's
-    denominator)."""
-    return (is_cross_entropy(loss_fn) and out.dim() == 2 and isinstance(y, torch.Tensor)
-            and not y.is_floating_point() and y.dim() == 1
-            and bool(((y >= 0) & (y != _ignore_index(loss_fn))).all()))
-
-
-def output_hessian_product(loss_fn, out: torch.Tensor, y, U: torch.Tensor) -> torch.Tensor:
-    """∇²_z loss_fn(z, y) at z = out applied to U [K, *out.shape] (the batch-mean loss's Hessian).
-
-    Any loss other than the fused cross-entropy: double backprop of ``loss_fn`` in z, one backward per
-    vector through the small output-space graph. (torch.func's jvp-of-grad fails inside torch's own
-    losses: ``mse_loss``'s backward writes into the ZeroTensor tangent of the target.)"""
-    if _fused_labels(loss_fn, out, y):
-        return ops.softmax_hvp(out, U) / out.shape[0]
-    z = out.detach().requires_grad_()
-    with torch.enable_grad():
-        g = _grads([loss_fn(z, y)], [z], [None], retain_graph=True, create_graph=True)
-        return torch.stack([_grads(g, [z], [u], retain_graph=k < U.shape[0] - 1)[0] for k, u in enumerate(U)])
 
 
 # ---- products on one batch (each for the batch-mean loss) ------------------------------------------
@@ -151,25 +62,15 @@ def output_hessian_product(loss_fn, out: torch.Tensor, y, U: torch.Tensor) -> to
 # is GEMM-bound on CPU; vmapping batches launches, not flops). The paths below are the fastest of these.
 
 
-def _grads(outputs, leaves, grad_outputs, retain_graph=False, create_graph=False) -> list[torch.Tensor]:
-    """autograd.grad that gives zeros for the parameters an output does not depend on."""
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
-    if not pairs:
-        return [torch.zeros_like(p) for p in leaves]
-    got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], retain_graph=retain_graph,
-                              create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(got, leaves)]
-
-
 def hessian_batch(fm: FunctionalModel, loss_fn, x, y, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """H_b V for the batch-mean loss: the gradient with its graph (double backprop, Pearlmutter's
     R-operator in reverse mode), then one backward through it per vector, sharing the graph. [K, P]"""
     leaves = fm.leaves()
     with torch.enable_grad():
         loss = loss_fn(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
-        g = _grads([loss], leaves, [torch.ones_like(loss)], retain_graph=True, create_graph=True)
+        g = grads([loss], leaves, [torch.ones_like(loss)], retain_graph=True, create_graph=True)
         K = V.shape[0]
-        return torch.stack([torch.cat([h.reshape(-1) for h in _grads(g, leaves, fm.unflat(V[k]),
+        return torch.stack([torch.cat([h.reshape(-1) for h in grads(g, leaves, fm.unflat(V[k]),
                                                                            retain_graph=k < K - 1)])
                             for k in range(K)])
 
@@ -190,9 +91,9 @@ def _output_space_batch(fm: FunctionalModel, x, V, apply, offset: int) -> torch.
             out = fm.outputs(x, dict(zip(fm.names, leaves)), offset)
             u = torch.zeros_like(out, requires_grad=True)
             Ju = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
-            JV = torch.stack([_grads(Ju, [u], fm.unflat(V[k]), retain_graph=True)[0] for k in range(K)])
+            JV = torch.stack([grads(Ju, [u], fm.unflat(V[k]), retain_graph=True)[0] for k in range(K)])
         U = apply(out.detach(), JV)
-        return torch.stack([torch.cat([g.reshape(-1) for g in _grads([out], leaves, [U[k]], retain_graph=k < K - 1)])
+        return torch.stack([torch.cat([g.reshape(-1) for g in grads([out], leaves, [U[k]], retain_graph=k < K - 1)])
                             for k in range(K)])
 
 
@@ -230,13 +131,13 @@ def fisher_batch(fm: FunctionalModel, loss: str, kind: str, x, y, V: torch.Tenso
 def _mean_loss_grad(fm: FunctionalModel, loss_fn, data, batch_size) -> torch.Tensor:
     """∇L(θ) of the mean loss over the data at the model's current parameters, flat [P]."""
 
-    def batch_grad(x, y, V, offset):
+    def batch_grad(x, y, offset):
         leaves = fm.leaves()
         with torch.enable_grad():
             loss = loss_fn(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
-            return torch.cat([t.reshape(-1) for t in _grads([loss], leaves, [torch.ones_like(loss)])])[None]
+            return torch.cat([t.reshape(-1) for t in grads([loss], leaves, [torch.ones_like(loss)])])[None]
 
-    return stream(fm, data, batch_size, batch_grad, None)[0]
+    return stream(fm.model, data, batch_size, batch_grad)[0]
 
 
 def fd_product(fm: FunctionalModel, loss_fn, data, V: torch.Tensor, r: float, batch_size=None) -> torch.Tensor:
@@ -254,27 +155,6 @@ def fd_product(fm: FunctionalModel, loss_fn, data, V: torch.Tensor, r: float, ba
     finally:
         state.restore()
     return torch.stack(rows)
-
-
-def stream(fm: FunctionalModel, data, batch_size, product, V: torch.Tensor | None, progress=False,
-           desc="") -> torch.Tensor:
-    """Σ_b n_b · product(x_b, y_b, V, offset) / N over the batches of the data. [K, P]"""
-    batches = iter_batches(data, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=desc, unit="batch")
-    total, acc = 0, None
-    for x, y in batches:
-        _check_inputs(fm.model, x)
-        if x.shape[0] == 0:
-            continue
-        part = x.shape[0] * product(x, y, V, total)
-        acc = part if acc is None else acc + part
-        total += x.shape[0]
-    if total == 0:
-        raise ValueError("data: no samples")
-    return acc / total
 
 
 def hvp(model: nn.Module, loss_fn, data, v: torch.Tensor, *, method: str = "exact", r: float = 1e-3, params=None,
@@ -298,10 +178,10 @@ def hvp(model: nn.Module, loss_fn, data, v: torch.Tensor, *, method: str = "exac
     on batch statistics) is refused, padding_idx lookups are constants, attention runs the math kernel.
     """
     check_choice("method", method, METHODS)
-    _check_loss_fn(loss_fn)
+    check_loss_fn(loss_fn)
     check_positive_int("batch_size", batch_size, optional=True)
     if method == "fd":
-        r = _eps(r, name="r")
+        r = check_eps(r, name="r")
     fm = FunctionalModel(model, params)
     V, single = fm.vectors(v)
     with curvature_forward(model):  # entered before fd_product moves any parameter
@@ -309,7 +189,7 @@ def hvp(model: nn.Module, loss_fn, data, v: torch.Tensor, *, method: str = "exac
             out = fd_product(fm, loss_fn, data, V, r, batch_size)
         else:
             batch = hessian_batch if method == "exact" else ggn_batch
-            out = stream(fm, data, batch_size, lambda x, y, V, offset: batch(fm, loss_fn, x, y, V, offset), V)
+            out = stream(model, data, batch_size, lambda x, y, offset: batch(fm, loss_fn, x, y, V, offset))
     return out[0] if single else out
 
 

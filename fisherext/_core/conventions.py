@@ -45,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from .recurrent import STEPWISE
-from .utils import all_finite
+from .checks import all_finite
 
 _FIX = "call model.eval()"
 

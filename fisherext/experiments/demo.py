@@ -1,4 +1,5 @@
-r"""Diagonal empirical Fisher of an MLP on scikit-learn's digits, two ways, then the true Fisher\n(diag and K-FAC) and per-input traces: ``python -m fisherext.demo``.
+r"""Diagonal empirical Fisher of an MLP on scikit-learn's digits, two ways, then the true Fisher
+(diag and K-FAC) and per-input traces: ``python -m fisherext.experiments.demo``.
 
 The model is an MLP 64-256-256-10 (ReLU, seeded, eval mode) on all N = 1797 digits (pixels / 16).
 With the per-sample loss :math:`\ell_n = -\log p(y_n \mid x_n, \theta)` (cross entropy with the data
@@ -8,7 +9,7 @@ label) and :math:`g_n = \nabla_\theta \ell_n`, the diagonal empirical Fisher is
 
 -- the mean of squared per-sample gradients, not the square of the batch-mean gradient.
 
-(a) ``fisherext.fisher(model, (x, y), kind="empirical", structure="diag")``: forward hooks capture each
+(a) ``fisherext.fisher(model, (x, y), kind="empirical", structure="diag")``: the capture engine records each
 layer's input and output gradient, and the fused kernel ``fisherext.ops.linear_sq_grad`` sums the
 squared per-sample gradients without forming them.
 
@@ -24,7 +25,8 @@ import time
 import torch
 from torch import nn
 
-import fisherext
+from .._core.params import flatten
+from ..capture import fisher, per_sample_fisher
 
 SEED = 0
 REL_TOLERANCE = 1e-4  # float32 sums of 1797 positive terms, in two different orders
@@ -52,7 +54,7 @@ def fisher_diag_by_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
     fisher = torch.zeros(sum(p.numel() for p in params))
     for n in range(x.shape[0]):
         loss = nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1])
-        fisher += fisherext.utils.flatten(torch.autograd.grad(loss, params)) ** 2
+        fisher += flatten(torch.autograd.grad(loss, params)) ** 2
     return fisher / x.shape[0]
 
 
@@ -66,8 +68,8 @@ def main() -> int:
     x, y = load_digits_tensors()
     model = build_mlp()
     data = (x, y)
-    fisherext.fisher(model, data, kind="empirical")  # warm-up: first-touch page faults and lazy init
-    fast, fast_s = timed(lambda: fisherext.fisher(model, data, kind="empirical").diag())
+    fisher(model, data, kind="empirical")  # warm-up: first-touch page faults and lazy init
+    fast, fast_s = timed(lambda: fisher(model, data, kind="empirical").diag())
     slow, loop_s = timed(fisher_diag_by_loop, model, x, y)
     difference = ((fast - slow).abs().max() / slow.abs().max()).item()
     agree = difference <= REL_TOLERANCE
@@ -79,10 +81,10 @@ def main() -> int:
     print(f"  max relative difference: {difference:.2e} (tolerance {REL_TOLERANCE:.0e}): "
           + ("agree" if agree else "DISAGREE"))
     for kind, structure in (("true", "diag"), ("true", "kfac")):
-        F, seconds = timed(lambda: fisherext.fisher(model, data, kind=kind, structure=structure))
+        F, seconds = timed(lambda: fisher(model, data, kind=kind, structure=structure))
         print(f"  fisherext.fisher(kind={kind!r}, structure={structure!r}): {seconds * 1e3:8.1f} ms, "
               f"trace {F.trace():.4g}")
-    traces, seconds = timed(lambda: fisherext.per_sample_fisher(model, x, kind="true", quantity="trace"))
+    traces, seconds = timed(lambda: per_sample_fisher(model, x, kind="true", quantity="trace"))
     print(f"  per-input tr(F_n) for all {x.shape[0]} inputs: {seconds * 1e3:8.1f} ms "
           f"(mean {traces.mean():.4g}, max {traces.max():.4g})")
     return 0 if agree else 1

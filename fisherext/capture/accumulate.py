@@ -1,53 +1,15 @@
-r"""``fisherext.fisher``: the Fisher information matrix of a model over a data set, in one call.
-
-Normalization: :math:`F = \frac1N \sum_n F_n` with the per-sample loss
-:math:`\ell_n = -\log p(y_n \mid x_n, \theta)` (never the batch mean); the likelihoods and kinds are
-those of :mod:`fisherext.likelihood`:
-
-- ``kind="true"``: :math:`F_n = \mathbb E_{y\sim p(y|x_n)}[g g^\top] = J_n^\top \Lambda_n J_n`, exact over
-  the outputs. Softmax cross entropy: :math:`\Lambda = \mathrm{diag}(p) - pp^\top = SS^\top` with
-  :math:`S_{:,c} = \sqrt{p_c}(e_c - p)` (``fisherext.ops.softmax_hessian_sqrt``); its columns are
-  backpropagated in batched passes (per position, for outputs with positions).
-  Gaussian regression (``loss="mse"``, unit variance, :math:`\ell = \tfrac12\|f(x)-y\|^2`): :math:`\Lambda = I`.
-- ``kind="empirical"``: :math:`F_n = g_n g_n^\top` with the data label.
-- ``kind="mc"``: :math:`F_n = \frac1M \sum_m g_{nm} g_{nm}^\top`, labels :math:`y_m \sim p(y|x_n)`.
-
-Structures: ``diag``, ``full`` (P×P), ``block`` (one dense block per module owning parameters: the
-module prefix of each parameter's name), ``kfac`` (per Linear/Conv weight,
-:math:`F \approx G \otimes A` with :math:`A = \frac{1}{NT}\sum_{n,t} \tilde a \tilde a^\top` (input, with
-a 1 appended for the bias) and :math:`G = \frac1N \sum_{n,t,k} \delta\delta^\top`; other parameters
-diagonal). All are block-diagonal over their parts, which is what ``solve`` exploits.
-
-The per-sample gradients come from the capture engine (:mod:`fisherext.capture`); every large
-allocation is planned against ``memory_budget``: the result is refused up front when it does not fit,
-scratch is chunked over samples and over cotangents.
-"""
+"""Accumulation of the per-sample gradient terms into each structure of ``fisher``: diag, full, block and
+kfac, with the batch plan that keeps a batch's activations and output gradients within a chunk."""
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
-from .capture import Capture, iter_batches
-from .conventions import checked_output
-from .fisher_matrix import DensePart, DiagPart, FisherMatrix, KronPart
-from .likelihood import KINDS, LOSSES, Cotangents
-from .memory import require, resolve_budget
+from .. import ops
+from .engine import Capture
+from .matrix import DensePart, DiagPart, FisherMatrix, KronPart
 from .terms import LinearTerm, Placed, Sum
-from . import ops
-from .utils import check_choice, check_positive_int
-
-STRUCTURES = ("diag", "full", "block", "kfac")
-# Scratch chunks: at least 1 MiB, at most 256 MiB, a quarter of the budget in between.
-_MIN_CHUNK, _MAX_CHUNK = 1 << 20, 1 << 28
-
-
-def _check_inputs(model, x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"data: inputs x must be a tensor, got {type(x).__name__}")
-    if not x.is_floating_point() and not any(isinstance(m, nn.Embedding) for m in model.modules()):
-        raise TypeError(f"data: inputs x have dtype {x.dtype}; the model needs floating-point inputs")
 
 
 def blocks(params) -> dict[str, list[int]]:
@@ -80,7 +42,7 @@ def cotangent_step(act: int, grad: int, n: int, K: int, chunk_bytes: int) -> int
     return max(1, min(K, (chunk_bytes // n - act) // grad))
 
 
-class _Accumulator:
+class Accumulator:
     """Per-structure running sums over batches and cotangent chunks; ``finish`` builds the FisherMatrix."""
 
     def __init__(self, structure, cap: Capture, chunk_bytes: int):
@@ -110,7 +72,7 @@ class _Accumulator:
             return
         kron = {}
         if self.structure == "kfac":
-            kron = {i: parts for i, t in enumerate(terms) if t is not None and (parts := _kron_parts(t)) is not None}
+            kron = {i: parts for i, t in enumerate(terms) if t is not None and (parts := kron_parts(t)) is not None}
         paired = {w: b for w, b in self._bias_pairs().items() if w in kron and len(kron[w]) == 1 and kron[w][0][1] is None}
         for i, term in enumerate(terms):
             if term is not None and i not in kron and i not in paired.values():
@@ -212,7 +174,7 @@ class _Accumulator:
         return FisherMatrix(self.P, parts, N, self.structure)
 
 
-def _kron_parts(term) -> list | None:
+def kron_parts(term) -> list | None:
     """[(LinearTerm, index or None)] when the term is Kronecker-factorable: linear forms whose input side
     does not depend on the cotangent, on disjoint views of the parameter."""
     if isinstance(term, LinearTerm):
@@ -220,97 +182,6 @@ def _kron_parts(term) -> list | None:
     if isinstance(term, Placed) and isinstance(term.term, LinearTerm) and term.term.standard:
         return [(term.term, term.index)]
     if isinstance(term, Sum) and term.disjoint:
-        parts = [_kron_parts(t) for t in term.terms]
+        parts = [kron_parts(t) for t in term.terms]
         return None if any(p is None for p in parts) else [q for p in parts for q in p]
     return None
-
-
-def _planned_bytes(structure, cap: Capture, item: int) -> int:
-    """Bytes of the result of a structure, known before any forward pass (K-FAC: an upper bound)."""
-    sizes = [p.numel() for _, p in cap.params]
-    P = sum(sizes)
-    if structure == "full":
-        return P * P * item
-    if structure == "block":
-        return sum(sum(sizes[i] for i in idx) ** 2 for idx in blocks(cap.params).values()) * item
-    if structure == "kfac":
-        total = P
-        for _, p in cap.params:
-            if p.dim() >= 2:
-                total += p.shape[0] ** 2 + (p[0].numel() + 1) ** 2
-        return total * item
-    return P * item
-
-
-def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag", loss: str = "cross_entropy",
-           params=None, mc_samples: int = 1, batch_size: int | None = None, memory_budget: int | None = None,
-           progress: bool = False, generator: torch.Generator | None = None, class_dim: int | None = None,
-           ignore_index: int = -100) -> FisherMatrix:
-    """The Fisher information of ``model`` over ``data`` (see the module docstring for the math).
-
-    Args:
-        model: a module mapping inputs x [N, ...] to outputs: logits [N, C] (or [N, T, C], [N, C, H, W]
-            with positions), or regression outputs [N, ...].
-        data: a DataLoader, a Dataset, or an (x, y) tuple of tensors; streamed in batches.
-        kind: "true" (exact expectation over the model's predictive distribution), "empirical"
-            (data labels) or "mc" (``mc_samples`` labels sampled from the model with ``generator``).
-        structure: "diag", "full", "block" or "kfac".
-        loss: "cross_entropy" (softmax over the class axis) or "mse" (Gaussian, unit variance).
-        params: None (all parameters that require grad), or names, modules or tensors.
-        batch_size: samples per batch for tensor or Dataset data (DataLoaders keep their own).
-        memory_budget: bytes the result and its scratch may use (default: half the available memory);
-            a result that does not fit is refused before any work.
-        progress: show a tqdm progress bar.
-        class_dim: the class axis of cross-entropy outputs with positions (None: read off the labels).
-        ignore_index: label of positions that do not count (padding tokens), as in F.cross_entropy.
-    Returns:
-        a FisherMatrix (``diag``, ``dense``, ``mv``, ``quad``, ``trace``, ``solve``, ``num_samples``).
-    """
-    check_choice("kind", kind, KINDS)
-    check_choice("structure", structure, STRUCTURES)
-    check_choice("loss", loss, LOSSES)
-    check_positive_int("mc_samples", mc_samples)
-    check_positive_int("batch_size", batch_size, optional=True)
-    cap = Capture(model, params)
-    ref = cap.params[0][1]
-    budget = resolve_budget(memory_budget, ref.device)
-    hint = {"full": "use structure='block', 'kfac' or 'diag', or pass a subset via params=",
-            "block": "use structure='kfac' or 'diag', or pass a subset via params="}.get(
-        structure, "pass a subset via params=")
-    P = sum(p.numel() for _, p in cap.params)
-    require(_planned_bytes(structure, cap, ref.element_size()), budget,
-            f"structure={structure!r} over {P} parameters", hint)
-    chunk_bytes = max(_MIN_CHUNK, min(budget // 4, _MAX_CHUNK))
-    cap.chunk_bytes = chunk_bytes
-    acc = _Accumulator(structure, cap, chunk_bytes)
-    if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
-        first = next(iter_batches(data, 2), None)
-        if first is None:
-            raise ValueError("data: no samples")
-        _check_inputs(model, first[0])
-        with cap, torch.no_grad():
-            out2 = checked_output(cap.probe(first[0]), 0, finite=False)
-        K = 1 if kind == "empirical" else mc_samples if kind == "mc" else out2[0].numel()
-        batch_size = batch_plan(*footprint(cap.probed_uses, out2), K, chunk_bytes)
-    batches = iter_batches(data, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=f"fisher({kind}, {structure})", unit="batch")
-    total = 0
-    with cap, torch.no_grad():
-        for x, y in batches:
-            _check_inputs(model, x)
-            if x.shape[0] == 0:
-                continue
-            out = checked_output(cap.forward(x), total)
-            cot = Cotangents(out, y, kind, loss, mc_samples=mc_samples, generator=generator, class_dim=class_dim,
-                             ignore_index=ignore_index)
-            step = cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K, chunk_bytes)
-            for k0 in range(0, cot.K, step):
-                k1 = min(cot.K, k0 + step)
-                acc.add(cap.backward(out, cot.chunk(k0, k1), last=k1 == cot.K), cot.weights[k0:k1], first=k0 == 0)
-            total += x.shape[0]
-    if total == 0:
-        raise ValueError("data: no samples")
-    return acc.finish(total)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -43,53 +42,14 @@ from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from .conventions import check_deterministic, curvature_forward, second_order_attention
+from .._core.conventions import check_deterministic, curvature_forward, second_order_attention
+from .._core.params import resolve_params
+from .layers import DESCEND, RULES, Slot, Use
 from .layout import NO_BATCH, Layout, from_sizes, ordering
-from .rules import DESCEND, RULES, Slot, Use
 from .terms import Term, combine
-from .utils import all_finite, check_positive_int
 
 # ---------------------------------------------------------------------------------------------------
 # Parameter selection
-
-
-def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Parameter]]:
-    """Selected parameters as (qualified name, parameter), in ``model.named_parameters()`` order.
-
-    ``params``: None (every parameter with requires_grad), or an iterable of parameter names, modules
-    (all their parameters) or parameter tensors.
-    """
-    named = list(model.named_parameters())
-    if params is None:
-        chosen = [(n, p) for n, p in named if p.requires_grad]
-    else:
-        if isinstance(params, (str, nn.Module, torch.Tensor)):
-            params = [params]
-        ids: set[int] = set()
-        by_name = dict(named)
-        for item in params:
-            if isinstance(item, str):
-                if item not in by_name:
-                    raise ValueError(f"params: the model has no parameter named {item!r}")
-                ids.add(id(by_name[item]))
-            elif isinstance(item, nn.Module):
-                ids.update(id(p) for p in item.parameters())
-            elif isinstance(item, torch.Tensor):
-                if not any(p is item for _, p in named):
-                    raise ValueError("params: a tensor in 'params' is not a parameter of the model")
-                ids.add(id(item))
-            else:
-                raise TypeError(f"params: expected parameter names, modules or tensors, got {type(item).__name__}")
-        chosen = [(n, p) for n, p in named if id(p) in ids]
-    if not chosen:
-        raise ValueError("params: no parameters selected (none requires grad, or the subset is empty)")
-    for name, p in chosen:
-        if not p.is_floating_point():
-            raise TypeError(f"params: parameter {name!r} is not floating point ({p.dtype})")
-    if not all_finite([p for _, p in chosen]):
-        name = next(name for name, p in chosen if not torch.isfinite(p).all())
-        raise ValueError(f"params: parameter {name!r} has non-finite values")
-    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,36 +479,3 @@ class Capture:
 # Data
 
 
-def iter_batches(data, batch_size=None) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(x, y) chunks from a DataLoader, a Dataset, or an (x, y) tuple of tensors."""
-    check_positive_int("batch_size", batch_size, optional=True)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if y is not None and (not isinstance(y, torch.Tensor) or y.shape[0] != x.shape[0]):
-            raise ValueError("data: x and y must be tensors with the same number of samples")
-        n = x.shape[0]
-        if n == 0:
-            raise ValueError("data: no samples")
-        step = batch_size or n
-        for s in range(0, n, step):
-            yield x[s : s + step], (None if y is None else y[s : s + step])
-        return
-    if isinstance(data, torch.utils.data.DataLoader):
-        if data.batch_size is None and data.batch_sampler is None:
-            raise ValueError("data: a DataLoader with batch_size=None yields single samples without a batch "
-                             "axis; give it a batch_size (e.g. DataLoader(dataset, batch_size=64))")
-        for batch in data:
-            yield _unpack(batch)
-        return
-    if isinstance(data, torch.utils.data.Dataset):
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size or 256, shuffle=False)
-        for batch in loader:
-            yield _unpack(batch)
-        return
-    raise TypeError(f"data: expected a DataLoader, a Dataset or an (x, y) tuple of tensors, got {type(data).__name__}")
-
-
-def _unpack(batch):
-    if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    return batch, None

@@ -30,7 +30,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
+from .. import ops
+from .checks import check_choice
+from .functional import grads
 
 KINDS = ("true", "empirical", "mc")
 LOSSES = ("cross_entropy", "mse")
@@ -174,3 +176,53 @@ def _labels(y, NT, out, axis, kind, ignore_index):
         raise ValueError(f"data: labels must lie in [0, {C}) (or equal ignore_index={ignore_index}), got "
                          f"[{int(counted.min())}, {int(counted.max())}]")
     return y.reshape(NT)  # the outputs' other axes keep their order when the class axis moves last
+
+
+# ---- torch losses -------------------------------------------------------------------------------
+
+def is_cross_entropy(loss_fn) -> bool:
+    """Mean softmax cross-entropy over class logits, whose output-space Hessian has the fused kernel."""
+    if loss_fn is nn.functional.cross_entropy:
+        return True
+    return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean" and loss_fn.weight is None
+            and loss_fn.label_smoothing == 0.0)
+
+
+def ignore_index_of(loss_fn) -> int:
+    return loss_fn.ignore_index if isinstance(loss_fn, nn.CrossEntropyLoss) else -100
+
+
+def likelihood(loss_fn) -> str:
+    """The likelihood a Fisher needs, named as in ``fisherext.fisher``: from a name or a torch loss."""
+    if isinstance(loss_fn, str):
+        check_choice("loss_fn", loss_fn, LOSSES)
+        return loss_fn
+    if is_cross_entropy(loss_fn):
+        return "cross_entropy"
+    if loss_fn is nn.functional.mse_loss or isinstance(loss_fn, nn.MSELoss):
+        return "mse"
+    raise ValueError("loss_fn: a Fisher needs a likelihood: 'cross_entropy' or 'mse' (or F.cross_entropy, "
+                     f"nn.CrossEntropyLoss(), F.mse_loss, nn.MSELoss()), got {loss_fn!r}")
+
+
+def _fused_labels(loss_fn, out, y) -> bool:
+    """Whether the fused softmax Hessian is exact here: cross-entropy on [N, C] logits with class labels
+    that all count (an ignored label, -100 or the module's ignore_index, would change the mean's
+    denominator)."""
+    return (is_cross_entropy(loss_fn) and out.dim() == 2 and isinstance(y, torch.Tensor)
+            and not y.is_floating_point() and y.dim() == 1
+            and bool(((y >= 0) & (y != ignore_index_of(loss_fn))).all()))
+
+
+def output_hessian_product(loss_fn, out: torch.Tensor, y, U: torch.Tensor) -> torch.Tensor:
+    """∇²_z loss_fn(z, y) at z = out applied to U [K, *out.shape] (the batch-mean loss's Hessian).
+
+    Any loss other than the fused cross-entropy: double backprop of ``loss_fn`` in z, one backward per
+    vector through the small output-space graph. (torch.func's jvp-of-grad fails inside torch's own
+    losses: ``mse_loss``'s backward writes into the ZeroTensor tangent of the target.)"""
+    if _fused_labels(loss_fn, out, y):
+        return ops.softmax_hvp(out, U) / out.shape[0]
+    z = out.detach().requires_grad_()
+    with torch.enable_grad():
+        g = grads([loss_fn(z, y)], [z], [None], retain_graph=True, create_graph=True)
+        return torch.stack([grads(g, [z], [u], retain_graph=k < U.shape[0] - 1)[0] for k, u in enumerate(U)])

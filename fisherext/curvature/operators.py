@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conventions import check_deterministic, curvature_forward
-from .likelihood import KINDS
-from .hvp import (
-    FunctionalModel, _check_loss_fn, _ignore_index, fisher_batch, ggn_batch, hessian_batch, likelihood, stream,
-)
-from .linop import LinearOperator
-from .utils import check_choice, check_positive_int
+from .._core.checks import check_choice, check_loss_fn, check_positive_int
+from .._core.conventions import check_deterministic, curvature_forward
+from .._core.data import stream
+from .._core.functional import FunctionalModel
+from .._core.likelihood import KINDS, ignore_index_of, likelihood
+from ..linalg.linop import LinearOperator
+from .products import fisher_batch, ggn_batch, hessian_batch
 
 
 class _CurvatureOperator(LinearOperator):
@@ -38,8 +38,8 @@ class _CurvatureOperator(LinearOperator):
         check_deterministic(self.fm.model)  # the operator follows the model, whose mode may have changed
         V = X.T.contiguous()  # the products take vectors as rows
         with curvature_forward(self.fm.model):
-            return stream(self.fm, self.data, self.batch_size, self._batch, V, self.progress,
-                          type(self).__name__).T
+            return stream(self.fm.model, self.data, self.batch_size, lambda x, y, offset: self._batch(x, y, V, offset),
+                          progress=self.progress, desc=type(self).__name__).T
 
 
 class HessianOperator(_CurvatureOperator):
@@ -49,7 +49,7 @@ class HessianOperator(_CurvatureOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn, data, **kw):
-        _check_loss_fn(loss_fn)
+        check_loss_fn(loss_fn)
         super().__init__(model, data, **kw)
         self.loss_fn = loss_fn
 
@@ -86,7 +86,7 @@ class FisherOperator(_CurvatureOperator):
         super().__init__(model, data, **kw)
         self.kind, self.mc_samples, self.seed = kind, mc_samples, seed
         self.class_dim = class_dim
-        self.ignore_index = _ignore_index(loss_fn) if ignore_index is None else ignore_index
+        self.ignore_index = ignore_index_of(loss_fn) if ignore_index is None else ignore_index
         self._generator = None
 
     def _matmat(self, X):

@@ -19,122 +19,35 @@ back from a saved buffer, bit for bit, also when the forward pass raises.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
-from . import ops
-from .capture import resolve_params
-from .conventions import check_deterministic, checked_output, curvature_forward
-from .fisher import _check_inputs
-from .utils import all_finite, check_choice
+from .. import ops
+from .._core.checks import all_finite, check_choice, check_eps, check_inputs, check_vectors
+from .._core.conventions import check_deterministic, checked_output, curvature_forward
+from .._core.params import resolve_params
+from .._core.perturbation import ParameterPerturbation
 
 SCHEMES = ("central", "forward")
 STRATEGIES = ("auto", "vmap", "in_place", "linear")
 # Inputs up to which "auto" picks the "linear" strategy on CPU (it doubles the arithmetic).
 _LINEAR_MAX_INPUTS = 16
-METHODS = ("exact", "fd")
 
 
-def _eps(eps, positive=True, name="eps") -> float:
-    """A finite-difference step: a finite number (positive unless ``positive=False``), named ``name``."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise ValueError(f"{name}: must be a finite number, got {eps!r}")
-    if positive and eps <= 0:
-        raise ValueError(f"{name}: must be positive, got {eps!r}")
-    return float(eps)
-
-
-def _directions(v, selected, n=None) -> torch.Tensor:
-    """v as [P] (one direction) or, when n is given, also [n, P]: n rows, or any number for n="K"."""
-    P = sum(p.numel() for _, p in selected)
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"v: expected a tensor of length {P}, got {type(v).__name__}")
-    if not v.is_floating_point():
-        raise TypeError(f"v: expected a floating-point tensor, got {v.dtype}")
-    rows_ok = n is not None and v.dim() == 2 and v.shape[1] == P and (n == "K" or v.shape[0] == n)
-    if tuple(v.shape) != (P,) and not rows_ok:
-        want = f"[{P}]" + ("" if n is None else f" or [{n}, {P}]")
-        raise ValueError(f"v: expected shape {want} over the {len(selected)} selected parameter tensors, "
-                         f"got {tuple(v.shape)}")
-    device = selected[0][1].device
-    if v.device != device:
-        raise ValueError(f"v: is on {v.device} but the parameters are on {device}")
-    if not all_finite([v]):
-        raise ValueError("v: has non-finite entries")
-    return v
-
-
-class ParameterPerturbation:
-    """Saves the selected parameters once, as one flat buffer per dtype; ``set(v, eps)`` makes
-    θ = θ₀ + eps·v for a flat direction v, ``restore()`` copies θ₀ back bit for bit. Each is one
-    multi-tensor kernel call per dtype present (a model usually has one)."""
-
-    def __init__(self, selected):
-        params = [p for _, p in selected]
-        offsets = [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, p in enumerate(params):
-            by_dtype.setdefault(p.dtype, []).append(i)
-        self.groups = [_Group([params[i] for i in idx], [(offsets[i], offsets[i + 1]) for i in idx],
-                              offsets[-1]) for idx in by_dtype.values()]
-
-    def set(self, v: torch.Tensor, eps: float):
-        """θ = θ₀ + eps·v, with v a flat contiguous vector over the selected parameters."""
-        with torch.no_grad():
-            for g in self.groups:
-                g.write(g.take(v), eps)
-
-    def restore(self):
-        with torch.no_grad():
-            for g in self.groups:
-                g.write(None, 0.0)
-
-
-class _Group:
-    """Parameters of one dtype: what the kernel writes, their flat saved values, and where their entries
-    lie in a flat direction over all selected parameters."""
-
-    def __init__(self, params, spans, total):
-        self.saved = torch.cat([p.detach().reshape(-1) for p in params])
-        # The kernel pairs elements in memory order, which is the flat order only for a contiguous
-        # tensor: a parameter stored otherwise (channels_last, a transposed Parameter) is computed into
-        # a contiguous scratch, then copied. The .data views are made once, not on every call.
-        data = [p.data for p in params]
-        self.targets = [d if d.is_contiguous() else torch.empty_like(d, memory_format=torch.contiguous_format)
-                        for d in data]
-        self.copies = [(d, t) for d, t in zip(data, self.targets) if d is not t]
-        whole = spans[0][0] == 0 and spans[-1][1] == total and all(
-            e == b for (_, e), (b, _) in zip(spans, spans[1:]))
-        self.index = None if whole else torch.cat(
-            [torch.arange(b, e, device=self.saved.device) for b, e in spans])
-
-    def take(self, v):
-        v = v if self.index is None else v.index_select(0, self.index)
-        return v.to(self.saved.dtype)
-
-    def write(self, v, eps):
-        ops.unflatten_axpy_(self.targets, self.saved, v, eps)
-        for d, t in self.copies:
-            d.copy_(t)
-
-
-def _split(v, selected):
+def split_vector(v, selected):
     # v may be a column of a matrix: made contiguous so that each piece is a view of the parameter's shape
     return [t.view_as(p).to(p.dtype) for t, (_, p) in zip(v.contiguous().split([p.numel() for _, p in selected]),
                                                           selected)]
 
 
-def _moved(selected, v, step):
+def moved_params(selected, v, step):
     """{name: θ + step·v} as new tensors, for functional_call (under vmap: one model per row of v)."""
-    return {n: p.detach() + step * t for (n, p), t in zip(selected, _split(v, selected))}
+    return {n: p.detach() + step * t for (n, p), t in zip(selected, split_vector(v, selected))}
 
 
 @contextmanager
@@ -146,8 +59,8 @@ def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params=None):
     model in train mode with dropout is allowed (a SAM-style step trains at the perturbed point), and
     the restore does not depend on the mode."""
     selected = resolve_params(model, params)
-    eps = _eps(eps, positive=False)
-    v = _directions(v, selected).contiguous()
+    eps = check_eps(eps, positive=False)
+    v = check_vectors(v, selected).contiguous()
     state = ParameterPerturbation(selected)
     try:
         state.set(v, eps)
@@ -156,7 +69,7 @@ def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params=None):
         state.restore()
 
 
-def _logits(out) -> torch.Tensor:
+def as_logits(out) -> torch.Tensor:
     """A model's output as logits [N, C]: a tensor (else rule 4's TypeError, see ``fisherext.conventions``)
     with two dimensions. Shapes only, so it also runs under vmap; finiteness is checked on the results."""
     checked_output(out, finite=False)
@@ -165,7 +78,7 @@ def _logits(out) -> torch.Tensor:
     return out
 
 
-def _check_finite(*outputs):
+def check_finite_logits(*outputs):
     """Rule 4 on logits [N, C] or stacks of them [K, N, C] (K perturbed models): one pass and one host
     sync when all are finite; otherwise the first non-finite output names its input n."""
     if not all_finite(outputs):
@@ -176,7 +89,7 @@ def _check_finite(*outputs):
 def _per_input_logits(model, selected, x, V, eps):
     """Logits of input n at θ + eps·V[n], for every n: one batched forward over stacked parameters."""
     def one(x_n, v_n):
-        return _logits(functional_call(model, _moved(selected, v_n, eps), (x_n.unsqueeze(0),))).squeeze(0)
+        return as_logits(functional_call(model, moved_params(selected, v_n, eps), (x_n.unsqueeze(0),))).squeeze(0)
 
     return vmap(one)(x, V)
 
@@ -192,11 +105,11 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
     padding_idx lookups keep their unperturbed value).
     """
     check_choice("scheme", scheme, SCHEMES)
-    eps = _eps(eps)
+    eps = check_eps(eps)
     check_deterministic(model)
-    _check_inputs(model, x)
+    check_inputs(model, x)
     selected = resolve_params(model, params)
-    v = _directions(v, selected, x.shape[0])
+    v = check_vectors(v, selected, x.shape[0])
     if block:
         total = 0
         offset = 0
@@ -215,15 +128,15 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
             state = ParameterPerturbation(selected)
             try:
                 state.set(v, eps)
-                plus = _logits(model(x))
+                plus = as_logits(model(x))
                 if scheme == "central":
                     state.set(v, -eps)
-                    other = _logits(model(x))
+                    other = as_logits(model(x))
             finally:
                 state.restore()
         if scheme == "forward":
-            other = _logits(model(x))
-    _check_finite(plus, other)
+            other = as_logits(model(x))
+    check_finite_logits(plus, other)
     # forward differences: (Δ log p)(Δ p)/ε² is the central formula with half the step
     quad, _, _ = ops.fd_fisher_reduce(plus, other, None, eps if scheme == "central" else eps / 2)
     return quad
@@ -257,9 +170,9 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
       linear 61 ms).
     """
     check_choice("strategy", strategy, STRATEGIES)
-    eps = _eps(eps)
+    eps = check_eps(eps)
     check_deterministic(model)
-    _check_inputs(model, x)
+    check_inputs(model, x)
     selected = resolve_params(model, params)
     P = sum(p.numel() for _, p in selected)
     if not isinstance(V, torch.Tensor) or not V.is_floating_point() or V.dim() != 2 or V.shape[1] != P:
@@ -282,7 +195,7 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
         if logits is None:  # not "linear", or the forward did not allow it (see the docstring)
             logits = (_stacked_logits if strategy == "vmap" else _in_place_logits)(model, selected, x, V, eps)
     plus, minus = logits
-    _check_finite(plus, minus)
+    check_finite_logits(plus, minus)
     K, N = V.shape[0], x.shape[0]
     quad, _, _ = ops.fd_fisher_reduce(plus.reshape(K * N, -1), minus.reshape(K * N, -1), None, eps)
     return quad.view(K, N)
@@ -400,7 +313,7 @@ def _linear_logits(model, selected, owners, x, V, eps):
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(perturb))
         with watch:
-            out = _logits(model(inputs))
+            out = as_logits(model(inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -413,7 +326,7 @@ def _linear_logits(model, selected, owners, x, V, eps):
 def _stacked_logits(model, selected, x, V, eps):
     """Logits [K, N, C] at θ ± εv_k: one vmapped forward per sign over stacked parameters."""
     def logits_at(v, step):
-        return _logits(functional_call(model, _moved(selected, v, step), (x,)))
+        return as_logits(functional_call(model, moved_params(selected, v, step), (x,)))
 
     return vmap(lambda v: logits_at(v, eps))(V), vmap(lambda v: logits_at(v, -eps))(V)
 
@@ -425,119 +338,11 @@ def _in_place_logits(model, selected, x, V, eps):
     try:
         for v in V:
             state.set(v, eps)
-            plus.append(_logits(model(x)))
+            plus.append(as_logits(model(x)))
             state.set(v, -eps)
-            minus.append(_logits(model(x)))
+            minus.append(as_logits(model(x)))
     finally:
         state.restore()
     return torch.stack(plus), torch.stack(minus)
 
 
-def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params=None) -> torch.Tensor:
-    r"""Per input n, :math:`v_n = \nabla_\theta \log p(\hat y_n|x_n) / \|\cdot\|` with :math:`\hat y_n` the
-    predicted class (the default direction of seed 001): Tensor [N, P]."""
-    selected = resolve_params(model, params)
-    names = [n for n, _ in selected]
-    base = {n: p.detach() for n, p in selected}
-
-    def one(x_n):
-        def logp_hat(w):
-            lp = torch.log_softmax(functional_call(model, w, (x_n.unsqueeze(0),)).squeeze(0), -1)
-            return lp.max()
-
-        g = torch.func.grad(logp_hat)(base)
-        flat = torch.cat([g[n].reshape(-1) for n in names])
-        return flat / flat.norm().clamp_min(torch.finfo(flat.dtype).tiny)
-
-    return vmap(one)(x)
-
-
-def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None = None, *, method: str = "exact",
-                      eps: float = 1e-3, params=None) -> torch.Tensor:
-    """Fisher information sensitivity of every input coordinate (module docstring): [N, *x.shape[1:]].
-
-    ``v``: [P] or [N, P]; default: the normalized gradient of the predicted class's log-probability,
-    per input. ``method="exact"`` uses forward mode in θ over reverse mode in x; ``"fd"`` central
-    differences in θ (each input's own perturbed parameters, in one batched pass). Forward passes follow
-    ``fisherext.conventions``.
-    """
-    check_choice("method", method, METHODS)
-    eps = _eps(eps)
-    check_deterministic(model)
-    selected = resolve_params(model, params)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x: the inputs must be a floating-point tensor (sensitivity differentiates in x)")
-    with curvature_forward(model):
-        V = predicted_class_directions(model, x, params=params) if v is None else _directions(v, selected,
-                                                                                               x.shape[0])
-        return _sensitivity(model, selected, x, V, method, eps)
-
-
-def _sensitivity(model, selected, x, V, method, eps):
-    """input_sensitivity's work, once the arguments are checked."""
-    names = [n for n, _ in selected]
-    base = {n: p.detach() for n, p in selected}
-
-    def log_probs(w, x_n):
-        return torch.log_softmax(_logits(functional_call(model, w, (x_n.unsqueeze(0),))).squeeze(0), -1)
-
-    def exact(x_n, v_n):
-        tangent = dict(zip(names, _split(v_n, selected)))
-
-        def grads_in_x(w):  # ∂x log p_c [C, *x] and log p_c [C] at parameters w
-            return jacrev(lambda x: (log_probs(w, x),) * 2, has_aux=True)(x_n)
-
-        # Forward mode in θ over reverse mode in x. Not jacrev over jvp: reverse-differentiating the
-        # forward-mode derivative gave wrong values through LayerNorm (seen on torch 2.14; the tests
-        # compare both orders' target against an explicit autograd loop).
-        (J, lp), (dJ, dlp) = jvp(grads_in_x, (base,), (tangent,))
-        col = (-1,) + (1,) * x_n.dim()
-        # ∂x(d log p_c/dε) = dJ_c and ∂x(d p_c/dε) = ∂x(p_c d log p_c/dε) = p_c (dJ_c + (d log p_c/dε) J_c)
-        return (lp.exp().reshape(col) * (dJ + dlp.reshape(col) * J) * dJ).sum(0), lp[None]
-
-    def finite(x_n, v_n):
-        grads, lps = [], []
-        for sign in (1.0, -1.0):
-            moved = _moved(selected, v_n, sign * eps)
-            J_log, lp = jacrev(lambda x_n: (log_probs(moved, x_n),) * 2, has_aux=True)(x_n)  # [C, *x], [C]
-            grads.append((lp.exp().reshape(-1, *([1] * x_n.dim())) * J_log, J_log))
-            lps.append(lp)
-        (dp_plus, dlog_plus), (dp_minus, dlog_minus) = grads
-        return ((dp_plus - dp_minus) * (dlog_plus - dlog_minus)).sum(0) / (2 * eps) ** 2, torch.stack(lps)
-
-    fn = exact if method == "exact" else finite
-    fis, log_p = vmap(fn, in_dims=(0, 0 if V.dim() == 2 else None))(x.detach(), V.detach())
-    checked_output(log_p)  # [N, S, C]: non-finite where the model's outputs were (rule 4)
-    return fis
-
-
-def kl_vs_fisher(model: nn.Module, x: torch.Tensor, v: torch.Tensor, eps_values, *, params=None) -> list[dict]:
-    r"""Mean over the inputs of :math:`\mathrm{KL}(p(y|x,\theta)\,\|\,p(y|x,\theta+\varepsilon v))` against
-    :math:`\tfrac12\varepsilon^2 v^\top F v` (true Fisher over the same inputs) for every ε.
-
-    Returns one row per ε: ``{"eps", "kl", "half_quad", "ratio"}``; the ratio tends to 1 as ε → 0.
-    Forward passes follow ``fisherext.conventions``.
-    """
-    from .measures import per_sample_fisher
-
-    eps_values = [_eps(eps) for eps in eps_values]
-    check_deterministic(model)
-    selected = resolve_params(model, params)
-    v = _directions(v, selected)
-    with curvature_forward(model):
-        quad = float(per_sample_fisher(model, x, kind="true", quantity="quad", v=v, params=params).mean())
-        with torch.no_grad():
-            base = _logits(model(x))
-            _check_finite(base)
-            log_p = torch.log_softmax(base, -1)
-        rows = []
-        for eps in eps_values:
-            with perturbed(model, v, eps, params=params), torch.no_grad():
-                moved = _logits(model(x))
-            _check_finite(moved)
-            log_q = torch.log_softmax(moved, -1)
-            kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-            half = 0.5 * eps**2 * quad
-            rows.append({"eps": eps, "kl": kl, "half_quad": half,
-                         "ratio": kl / half if half > 0 else float("nan")})
-    return rows

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .linop import as_operator
-from .utils import check_choice, check_positive_int
+from .._core.checks import check_choice, check_positive_int
+from .._core.data import progress_bar
 
 WHICH = ("largest", "smallest", "magnitude")
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -48,14 +49,6 @@ def _probes(shape, distribution: str, generator, A) -> torch.Tensor:
     else:
         Z = torch.randint(0, 2, shape, generator=generator, device=device).to(A.dtype).mul_(2).sub_(1)
     return Z.to(A.device)
-
-
-def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total)
 
 
 def power_iteration(A, k: int = 1, *, maxiter: int = 100, tol: float = 1e-6,
@@ -85,7 +78,7 @@ def power_iteration(A, k: int = 1, *, maxiter: int = 100, tol: float = 1e-6,
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol: must be a non-negative number, got {tol!r}")
     X = torch.linalg.qr(_probes((P, k), "gaussian", generator, A)).Q
-    for _ in _progress(range(maxiter), progress, "power_iteration"):
+    for _ in progress_bar(range(maxiter), progress, "power_iteration"):
         Y = A @ X
         H = X.T @ Y
         theta, S = torch.linalg.eigh(0.5 * (H + H.T))
@@ -118,7 +111,7 @@ def _lanczos_basis(A, v: torch.Tensor, m: int, *, restart: bool, generator=None,
     eps = torch.finfo(A.dtype).eps
     anorm = 0.0   # running Gershgorin bound on ‖T‖, the scale of "rounding level" for β
     q = v / torch.linalg.vector_norm(v)
-    for j in _progress(range(m), progress, "lanczos"):
+    for j in progress_bar(range(m), progress, "lanczos"):
         Q[:, j] = q
         w = A @ q
         alpha.append((q @ w).item())
@@ -210,7 +203,7 @@ def hutchinson_trace(A, n: int = 100, *, distribution: str = "rademacher", block
         check_positive_int("block_size", block_size)
     starts = range(0, n, block_size)
     values = []
-    for start in _progress(starts, progress, "hutchinson_trace", total=len(starts)):
+    for start in progress_bar(starts, progress, "hutchinson_trace", total=len(starts)):
         Z = _probes((P, min(block_size, n - start)), distribution, generator, A)
         values.append((Z * (A @ Z)).sum(0))
     values = torch.cat(values).to("cpu", torch.float64)
@@ -282,7 +275,7 @@ def slq_density(A, *, m: int = 80, n: int = 10, grid: torch.Tensor | None = None
     m = min(m, P)
     nodes = torch.zeros(n, m, dtype=torch.float64)
     weights = torch.zeros(n, m, dtype=torch.float64)
-    for probe in _progress(range(n), progress, "slq_density"):
+    for probe in progress_bar(range(n), progress, "slq_density"):
         alpha, beta, _ = _lanczos_basis(A, _probes((P,), "rademacher", generator, A), m, restart=False)
         theta, S = _ritz(alpha, beta)
         nodes[probe, :theta.numel()] = theta

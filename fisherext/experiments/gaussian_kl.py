@@ -1,0 +1,138 @@
+r"""Seed 000's study: for a Gaussian, :math:`\mathrm{KL}(p_\theta\|p_{\theta+r u})` against
+:math:`\tfrac12 r^2 u^\top F u` over a range of radii r, with the exact Fisher or an empirical one from
+samples (the closed forms are ``fisherext.gaussian``)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .._core.checks import check_choice
+from ..gaussian import (
+    DIAGS, check_mvn, mvn_fisher_quad, mvn_kl, mvn_pack, mvn_unpack, random_mvn, split_delta, tri_solve,
+    whitened_quad_stats,
+)
+
+WHICH = ("mean", "L", "both")
+KINDS = ("true", "empirical")
+DEFAULT_RADII = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+__all__ = ["DEFAULT_RADII", "KINDS", "WHICH", "format_ratio_table", "kl_vs_fisher_grid", "kl_vs_fisher_study"]
+
+
+def _direction(P, d, which, generator, dtype, device):
+    """A random unit vector in θ space supported on the mean (first d), the L, or all coordinates."""
+    v = torch.randn(P, generator=generator, dtype=dtype)
+    if which == "mean":
+        v[d:] = 0
+    elif which == "L":
+        v[:d] = 0
+    return (v / v.norm()).to(device)
+
+
+def kl_vs_fisher_study(d: int, which: str = "both", kind: str = "true", *, n: int = 200_000,
+                       radii: Sequence[float] = DEFAULT_RADII, generator: torch.Generator | None = None,
+                       mu: torch.Tensor | None = None, L: torch.Tensor | None = None, diag: str = "raw",
+                       dtype=torch.float64, device=None, chunk_size: int | None = None) -> list[dict]:
+    r"""Seed 000's study: :math:`\mathrm{KL}(p_\theta\|p_{\theta+r u})` against :math:`\tfrac12 r^2 u^\top F u`.
+
+    The Gaussian is :math:`\mathcal N(\mu, LL^\top)` in dimension ``d`` (d = 1 is the univariate
+    normal, θ = (μ, σ) for ``diag="raw"`` or (μ, log σ) for ``diag="log"``); (μ, L) are drawn with
+    ``random_mvn`` unless given. u is one random unit direction in θ space (drawn from ``generator``),
+    supported on the mean coordinates (``which="mean"``), on the L coordinates (``"L"``) or on all
+    (``"both"``), and each radius r gives Δ = r u. The perturbed parameters are θ + Δ in the θ layout of
+    the module docstring (so with ``diag="log"`` the diagonal of L is multiplied by exp(Δ)).
+
+    ``kind="true"`` uses the exact Fisher (``mvn_fisher_quad``); ``kind="empirical"`` draws ``n`` samples
+    :math:`x_i\sim p_\theta` once and uses :math:`\frac1n\sum_i(g_i^\top u)^2` (the per-sample mean of
+    outer products, evaluated as a quadratic form — no P×P matrix). The same direction and samples serve
+    every radius, so for the empirical Fisher the small-radius ratio converges to
+    :math:`u^\top F u / u^\top\hat F u`, whose relative Monte-Carlo error is reported as
+    ``quad_half_se / quad_half`` (:math:`\approx\sqrt{2/n}` when :math:`g^\top u` is close to Gaussian).
+
+    Returns one dict per radius: ``d, which, kind, n`` (None for "true"), ``radius``, ``kl``,
+    ``quad_half`` (= ½ΔᵀFΔ), ``ratio`` (= kl / quad_half → 1 as r → 0, deviation O(r)), and
+    ``quad_half_se`` (the standard error of quad_half; 0 for "true"). A radius at which the perturbed L
+    has a non-positive diagonal (raw diagonal only) is not a Cholesky factor: its ``kl`` and ``ratio``
+    are NaN.
+    """
+    check_choice("which", which, WHICH)
+    check_choice("kind", kind, KINDS)
+    check_choice("diag", diag, DIAGS)
+    if not isinstance(d, int) or d < 1:
+        raise ValueError(f"d: expected a positive int, got {d!r}")
+    if kind == "empirical" and (not isinstance(n, int) or n < 2):
+        raise ValueError(f"n: expected an int >= 2 for kind='empirical', got {n!r}")
+    radii = [float(r) for r in radii]
+    if not radii or any(not math.isfinite(r) or r <= 0 for r in radii):
+        raise ValueError(f"radii: expected a non-empty sequence of positive numbers, got {radii}")
+    if (mu is None) != (L is None):
+        raise ValueError("mu, L: give both or neither")
+    if mu is None:
+        mu, L = random_mvn(d, generator=generator, dtype=dtype)
+    else:
+        if L.dim() == 0 or (L.dim() == 1 and L.numel() == 1):
+            L = L.reshape(1, 1)
+        mu = mu.reshape(-1)
+        if check_mvn(mu, L) != d:
+            raise ValueError(f"L: expected shape ({d}, {d}), got {tuple(L.shape)}")
+    mu, L = mu.to(device), L.to(device)
+    theta = mvn_pack(mu, L, diag)
+    P = theta.numel()
+    u = _direction(P, d, which, generator, L.dtype, L.device)
+
+    if kind == "true":
+        quad_u, se_u = mvn_fisher_quad(mu, L, u, diag), torch.zeros((), dtype=L.dtype)
+    else:
+        # x_i = μ + L z_i with z_i ~ N(0, I): the whitened L⁻¹(x_i − μ) that the score needs is z_i
+        # itself, so the samples are drawn in whitened form (same formula as mvn_score_dot).
+        dmu, dL = split_delta(u, mu, L, diag)
+        a = tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1)
+        A = tri_solve(L, dL)
+
+        def draw(start, stop):
+            return torch.randn(stop - start, d, generator=generator, dtype=L.dtype).to(L.device)
+
+        quad_u, se_u = whitened_quad_stats(draw, n, a, A, chunk_size or max(1024, (1 << 22) // d))
+
+    rows = []
+    for r in radii:
+        mu1, L1 = mvn_unpack(theta + r * u, d, diag)
+        if bool((torch.diagonal(L1) > 0).all()):
+            kl = mvn_kl(mu, L, mu1, L1).item()
+        else:
+            kl = float("nan")
+        quad_half = 0.5 * r * r * quad_u.item()
+        rows.append({"d": d, "which": which, "kind": kind, "n": n if kind == "empirical" else None,
+                     "radius": r, "kl": kl, "quad_half": quad_half, "ratio": kl / quad_half,
+                     "quad_half_se": 0.5 * r * r * float(se_u)})
+    return rows
+
+
+def kl_vs_fisher_grid(ds: Sequence[int] = (1, 10, 100), whichs: Sequence[str] = WHICH,
+                      kinds: Sequence[str] = KINDS, *, n: int = 200_000, radii: Sequence[float] = DEFAULT_RADII,
+                      seed: int = 0, **kwargs) -> list[dict]:
+    """All rows of ``kl_vs_fisher_study`` over ``ds`` × ``whichs`` × ``kinds``; case (d, which) uses the
+    same (μ, L) and direction for both kinds (a generator seeded with ``seed`` + 1000·d + the index of ``which``)."""
+    rows = []
+    for d in ds:
+        for w_idx, which in enumerate(whichs):
+            for kind in kinds:
+                g = torch.Generator().manual_seed(seed + 1000 * d + w_idx)
+                rows += kl_vs_fisher_study(d, which, kind, n=n, radii=radii, generator=g, **kwargs)
+    return rows
+
+
+def format_ratio_table(rows: Sequence[dict]) -> str:
+    """Markdown table of KL/(½ΔᵀFΔ): one row per radius, one column per (d, which, kind) case."""
+    cases = list(dict.fromkeys((r["d"], r["which"], r["kind"]) for r in rows))
+    radii = list(dict.fromkeys(r["radius"] for r in rows))
+    val = {(r["d"], r["which"], r["kind"], r["radius"]): r["ratio"] for r in rows}
+    head = "| radius | " + " | ".join(f"d={d} {w} {k}" for d, w, k in cases) + " |"
+    sep = "|---" * (len(cases) + 1) + "|"
+    body = []
+    for rad in radii:
+        cells = [f"{val[c + (rad,)]:.5f}" if c + (rad,) in val else "" for c in cases]
+        body.append(f"| {rad:g} | " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
