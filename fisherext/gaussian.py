@@ -58,6 +58,7 @@ from collections.abc import Iterable
 import torch
 
 from ._core.checks import check_choice
+from ._core.entry import entry_point
 
 PARAMS = ("sigma", "log_sigma")
 DIAGS = ("raw", "log")
@@ -144,6 +145,7 @@ def _check_samples(x, d, like):
 # ------------------------------------------------------------------------------------ univariate
 
 
+@entry_point
 def univariate_pack(mu, sigma, param: str = "sigma") -> torch.Tensor:
     """θ = (μ, σ) for ``param="sigma"``, θ = (μ, log σ) for ``param="log_sigma"``: Tensor [2]."""
     check_choice("param", param, PARAMS)
@@ -154,6 +156,7 @@ def univariate_pack(mu, sigma, param: str = "sigma") -> torch.Tensor:
     return torch.stack([mu.reshape(()), s.reshape(())])
 
 
+@entry_point
 def univariate_unpack(theta: torch.Tensor, param: str = "sigma"):
     """Inverse of ``univariate_pack``: (μ, σ)."""
     check_choice("param", param, PARAMS)
@@ -162,6 +165,7 @@ def univariate_unpack(theta: torch.Tensor, param: str = "sigma"):
     return theta[0], (theta[1] if param == "sigma" else torch.exp(theta[1]))
 
 
+@entry_point
 def univariate_log_prob(x, mu, sigma) -> torch.Tensor:
     r""":math:`\log p(x) = -\tfrac12\log 2\pi - \log\sigma - (x-\mu)^2 / (2\sigma^2)` (elementwise)."""
     sigma = _tensor("sigma", sigma)
@@ -171,6 +175,7 @@ def univariate_log_prob(x, mu, sigma) -> torch.Tensor:
     return -0.5 * _LOG_2PI - torch.log(sigma) - 0.5 * ((x - mu) / sigma) ** 2
 
 
+@entry_point
 def univariate_score(x, mu, sigma, param: str = "sigma") -> torch.Tensor:
     r"""Per-sample score :math:`\nabla_\theta \log p(x)`: Tensor [*x.shape, 2].
 
@@ -189,6 +194,7 @@ def univariate_score(x, mu, sigma, param: str = "sigma") -> torch.Tensor:
     return torch.stack(torch.broadcast_tensors(u / sigma, ds), dim=-1)
 
 
+@entry_point
 def univariate_fisher(mu, sigma, param: str = "sigma") -> torch.Tensor:
     r"""Exact Fisher information of one draw from :math:`\mathcal N(\mu, \sigma^2)`: Tensor [2, 2].
 
@@ -209,6 +215,7 @@ def univariate_fisher(mu, sigma, param: str = "sigma") -> torch.Tensor:
     return torch.stack([torch.stack([1.0 / s2, zero]), torch.stack([zero, second])])
 
 
+@entry_point
 def univariate_kl(mu0, sigma0, mu1, sigma1) -> torch.Tensor:
     r""":math:`\mathrm{KL}(\mathcal N(\mu_0,\sigma_0^2)\,\|\,\mathcal N(\mu_1,\sigma_1^2))` (elementwise).
 
@@ -233,6 +240,7 @@ def univariate_kl(mu0, sigma0, mu1, sigma1) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- multivariate
 
 
+@entry_point
 def mvn_num_params(d: int) -> int:
     """P = d + d(d+1)/2: μ plus the lower triangle of L."""
     return d + d * (d + 1) // 2
@@ -243,6 +251,7 @@ def _tril(d, device):
     return rows, cols, (rows == cols)
 
 
+@entry_point
 def mvn_pack(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tensor:
     """θ = concat(μ, L[tril_indices]) with the diagonal of L raw or logged (module docstring): Tensor [P]."""
     check_choice("diag", diag, DIAGS)
@@ -254,6 +263,7 @@ def mvn_pack(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tens
     return torch.cat([mu, ell])
 
 
+@entry_point
 def mvn_unpack(theta: torch.Tensor, d: int, diag: str = "raw"):
     """Inverse of ``mvn_pack``: (μ [d], L [d, d]). Differentiable in θ."""
     check_choice("diag", diag, DIAGS)
@@ -276,6 +286,7 @@ def tri_solve(L, B):
     return torch.linalg.solve_triangular(L, B, upper=False)
 
 
+@entry_point
 def random_mvn(d: int, *, generator: torch.Generator | None = None, dtype=torch.float64, device=None):
     r"""A well-conditioned random (μ, L): μ ~ N(0, I), :math:`\Sigma = AA^\top/(2d) + \tfrac12 I` with
     A ~ N(0, 1)^{d×2d} (for large d the eigenvalues of Σ fill about [0.59, 3.4]; all ≥ ½ for any d),
@@ -289,6 +300,7 @@ def random_mvn(d: int, *, generator: torch.Generator | None = None, dtype=torch.
     return mu.to(device), L.to(device)
 
 
+@entry_point
 def mvn_log_prob(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     r""":math:`\log p(x) = -\tfrac d2\log 2\pi - \sum_j \log L_{jj} - \tfrac12\|z\|^2`,
     :math:`z = L^{-1}(x-\mu)`: Tensor [*x.shape[:-1]]."""
@@ -298,6 +310,7 @@ def mvn_log_prob(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor) -> torch.Te
     return -0.5 * d * _LOG_2PI - torch.log(torch.diagonal(L)).sum() - 0.5 * (z * z).sum(-1)
 
 
+@entry_point
 def mvn_score(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tensor:
     r"""Per-sample score :math:`g_i = \nabla_\theta \log p(x_i)` in the θ layout: Tensor [n, P].
 
@@ -338,6 +351,7 @@ def split_delta(delta, mu, L, diag):
     return delta[..., :d], dL
 
 
+@entry_point
 def mvn_fisher_quad(mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor, diag: str = "raw") -> torch.Tensor:
     r"""Exact :math:`\Delta^\top F \Delta` without forming F (no ½ here): Tensor [*delta.shape[:-1]].
 
@@ -361,6 +375,7 @@ def mvn_fisher_quad(mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor, diag
     return (a * a).sum(-1) + (A * A).sum((-2, -1)) + (Ad * Ad).sum(-1)
 
 
+@entry_point
 def mvn_fisher_mv(mu: torch.Tensor, L: torch.Tensor, v: torch.Tensor, diag: str = "raw") -> torch.Tensor:
     r"""Exact Fisher-vector product :math:`F v` without forming F: Tensor [..., P].
 
@@ -384,6 +399,7 @@ def mvn_fisher_mv(mu: torch.Tensor, L: torch.Tensor, v: torch.Tensor, diag: str 
     return torch.cat([out_mu, out_L], dim=-1)
 
 
+@entry_point
 def mvn_fisher(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tensor:
     r"""Exact dense Fisher information of θ = (μ, tril(L)) for one draw: Tensor [P, P].
 
@@ -434,6 +450,7 @@ def mvn_fisher(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Te
     return F
 
 
+@entry_point
 def mvn_kl(mu0: torch.Tensor, L0: torch.Tensor, mu1: torch.Tensor, L1: torch.Tensor) -> torch.Tensor:
     r""":math:`\mathrm{KL}(\mathcal N(\mu_0, L_0L_0^\top)\,\|\,\mathcal N(\mu_1, L_1L_1^\top))`: scalar.
 
@@ -463,6 +480,7 @@ def mvn_kl(mu0: torch.Tensor, L0: torch.Tensor, mu1: torch.Tensor, L1: torch.Ten
     return 0.5 * (off + (e * e + 2.0 * (e - torch.log1p(e))).sum() + (z * z).sum())
 
 
+@entry_point
 def mvn_score_dot(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor,
                   diag: str = "raw") -> torch.Tensor:
     r"""Per-sample directional derivative :math:`g_i^\top\Delta` without forming the scores: Tensor [n].
@@ -487,6 +505,7 @@ def mvn_score_dot(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, delta: tor
 # ----------------------------------------------------------------------------------- empirical
 
 
+@entry_point
 def empirical_fisher(scores: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
     r"""Empirical Fisher :math:`\hat F = \frac1n\sum_i g_i g_i^\top` from per-sample scores: Tensor [P, P].
 
@@ -518,6 +537,7 @@ def empirical_fisher(scores: torch.Tensor | Iterable[torch.Tensor]) -> torch.Ten
     return total / n
 
 
+@entry_point
 def empirical_fisher_quad(scores: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     r""":math:`\Delta^\top\hat F\Delta = \frac1n\sum_i (g_i^\top\Delta)^2` without forming :math:`\hat F`
     (no ½ here). ``scores`` [n, P], ``delta`` [P] or [K, P] → scalar or [K]."""
@@ -527,6 +547,7 @@ def empirical_fisher_quad(scores: torch.Tensor, delta: torch.Tensor) -> torch.Te
     return ((delta @ scores.T) ** 2).mean(-1)
 
 
+@entry_point
 def mvn_empirical_fisher_quad(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor,
                               diag: str = "raw", chunk_size: int = 65536) -> torch.Tensor:
     r""":math:`\Delta^\top\hat F\Delta = \frac1n\sum_i (g_i^\top\Delta)^2` for samples ``x`` [n, d],

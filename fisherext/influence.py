@@ -39,6 +39,7 @@ from .curvature.operators import GGNOperator, HessianOperator
 from .linalg import solvers
 from .linalg.linop import DEFAULT_MAX_ELEMENTS
 from .linalg.spectral import power_iteration
+from ._core.entry import entry_points
 
 SOLVERS = ("exact", "cg", "lissa")
 CURVATURES = ("hessian", "ggn")
@@ -49,6 +50,7 @@ _NOT_PD = ("pass a larger damping (more than -lambda_min of the Hessian) or curv
            "(positive semi-definite)")
 
 
+@entry_points
 class InfluenceFunctions:
     r"""Influence of training points on test losses, :math:`I = -G_{test}(H+\lambda I)^{-1}G_{train}^\top`
     (see the module docstring for the math, sign and normalization).

@@ -219,7 +219,7 @@ def test_every_entry_point_refuses_dropout_in_train_mode_before_any_work(entry):
     model, data, V = drop_problem()
     model.train()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"model: module 'block\.drop' \(Dropout\) .*call model\.eval\(\)"):
+    with pytest.raises(ValueError, match=r"argument 'model' module 'block\.drop' \(Dropout\) .*call model\.eval\(\)"):
         ENTRY_POINTS[entry](model, data, V)
     assert model.calls == 0, "refused only after running the model"
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -668,9 +668,9 @@ def output_problem(how):
 
 @pytest.mark.parametrize("entry", list(OUTPUT_ENTRY_POINTS))
 def test_every_entry_point_refuses_non_tensor_and_non_finite_outputs(entry):
-    for how, exc, msg in [("tuple", TypeError, r"model: returned a tuple of 2"),
-                          ("dict", TypeError, r"model: returned a dict with keys 'logits'"),
-                          ("inf", ValueError, r"model: the output for sample 3 is not finite")]:
+    for how, exc, msg in [("tuple", TypeError, r"argument 'model' returned a tuple of 2"),
+                          ("dict", TypeError, r"argument 'model' returned a dict with keys 'logits'"),
+                          ("inf", ValueError, r"argument 'model' the output for sample 3 is not finite")]:
         model, data, V = output_problem(how)
         before = [p.detach().clone() for p in model.parameters()]
         with pytest.raises(exc, match=msg):
@@ -683,5 +683,5 @@ def test_operators_refuse_non_finite_outputs_naming_the_sample_across_batches(op
     model, data, V = output_problem("inf")
     A = (fx.FisherOperator(model, "cross_entropy", data, batch_size=2) if operator == "FisherOperator"
          else getattr(fx, operator)(model, F.cross_entropy, data, batch_size=2))
-    with pytest.raises(ValueError, match=r"model: the output for sample 3 is not finite"):
+    with pytest.raises(ValueError, match=r"argument 'model' the output for sample 3 is not finite"):
         A @ V.T

@@ -534,8 +534,8 @@ def test_a_dataloader_without_batches_is_refused():
     the model's output shape."""
     model = make_model("mlp")
     x, y = make_data("mlp")
-    refuses(model, DataLoader(TensorDataset(x, y), batch_size=None), ValueError, r"data: .*batch_size=None")
-    with pytest.raises(ValueError, match=r"data: .*batch_size=None"):
+    refuses(model, DataLoader(TensorDataset(x, y), batch_size=None), ValueError, r"argument 'data' .*batch_size=None")
+    with pytest.raises(ValueError, match=r"argument 'data' .*batch_size=None"):
         fx.hvp(model, torch.nn.functional.cross_entropy, DataLoader(TensorDataset(x, y), batch_size=None),
                torch.ones(num_params(model), dtype=torch.float64))
 
@@ -550,7 +550,7 @@ def test_bad_memory_budget_is_refused(budget, exc, mlp_problem):
 def test_hvp_on_empty_data_says_so():
     model = make_model("mlp")
     x, y = make_data("mlp")
-    with pytest.raises(ValueError, match=r"data: no samples"):
+    with pytest.raises(ValueError, match=r"argument 'data' no samples"):
         fx.hvp(model, torch.nn.functional.cross_entropy, (x[:0], y[:0]), torch.ones(num_params(model),
                                                                                    dtype=torch.float64))
 

@@ -41,13 +41,13 @@ def test_dense_assembles_the_parts():
 def test_dense_is_planned_against_the_memory_budget():
     F, expected = matrix()
     need = 13 * 13 * 8
-    with pytest.raises(ValueError, match=rf"memory_budget: the dense 13 x 13 matrix needs {need:,} bytes but the "
+    with pytest.raises(ValueError, match=rf"argument 'memory_budget' the dense 13 x 13 matrix needs {need:,} bytes but the "
                                          rf"memory budget is {need - 1:,} bytes; diag\(\), mv\(\)"):
         F.dense(memory_budget=need - 1)
     assert_close(F.dense(memory_budget=need), expected)
-    with pytest.raises(TypeError, match="memory_budget: expected a number of bytes"):
+    with pytest.raises(TypeError, match="argument 'memory_budget' expected a number of bytes"):
         F.dense(memory_budget="1GB")
-    with pytest.raises(ValueError, match="memory_budget: must be a positive whole number"):
+    with pytest.raises(ValueError, match="argument 'memory_budget' must be a positive whole number"):
         F.dense(memory_budget=-5)
 
 
@@ -74,24 +74,24 @@ def _state(top=None, part=None):
 
 
 BAD_STATES = {
-    "empty": ({}, ValueError, r"state: missing keys 'P', 'num_samples', 'structure', 'parts' \(a FisherMatrix"),
-    "no-P": (_state(dict(P=None)), ValueError, r"state: missing keys 'P' \("),
-    "P-zero": (_state(dict(P=0)), ValueError, r"state\['P'\]: must be a positive integer"),
-    "num_samples-float": (_state(dict(num_samples=2.5)), ValueError, r"state\['num_samples'\]: must be a positive"),
-    "no-parts": (_state(dict(parts=[])), ValueError, r"state: 'parts' must be a non-empty list"),
+    "empty": ({}, ValueError, r"argument 'state' missing keys 'P', 'num_samples', 'structure', 'parts' \(a FisherMatrix"),
+    "no-P": (_state(dict(P=None)), ValueError, r"argument 'state' missing keys 'P' \("),
+    "P-zero": (_state(dict(P=0)), ValueError, r"argument 'state\['P'\]' must be a positive integer"),
+    "num_samples-float": (_state(dict(num_samples=2.5)), ValueError, r"argument 'state\['num_samples'\]' must be a positive"),
+    "no-parts": (_state(dict(parts=[])), ValueError, r"argument 'state' 'parts' must be a non-empty list"),
     "kind": (_state(part={(1, "kind"): "block"}), ValueError,
-             r"state: part 1 has kind 'block'; expected one of 'diag', 'dense', 'kron'"),
-    "field-missing": (_state(part={(2, "G"): None}), ValueError, r"state: part 2 \(kron\) lacks 'G'"),
+             r"argument 'state' part 1 has kind 'block'; expected one of 'diag', 'dense', 'kron'"),
+    "field-missing": (_state(part={(2, "G"): None}), ValueError, r"argument 'state' part 2 \(kron\) lacks 'G'"),
     "field-type": (_state(part={(0, "d"): [1.0, 2.0, 3.0]}), TypeError,
-                   r"state: part 0 \(diag\) field 'd' must be a tensor, got list"),
+                   r"argument 'state' part 0 \(diag\) field 'd' must be a tensor, got list"),
     "idx-range": (_state(part={(0, "idx"): torch.tensor([0, 1, 13])}), ValueError,
-                  r"state: part 0 \(diag\) has 'idx' outside the integer positions \[0, 13\)"),
+                  r"argument 'state' part 0 \(diag\) has 'idx' outside the integer positions \[0, 13\)"),
     "idx-float": (_state(part={(0, "idx"): torch.tensor([0.0, 1.0, 2.0])}), ValueError,
-                  r"state: part 0 \(diag\) has 'idx' outside"),
+                  r"argument 'state' part 0 \(diag\) has 'idx' outside"),
     "dense-shape": (_state(part={(1, "M"): torch.eye(2, dtype=DT)}), ValueError,
-                    r"state: part 1 \(dense\) has inconsistent shapes: idx \(3,\), M \(2, 2\)"),
+                    r"argument 'state' part 1 \(dense\) has inconsistent shapes: idx \(3,\), M \(2, 2\)"),
     "kron-shape": (_state(part={(2, "A"): torch.eye(2, dtype=DT)}), ValueError,
-                   r"state: part 2 \(kron\) has inconsistent shapes"),
+                   r"argument 'state' part 2 \(kron\) has inconsistent shapes"),
 }
 
 
@@ -108,5 +108,5 @@ def test_load_state_dict_refuses_bad_states_and_leaves_the_matrix_alone(case):
 
 def test_load_state_dict_refuses_what_is_no_dict():
     F, _ = matrix()
-    with pytest.raises(TypeError, match=r"state: expected the dict of FisherMatrix\.state_dict\(\), got list"):
+    with pytest.raises(TypeError, match=r"argument 'state' expected the dict of FisherMatrix\.state_dict\(\), got list"):
         F.load_state_dict([("P", 13)])

@@ -109,14 +109,14 @@ def test_fd_hvp_restores_parameters_bitwise_also_on_error():
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [
-    (dict(v=torch.zeros(3, dtype=torch.float64)), ValueError, r"v: expected shape \[\d+\] or \[K, \d+\]"),
-    (dict(v=torch.full((1,), float("nan"))), ValueError, "v: expected shape"),
-    (dict(v="v"), TypeError, "v: expected a tensor"),
-    (dict(v=torch.zeros(4, dtype=torch.int64)), TypeError, "v: expected a floating-point tensor"),
-    (dict(method="newton"), ValueError, "method: must be one of"),
-    (dict(loss_fn="nll"), TypeError, "loss_fn: expected a callable"),
-    (dict(method="fd", r=0.0), ValueError, "r: must be positive"),
-    (dict(method="fd", r=float("inf")), ValueError, "r: must be a finite number"),
+    (dict(v=torch.zeros(3, dtype=torch.float64)), ValueError, r"argument 'v' expected shape \[\d+\] or \[K, \d+\]"),
+    (dict(v=torch.full((1,), float("nan"))), ValueError, "argument 'v' expected shape"),
+    (dict(v="v"), TypeError, "argument 'v' expected a tensor"),
+    (dict(v=torch.zeros(4, dtype=torch.int64)), TypeError, "argument 'v' expected a floating-point tensor"),
+    (dict(method="newton"), ValueError, "argument 'method' must be one of"),
+    (dict(loss_fn="nll"), TypeError, "argument 'loss_fn' expected a callable"),
+    (dict(method="fd", r=0.0), ValueError, "argument 'r' must be positive"),
+    (dict(method="fd", r=float("inf")), ValueError, "argument 'r' must be a finite number"),
 ])
 def test_bad_input(kwargs, exc, msg):
     model, data, loss_fn = setup("mlp")
@@ -132,11 +132,11 @@ def test_non_finite_direction_and_unknown_likelihood():
     model, data, loss_fn = setup("mlp")
     v = torch.ones(num_params(model), dtype=torch.float64)
     v[3] = float("inf")
-    with pytest.raises(ValueError, match="v: has non-finite entries"):
+    with pytest.raises(ValueError, match="argument 'v' has non-finite entries"):
         fisherext.hvp(model, loss_fn, data, v)
-    with pytest.raises(ValueError, match="loss_fn: a Fisher needs a likelihood"):
+    with pytest.raises(ValueError, match="argument 'loss_fn' a Fisher needs a likelihood"):
         FisherOperator(model, lambda z, y: z.sum(), data)
-    with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+    with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
         HessianOperator(model, loss_fn, data, batch_size=0)
 
 
@@ -234,13 +234,13 @@ def test_batch_size_is_validated_before_any_work(method, batch_size):
     """0 used to mean one batch, -1 'no samples', 2.5 a raw Python error."""
     model, data, loss_fn = setup("mlp")
     calls = model.forward_calls
-    with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+    with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
         fisherext.hvp(model, loss_fn, data, torch.ones(num_params(model), dtype=torch.float64), method=method,
                       batch_size=batch_size)
     assert model.forward_calls == calls
     for operator in (HessianOperator, GGNOperator):
-        with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+        with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
             operator(model, loss_fn, data, batch_size=batch_size)
-    with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+    with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
         FisherOperator(model, "cross_entropy", data, batch_size=batch_size)
     assert model.forward_calls == calls

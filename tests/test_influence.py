@@ -248,7 +248,7 @@ def test_bad_arguments():
 def test_exact_refuses_large_P():
     model = nn.Linear(100, 100).double()
     data = (torch.randn(4, 100, dtype=torch.float64), torch.randint(0, 100, (4,)))
-    with pytest.raises(ValueError, match=r"solver: 'exact' needs the dense 10100 x 10100"):
+    with pytest.raises(ValueError, match=r"argument 'solver' 'exact' needs the dense 10100 x 10100"):
         InfluenceFunctions(model, F.cross_entropy, data, solver="exact")
     InfluenceFunctions(model, F.cross_entropy, data, solver="cg")  # fine matrix-free
 
@@ -256,7 +256,7 @@ def test_exact_refuses_large_P():
 def test_empty_test_data():
     model, train, _, loss_fn = setup("mlp")
     inf = InfluenceFunctions(model, loss_fn, train, damping=DAMPING)
-    with pytest.raises(ValueError, match="test_data: no samples"):
+    with pytest.raises(ValueError, match="argument 'test_data' no samples"):
         inf.influence((torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)))
 
 
@@ -298,15 +298,15 @@ def test_a_data_loader_that_is_not_in_order_is_refused():
         "sampler": _loader(train, sampler=torch.utils.data.SubsetRandomSampler(range(n))),
     }
     for how, loader in unordered.items():
-        with pytest.raises(ValueError, match=r"train_data: the DataLoader draws its samples through a "
+        with pytest.raises(ValueError, match=r"argument 'train_data' the DataLoader draws its samples through a "
                                              r"\w*Random\w*Sampler, not in order.*shuffle=False"):
             InfluenceFunctions(model, loss_fn, loader, damping=DAMPING)
     batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train),
                                           batch_sampler=[[3, 1], [0, 2]] + [list(range(4, n))])
-    with pytest.raises(ValueError, match=r"train_data: the DataLoader draws its samples through a list"):
+    with pytest.raises(ValueError, match=r"argument 'train_data' the DataLoader draws its samples through a list"):
         InfluenceFunctions(model, loss_fn, batches, damping=DAMPING)
     inf = InfluenceFunctions(model, loss_fn, _loader(train), damping=DAMPING)
-    with pytest.raises(ValueError, match=r"test_data: the DataLoader draws its samples through a RandomSampler"):
+    with pytest.raises(ValueError, match=r"argument 'test_data' the DataLoader draws its samples through a RandomSampler"):
         inf.influence(_loader(test, shuffle=True))
     assert_close(inf.influence(_loader(test)), InfluenceFunctions(model, loss_fn, train, damping=DAMPING).influence(test))
 
@@ -314,6 +314,6 @@ def test_a_data_loader_that_is_not_in_order_is_refused():
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
 def test_batch_size_is_validated_before_any_work(batch_size):
     model, train, _, loss_fn = setup("mlp")
-    with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+    with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
         InfluenceFunctions(model, loss_fn, train, batch_size=batch_size)
     assert model.forward_calls == 0

@@ -334,9 +334,9 @@ def test_fd_quadratic_directions_linear_strategy_equals_in_place(case):
 def test_fd_quadratic_directions_linear_strategy_needs_linear_parameters():
     model = make_model("cnn")
     x, _ = make_data("cnn", n=3)
-    with pytest.raises(ValueError, match="strategy: 'linear' needs"):
+    with pytest.raises(ValueError, match="argument 'strategy' 'linear' needs"):
         fx.fd_quadratic_directions(model, x, randn((2, num_params(model)), 32), strategy="linear")
-    with pytest.raises(ValueError, match="strategy: must be one of"):
+    with pytest.raises(ValueError, match="argument 'strategy' must be one of"):
         fx.fd_quadratic_directions(model, x, randn((2, num_params(model)), 32), strategy="batched")
 
 
@@ -568,9 +568,9 @@ def test_fd_quadratic_rejects_non_tensor_inputs_and_misplaced_v():
     model = make_model("mlp")
     P = num_params(model)
     with untouched(model):
-        with pytest.raises(TypeError, match="data: inputs x must be a tensor"):
+        with pytest.raises(TypeError, match="argument 'data' inputs x must be a tensor"):
             fx.fd_quadratic(model, [[0.0] * 5], randn(P, 31))
-        with pytest.raises(ValueError, match="v: is on meta"):
+        with pytest.raises(ValueError, match="argument 'v' is on meta"):
             fx.fd_quadratic(model, make_data("mlp", n=3)[0], randn(P, 31).to("meta"))
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .checks import all_finite
+from .entry import entry_point
 
 
 def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Parameter]]:
@@ -52,6 +53,7 @@ def resolve_params(model: nn.Module, params=None) -> list[tuple[str, nn.Paramete
     return chosen
 
 
+@entry_point
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate ``tensors`` (flattened, in order) into one 1-D tensor."""
     tensors = list(tensors)
@@ -60,6 +62,7 @@ def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+@entry_point
 def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Split a flat ``vec`` into views shaped like the tensors of ``like`` (inverse of ``flatten``)."""
     like = list(like)

@@ -35,6 +35,7 @@ from .._core.memory import require, resolve_budget
 from .accumulate import Accumulator, batch_plan, blocks, cotangent_step, footprint
 from .engine import Capture
 from .matrix import FisherMatrix
+from .._core.entry import entry_point
 
 STRUCTURES = ("diag", "full", "block", "kfac")
 # Scratch chunks: at least 1 MiB, at most 256 MiB, a quarter of the budget in between.
@@ -58,6 +59,7 @@ def _planned_bytes(structure, cap: Capture, item: int) -> int:
     return P * item
 
 
+@entry_point
 def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag", loss: str = "cross_entropy",
            params=None, mc_samples: int = 1, batch_size: int | None = None, memory_budget: int | None = None,
            progress: bool = False, generator: torch.Generator | None = None, class_dim: int | None = None,

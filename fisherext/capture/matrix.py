@@ -15,6 +15,7 @@ import torch
 from .._core.checks import check_positive_int
 from .._core.memory import require, resolve_budget
 from ..linalg.linop import LinearOperator
+from .._core.entry import entry_points
 
 
 def _singular(what):
@@ -152,6 +153,7 @@ def _part_from_state(i: int, entry, P: int):
     return part
 
 
+@entry_points
 class FisherMatrix(LinearOperator):
     """The result of ``fisherext.fisher``: a P×P Fisher (mean over ``num_samples`` samples).
 

@@ -26,11 +26,13 @@ from .._core.likelihood import KINDS, LOSSES, Cotangents
 from .._core.params import resolve_params
 from .accumulate import cotangent_step, footprint
 from .engine import Capture
+from .._core.entry import entry_point
 
 QUANTITIES = ("trace", "quad")
 _CHUNK_BYTES = 1 << 26
 
 
+@entry_point
 def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, kind: str = "true",
                       quantity: str = "trace", v: torch.Tensor | None = None, loss: str = "cross_entropy",
                       params=None, mc_samples: int = 1, generator: torch.Generator | None = None,

@@ -21,6 +21,7 @@ from .._core.functional import FunctionalModel
 from .._core.likelihood import KINDS, ignore_index_of, likelihood
 from ..linalg.linop import LinearOperator
 from .products import fisher_batch, ggn_batch, hessian_batch
+from .._core.entry import entry_points
 
 
 class _CurvatureOperator(LinearOperator):
@@ -42,6 +43,7 @@ class _CurvatureOperator(LinearOperator):
                           progress=self.progress, desc=type(self).__name__).T
 
 
+@entry_points
 class HessianOperator(_CurvatureOperator):
     r""":math:`H = \nabla^2_\theta \frac1N\sum_n \ell(f(x_n), y_n)`, by double backprop (see hvp).
 
@@ -57,6 +59,7 @@ class HessianOperator(_CurvatureOperator):
         return hessian_batch(self.fm, self.loss_fn, x, y, V, offset)
 
 
+@entry_points
 class GGNOperator(HessianOperator):
     r"""Generalized Gauss-Newton :math:`G = \frac1N\sum_n J_n^\top \nabla^2_z\ell\, J_n` (PSD for a loss
     convex in the outputs); softmax cross-entropy uses the fused output-space kernel."""
@@ -65,6 +68,7 @@ class GGNOperator(HessianOperator):
         return ggn_batch(self.fm, self.loss_fn, x, y, V, offset)
 
 
+@entry_points
 class FisherOperator(_CurvatureOperator):
     r"""Fisher :math:`F = \frac1N\sum_n J_n^\top \hat\Lambda_n J_n`, kinds and normalization as in
     ``fisherext.fisher`` (``A @ v`` equals ``fisher(..., structure="full").mv(v)`` without the P×P matrix).

@@ -46,6 +46,7 @@ from .._core.data import stream
 from .._core.functional import FunctionalModel, grads
 from .._core.likelihood import Cotangents, output_hessian_product
 from .._core.perturbation import ParameterPerturbation
+from .._core.entry import entry_point
 
 METHODS = ("exact", "ggn", "fd")
 
@@ -157,6 +158,7 @@ def fd_product(fm: FunctionalModel, loss_fn, data, V: torch.Tensor, r: float, ba
     return torch.stack(rows)
 
 
+@entry_point
 def hvp(model: nn.Module, loss_fn, data, v: torch.Tensor, *, method: str = "exact", r: float = 1e-3, params=None,
         batch_size: int | None = None) -> torch.Tensor:
     r"""Hessian-vector product of the mean loss over ``data`` (see the module docstring).

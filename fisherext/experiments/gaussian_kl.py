@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .._core.checks import check_choice
+from .._core.entry import entry_point
 from ..gaussian import (
     DIAGS, check_mvn, mvn_fisher_quad, mvn_kl, mvn_pack, mvn_unpack, random_mvn, split_delta, tri_solve,
     whitened_quad_stats,
@@ -31,6 +32,7 @@ def _direction(P, d, which, generator, dtype, device):
     return (v / v.norm()).to(device)
 
 
+@entry_point
 def kl_vs_fisher_study(d: int, which: str = "both", kind: str = "true", *, n: int = 200_000,
                        radii: Sequence[float] = DEFAULT_RADII, generator: torch.Generator | None = None,
                        mu: torch.Tensor | None = None, L: torch.Tensor | None = None, diag: str = "raw",
@@ -110,6 +112,7 @@ def kl_vs_fisher_study(d: int, which: str = "both", kind: str = "true", *, n: in
     return rows
 
 
+@entry_point
 def kl_vs_fisher_grid(ds: Sequence[int] = (1, 10, 100), whichs: Sequence[str] = WHICH,
                       kinds: Sequence[str] = KINDS, *, n: int = 200_000, radii: Sequence[float] = DEFAULT_RADII,
                       seed: int = 0, **kwargs) -> list[dict]:
@@ -124,6 +127,7 @@ def kl_vs_fisher_grid(ds: Sequence[int] = (1, 10, 100), whichs: Sequence[str] = 
     return rows
 
 
+@entry_point
 def format_ratio_table(rows: Sequence[dict]) -> str:
     """Markdown table of KL/(½ΔᵀFΔ): one row per radius, one column per (d, which, kind) case."""
     cases = list(dict.fromkeys((r["d"], r["which"], r["kind"]) for r in rows))

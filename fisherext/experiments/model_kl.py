@@ -11,8 +11,10 @@ from .._core.conventions import check_deterministic, curvature_forward
 from .._core.params import resolve_params
 from ..capture.measures import per_sample_fisher
 from ..perturb.finite_differences import as_logits, check_finite_logits, perturbed
+from .._core.entry import entry_point
 
 
+@entry_point
 def kl_vs_fisher(model: nn.Module, x: torch.Tensor, v: torch.Tensor, eps_values, *, params=None) -> list[dict]:
     r"""Mean over the inputs of :math:`\mathrm{KL}(p(y|x,\theta)\,\|\,p(y|x,\theta+\varepsilon v))` against
     :math:`\tfrac12\varepsilon^2 v^\top F v` (true Fisher over the same inputs) for every ε.

@@ -18,10 +18,12 @@ implemented as such when the operator can batch them (one pass over the data for
 from __future__ import annotations
 
 import torch
+from .._core.entry import entry_point, entry_points
 
 DEFAULT_MAX_ELEMENTS = 1 << 26   # dense(): 64 Mi entries, 512 MiB in float64
 
 
+@entry_points
 class LinearOperator:
     """Abstract symmetric operator over flat parameter vectors of length P (see the module docstring).
 
@@ -131,6 +133,7 @@ class LinearOperator:
         return f"{type(self).__name__}(P={self.shape[0]}, dtype={self.dtype}, device={self.device})"
 
 
+@entry_points
 class DenseOperator(LinearOperator):
     """An explicit symmetric P×P matrix ``M`` as an operator (small problems, tests, references)."""
 
@@ -156,6 +159,7 @@ class DenseOperator(LinearOperator):
         return self.M @ X
 
 
+@entry_point
 def as_operator(A) -> LinearOperator:
     """``A`` as a LinearOperator: an operator (a ``FisherMatrix`` among them) is returned as is, a square
     symmetric tensor becomes a ``DenseOperator``."""

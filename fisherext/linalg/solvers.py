@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from .. import ops
+from .._core.entry import entry_point
 
 # LiSSA and Neumann test their iterates for divergence every this many iterations (and at the end): each
 # test is a host sync, and a diverging recurrence grows geometrically, so a few steps of delay are harmless.
@@ -90,6 +91,7 @@ def _rows(d, like):
     return d if like.dim() == 1 else d[:, None]
 
 
+@entry_point
 def cg(A, b: torch.Tensor, *, damping: float = 0.0, tol: float = 1e-6, maxiter: int | None = None,
        preconditioner: torch.Tensor | None = None, x0: torch.Tensor | None = None, return_info: bool = False):
     r"""Solve :math:`(A + \lambda I)\,x = b` by (preconditioned) conjugate gradients.
@@ -196,6 +198,7 @@ def _check_bounded(solver, X, bound, j):
             "a negative eigenvalue below -damping*scale diverges too (add damping, or use a GGN/Fisher operator)")
 
 
+@entry_point
 def lissa(A, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth: int = 1000, repeats: int = 1,
           sample=None) -> torch.Tensor:
     r"""Approximate :math:`(A + d\,s\,I)^{-1} b` by the LiSSA recurrence (Agarwal et al.; Koh & Liang).
@@ -256,6 +259,7 @@ def lissa(A, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth: int 
     return (total / (runs * scale)).to(b.dtype)
 
 
+@entry_point
 def neumann(A, b: torch.Tensor, *, scale: float, terms: int = 100) -> torch.Tensor:
     r"""Approximate :math:`A^{-1} b` by the truncated Neumann series
 

@@ -23,6 +23,7 @@ import torch
 from .linop import as_operator
 from .._core.checks import check_choice, check_positive_int
 from .._core.data import progress_bar
+from .._core.entry import entry_point
 
 WHICH = ("largest", "smallest", "magnitude")
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -51,6 +52,7 @@ def _probes(shape, distribution: str, generator, A) -> torch.Tensor:
     return Z.to(A.device)
 
 
+@entry_point
 def power_iteration(A, k: int = 1, *, maxiter: int = 100, tol: float = 1e-6,
                     generator: torch.Generator | None = None, progress: bool = False):
     r"""The k eigenpairs of largest magnitude, by subspace (block power) iteration with Rayleigh–Ritz.
@@ -143,6 +145,7 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor):
     return torch.linalg.eigh(T)
 
 
+@entry_point
 def lanczos(A, k: int, *, which: str = "largest", m: int | None = None,
             generator: torch.Generator | None = None, progress: bool = False):
     r"""k extreme eigenpairs by the Lanczos method with full reorthogonalization.
@@ -179,6 +182,7 @@ def lanczos(A, k: int, *, which: str = "largest", m: int | None = None,
     return (theta[chosen].to(A.device, A.dtype), Q @ S[:, chosen].to(A.device, A.dtype))
 
 
+@entry_point
 def hutchinson_trace(A, n: int = 100, *, distribution: str = "rademacher", block_size: int | None = None,
                      generator: torch.Generator | None = None, return_std: bool = False, progress: bool = False):
     r"""Hutchinson's estimate of tr(A): :math:`\hat t = \frac1n \sum_{i=1}^n z_i^\top A z_i` with
@@ -231,6 +235,7 @@ class SpectralDensity:
         return iter((self.grid, self.density))
 
 
+@entry_point
 def slq_density(A, *, m: int = 80, n: int = 10, grid: torch.Tensor | None = None, sigma: float | None = None,
                 points: int = 1000, generator: torch.Generator | None = None, progress: bool = False) -> SpectralDensity:
     r"""The spectral density of A by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani,

@@ -32,6 +32,7 @@ from .._core.checks import all_finite, check_choice, check_eps, check_inputs, ch
 from .._core.conventions import check_deterministic, checked_output, curvature_forward
 from .._core.params import resolve_params
 from .._core.perturbation import ParameterPerturbation
+from .._core.entry import entry_point
 
 SCHEMES = ("central", "forward")
 STRATEGIES = ("auto", "vmap", "in_place", "linear")
@@ -50,18 +51,22 @@ def moved_params(selected, v, step):
     return {n: p.detach() + step * t for (n, p), t in zip(selected, split_vector(v, selected))}
 
 
-@contextmanager
+@entry_point
 def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params=None):
-    """Inside the block the selected parameters are θ + eps·v; on exit (also on an exception) they are
-    restored bit for bit. ``v`` is a flat vector over the selected parameters.
+    """A context manager: inside the block the selected parameters are θ + eps·v; on exit (also on an
+    exception) they are restored bit for bit. ``v`` is a flat vector over the selected parameters,
+    checked when ``perturbed`` is called.
 
-    The block runs the user's own forward passes, so no rule of ``fisherext.conventions`` is imposed: a
-    model in train mode with dropout is allowed (a SAM-style step trains at the perturbed point), and
-    the restore does not depend on the mode."""
+    The block runs the user's own forward passes, so no forward-pass convention is imposed: a model in
+    train mode with dropout is allowed (a SAM-style step trains at the perturbed point), and the restore
+    does not depend on the mode."""
     selected = resolve_params(model, params)
     eps = check_eps(eps, positive=False)
-    v = check_vectors(v, selected).contiguous()
-    state = ParameterPerturbation(selected)
+    return _perturbed(model, ParameterPerturbation(selected), check_vectors(v, selected).contiguous(), eps)
+
+
+@contextmanager
+def _perturbed(model, state, v, eps):
     try:
         state.set(v, eps)
         yield model
@@ -94,6 +99,7 @@ def _per_input_logits(model, selected, x, V, eps):
     return vmap(one)(x, V)
 
 
+@entry_point
 def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-3,
                  scheme: str = "central", block: bool = False, params=None) -> torch.Tensor:
     r"""Finite-difference estimate of :math:`v^\top F_n v` (true Fisher) for every input: Tensor [N].
@@ -142,6 +148,7 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
     return quad
 
 
+@entry_point
 def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, *, eps: float = 1e-3,
                             params=None, strategy: str = "auto") -> torch.Tensor:
     r"""Central-difference :math:`v_k^\top F_n v_k` for K directions ``V`` [K, P] over the same inputs:

@@ -16,10 +16,12 @@ from .._core.checks import check_choice, check_eps, check_vectors
 from .._core.conventions import check_deterministic, checked_output, curvature_forward
 from .._core.params import resolve_params
 from .finite_differences import as_logits, moved_params, split_vector
+from .._core.entry import entry_point
 
 METHODS = ("exact", "fd")
 
 
+@entry_point
 def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params=None) -> torch.Tensor:
     r"""Per input n, :math:`v_n = \nabla_\theta \log p(\hat y_n|x_n) / \|\cdot\|` with :math:`\hat y_n` the
     predicted class (the default direction of seed 001): Tensor [N, P]."""
@@ -39,6 +41,7 @@ def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params=None
     return vmap(one)(x)
 
 
+@entry_point
 def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None = None, *, method: str = "exact",
                       eps: float = 1e-3, params=None) -> torch.Tensor:
     """Fisher information sensitivity of every input coordinate (module docstring): [N, *x.shape[1:]].
