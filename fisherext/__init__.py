@@ -6,7 +6,7 @@ The compiled kernels live in ``fisherext._C`` and are reached through ``torch.op
 import torch  # noqa: F401  (must be imported before the extension is loaded)
 
 from . import gaussian, influence, linop, ops, reference, solvers, spectral, utils
-from ._ops import build_info
+from .ops import build_info
 from .fisher import fisher
 from .fisher_matrix import FisherMatrix
 from .hvp import hvp
