@@ -37,6 +37,19 @@ __device__ RowSoftmax<acc_t> row_softmax(const scalar_t* z, int64_t C, int lane)
   return {m, acc_t(1) / warp_sum(s)};
 }
 
+// body(n, z_n, softmax statistics of row n, lane) for every logit row n of z [N, C], one warp per row. The row
+// index is the same for all lanes of a warp, so whole warps enter and leave the loop and every shuffle has all
+// 32 lanes present.
+template <typename scalar_t, typename Body>
+__device__ void for_each_row(const scalar_t* z, int64_t N, int64_t C, Body body) {
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; n < N;
+       n += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const scalar_t* zn = z + n * C;
+    body(n, zn, row_softmax(zn, C, lane), lane);
+  }
+}
+
 // ---- softmax_hvp ----
 
 template <typename scalar_t>
@@ -44,13 +57,7 @@ __global__ void __launch_bounds__(kThreads)
     softmax_hvp_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ u, scalar_t* __restrict__ out,
                        int64_t K, int64_t N, int64_t C) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % kWarp;
-  // The row index is the same for all lanes of a warp, so whole warps enter and leave the loop and every
-  // shuffle has all 32 lanes present.
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; n < N;
-       n += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const scalar_t* zn = z + n * C;
-    const RowSoftmax<acc_t> sm = row_softmax(zn, C, lane);
+  for_each_row(z, N, C, [&](int64_t n, const scalar_t* zn, const RowSoftmax<acc_t>& sm, int lane) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t row = (k * N + n) * C;
       acc_t s = 0;
@@ -59,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t c = lane; c < C; c += kWarp)
         out[row + c] = static_cast<scalar_t>(sm.prob(static_cast<acc_t>(zn[c])) * (static_cast<acc_t>(u[row + c]) - s));
     }
-  }
+  });
 }
 
 at::Tensor softmax_hvp_cuda(const at::Tensor& logits, const at::Tensor& u) {
@@ -80,18 +87,14 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     softmax_hessian_sqrt_kernel(const scalar_t* __restrict__ z, scalar_t* __restrict__ out, int64_t N, int64_t C) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % kWarp;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; n < N;
-       n += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const scalar_t* zn = z + n * C;
-    const RowSoftmax<acc_t> sm = row_softmax(zn, C, lane);
+  for_each_row(z, N, C, [&](int64_t n, const scalar_t* zn, const RowSoftmax<acc_t>& sm, int lane) {
     for (int64_t k = 0; k < C; ++k) {
       const acc_t root = sqrt(sm.prob(static_cast<acc_t>(zn[k])));
       scalar_t* s = out + (k * N + n) * C;  // consecutive lanes write consecutive classes
       for (int64_t c = lane; c < C; c += kWarp)
         s[c] = static_cast<scalar_t>(root * ((c == k ? acc_t(1) : acc_t(0)) - sm.prob(static_cast<acc_t>(zn[c]))));
     }
-  }
+  });
 }
 
 at::Tensor softmax_hessian_sqrt_cuda(const at::Tensor& logits) {
