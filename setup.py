@@ -51,7 +51,7 @@ def nvidia_wheel_dirs():
 
 
 def extension():
-    sources = ["csrc/fisherext.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/fisherext.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     use_cuda, why = want_cuda()
     log(f"torch {torch.__version__}; CUDA kernels: {'yes' if use_cuda else 'no'} ({why})")
     cxx = ["-O3"]

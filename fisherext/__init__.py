@@ -20,7 +20,7 @@ from .curvature import FisherOperator, GGNOperator, HessianOperator, hvp
 from .experiments import kl_vs_fisher
 from .influence import InfluenceFunctions
 from .linalg import LinearOperator, linop, solvers, spectral
-from ._ops import build_info
+from .ops import build_info
 from .perturb import fd_quadratic, fd_quadratic_directions, input_sensitivity, perturbed
 
 __version__ = "0.1.0"

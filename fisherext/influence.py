@@ -16,7 +16,7 @@ minimizes :math:`L + \frac\lambda2\|\theta\|^2` (so H + λI is that objective's 
 a positive I means the point helps (removing it raises the test loss).
 
 Gradients are of the per-sample loss, ``loss_fn`` evaluated on a batch of one; H is of the *mean*
-loss (``fisherext.operators``), so neither depends on how the data are batched.
+loss (``fisherext.curvature.operators``), so neither depends on how the data are batched.
 
 Computation: the K = N_test right-hand sides are solved at once, :math:`S = (H+\lambda I)^{-1} G_{test}^\top`
 [P, K] (``solver="exact"``: Cholesky of the dense matrix; ``"cg"``: batched conjugate gradients;
@@ -78,7 +78,7 @@ class InfluenceFunctions:
             damping stays absolute: λ is passed to lissa as ``damping = λ / scale``.
         progress: tqdm bars over the training chunks.
 
-    Forward passes follow ``fisherext.conventions``: a model in train mode with dropout (or BatchNorm on
+    Forward passes follow ``fisherext._core.conventions``: a model in train mode with dropout (or BatchNorm on
     batch statistics) is refused, padding_idx lookups are constants, attention runs the math kernel.
     """
 

@@ -2,7 +2,7 @@
 
 Each twin computes the same quantity the straightforward way, materializing per-sample gradients
 (N x O x I) where the compiled kernel does not. In-place ops have functional twins that return the
-updated accumulator instead of writing it. Notation as in ``fisherext._ops``.
+updated accumulator instead of writing it. Notation as in the modules of ``fisherext.ops``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 // CPU kernels of the fisher_accum family (K1). Schemas and the math: csrc/fisherext.cpp.
 //
 // Memory: peak extra memory is independent of N. The GEMM-based kernels stream samples in chunks
-// whose scratch is bounded by kScratchElems; linear_sq_grad (T > 1) needs one [O, I] accumulator
+// whose scratch is bounded by scratch_elems() (fisher_accum_common.h); linear_sq_grad (T > 1) needs one [O, I] accumulator
 // and at most one sample's padded copy per thread.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -219,16 +219,13 @@ SqGradFn<scalar_t> pick_sq_grad() {
 
 at::Tensor linear_sq_grad_cpu(const at::Tensor& a, const at::Tensor& delta,
                               const std::optional<at::Tensor>& weight) {
-  const char* op = "linear_sq_grad";
-  const LinearDims d = check_linear(op, a, delta, /*class_axis=*/false);
-  check_weight(op, weight, "a", a, d.N);
-  const at::Tensor A = as_compute(with_positions(a, 3));      // [N, T, I]
-  const at::Tensor D = as_compute(with_positions(delta, 3));  // [N, T, O]
-  const at::Tensor W = optional_compute(weight);
+  const LinearInputs in = prepare_linear_sq_grad(a, delta, weight, /*to_compute=*/true);
+  const LinearDims& d = in.d;
+  const at::Tensor &A = in.A, &D = in.D, &W = in.W;  // [N, T, I], [N, T, O], [N] or undefined
   at::Tensor out = at::zeros({d.O, d.I}, A.options());
   if (d.T == 1) {
     // g_n = delta_n a_n^T, so sum_n w_n g_n^2 = (w * delta^2)^T (a^2): one GEMM per chunk.
-    const int64_t rows = chunk_rows(d.I + d.O, kScratchElems, d.N);
+    const int64_t rows = chunk_rows(d.I + d.O, scratch_elems(), d.N);
     for (int64_t s = 0; s < d.N; s += rows) {
       const int64_t b = std::min(rows, d.N - s);
       at::Tensor d2 = D.narrow(0, s, b).select(1, 0).square();
@@ -258,12 +255,11 @@ at::Tensor linear_sq_grad_cpu(const at::Tensor& a, const at::Tensor& delta,
 
 void linear_outer_accum_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& delta,
                             const std::optional<at::Tensor>& weight, double alpha) {
-  const LinearDims d = check_linear_outer_accum(out, a, delta, weight);
+  const LinearInputs in = prepare_linear_outer_accum(out, a, delta, weight, /*to_compute=*/true);
+  const LinearDims& d = in.d;
+  const at::Tensor &A = in.A, &D = in.D, &W = in.W;  // [N, T, I], [N, T, O], [N] or undefined
   const int64_t P = d.O * d.I;
-  const at::Tensor A = as_compute(with_positions(a, 3));
-  const at::Tensor D = as_compute(with_positions(delta, 3));
-  const at::Tensor W = optional_compute(weight);
-  const int64_t rows = chunk_rows(P, kScratchElems, d.N);
+  const int64_t rows = chunk_rows(P, scratch_elems(), d.N);
   at::Tensor buf = at::empty({rows, d.O, d.I}, A.options());
   update_in_place(out, [&](at::Tensor& work) {
     for (int64_t s = 0; s < d.N; s += rows) {
@@ -277,19 +273,15 @@ void linear_outer_accum_cpu(const at::Tensor& out, const at::Tensor& a, const at
 
 void sym_outer_accum_cpu(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                          double alpha, double beta) {
-  const LinearDims d = check_sym_outer_accum(out, x, weight);
-  const at::Tensor X = as_compute(x).view({d.N * d.T, d.I});
-  at::Tensor W = optional_compute(weight);
-  if (W.defined() && d.T > 1) W = W.repeat_interleave(d.T);
+  const LinearInputs in = prepare_sym_outer_accum(out, x, weight, /*to_compute=*/true);
+  const at::Tensor &X = in.A, &W = in.W;
   update_in_place(out, [&](at::Tensor& work) { sym_rank_k(work, X, W, alpha, beta); });
 }
 
 at::Tensor class_gram_cpu(const at::Tensor& a, const at::Tensor& delta) {
-  const char* op = "class_gram";
-  const LinearDims d = check_linear(op, a, delta, /*class_axis=*/true);
-  const int64_t N = d.N, C = d.C, T = d.T, I = d.I, O = d.O;
-  const at::Tensor A = as_compute(with_positions(a, 3));      // [N, T, I]
-  const at::Tensor D = as_compute(with_positions(delta, 4));  // [N, C, T, O]
+  const LinearInputs in = prepare_class_gram(a, delta, /*to_compute=*/true);
+  const int64_t N = in.d.N, C = in.d.C, T = in.d.T, I = in.d.I, O = in.d.O;
+  const at::Tensor &A = in.A, &D = in.D;  // [N, T, I], [N, C, T, O]
   at::Tensor K = at::empty({N, C, C}, A.options());
   // Two exact ways to K_n[c, c'] = <g_nc, g_nc'>:
   //  gram:        sum_{t,s} (a_t . a_s)(delta_ct . delta_c's)   ~ T^2 I + C T^2 O + C^2 T O flops
@@ -299,7 +291,7 @@ at::Tensor class_gram_cpu(const at::Tensor& a, const at::Tensor& delta) {
   const bool use_gram = T == 1 || cost_gram <= cost_mat;
   const int64_t per_sample = use_gram ? T * T + 2 * C * T * O : C * O * I;
   // Every chunk writes its own rows of K: chunks run in parallel, each with serial GEMMs.
-  for_each_chunk(N, thread_chunk_rows(per_sample, kScratchElems, N), [&](int64_t s, int64_t b) {
+  for_each_chunk(N, thread_chunk_rows(per_sample, scratch_elems(), N), [&](int64_t s, int64_t b) {
     const at::Tensor Ac = A.narrow(0, s, b), Dc = D.narrow(0, s, b);
     at::Tensor Kc = K.narrow(0, s, b);
     if (T == 1) {

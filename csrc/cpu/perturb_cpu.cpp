@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/grain.h"
 #include "perturb_common.h"
 
 namespace fisherext {
@@ -18,9 +19,8 @@ namespace {
 
 // ---- unflatten_axpy_ ----
 
-// Elements below which work is not worth a thread (ATen's GRAIN_SIZE). It is also the size of an
-// unflatten_axpy_ work item: small enough to balance a few large tensors over the threads.
-constexpr int64_t kGrain = int64_t(1) << 15;
+// kGrain (cpu/grain.h) is also the size of an unflatten_axpy_ work item: small enough to balance a few large
+// tensors over the threads.
 
 // Elements [begin, begin + n) of tensor `index` of the list, which start at `offset` in the flat x and v.
 struct Chunk {
@@ -148,13 +148,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_fisher_reduce_cpu(const at::Te
 TORCH_LIBRARY_IMPL(fisherext, CPU, m) {
   m.impl("unflatten_axpy_", &unflatten_axpy_cpu);
   m.impl("fd_fisher_reduce", &fd_fisher_reduce_cpu);
-}
-
-// Neither op is differentiable (both serve finite differences under no_grad): autograd passes them
-// through, so outputs never require grad, instead of carrying a grad_fn that backpropagates nothing.
-TORCH_LIBRARY_IMPL(fisherext, Autograd, m) {
-  m.impl("unflatten_axpy_", torch::CppFunction::makeFallthrough());
-  m.impl("fd_fisher_reduce", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace fisherext

@@ -12,7 +12,7 @@
 //                           is exactly symmetric and only the upper triangle of out is read.
 // Where a launch would have too few tiles to fill the GPU, the contraction is split over blockIdx.z
 // into a bounded workspace that a second kernel sums in a fixed order (deterministic, no atomics).
-// Scratch is bounded by kScratchElems, independent of N.
+// Scratch is bounded by scratch_elems() (fisher_accum_common.h), independent of N.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -362,7 +362,7 @@ void launch_sym(SymParams<in_t, acc_t> args, const Launch& ctx) {
   TORCH_CHECK(pairs <= INT_MAX, "fisherext: symmetric update of size ", args.D, " exceeds the CUDA grid");
   args.k_per_z = args.K;
   if (args.batch == 1 && args.scale == nullptr)
-    args.k_per_z = items_per_split(pairs, args.K, 1, kScratchElems / (args.D * args.D), ctx.device);
+    args.k_per_z = items_per_split(pairs, args.K, 1, scratch_elems() / (args.D * args.D), ctx.device);
   const int64_t Z = ceil_div(args.K, args.k_per_z);
   at::Tensor workspace;
   args.partial = nullptr;
@@ -387,19 +387,16 @@ const T* optional_ptr(const at::Tensor& t) {
 }
 
 at::Tensor linear_sq_grad_cuda(const at::Tensor& a, const at::Tensor& delta, const std::optional<at::Tensor>& weight) {
-  const char* op = "linear_sq_grad";
-  const LinearDims d = check_linear(op, a, delta, /*class_axis=*/false);
-  check_weight(op, weight, "a", a, d.N);
   const c10::cuda::CUDAGuard guard(a.device());
+  const LinearInputs in = prepare_linear_sq_grad(a, delta, weight, /*to_compute=*/false);
+  const LinearDims& d = in.d;
+  const at::Tensor &A = in.A, &D = in.D, &W = in.W;  // [N, T, I], [N, T, O], [N] or undefined
   const Launch ctx = launch_for(a);
-  const at::Tensor A = with_positions(a, 3).contiguous();      // [N, T, I]
-  const at::Tensor D = with_positions(delta, 3).contiguous();  // [N, T, O]
-  const at::Tensor W = optional_compute(weight);
   at::Tensor out = at::empty({d.O, d.I}, a.options());
   // Samples are split over z when the [O, I] tiles alone cannot fill the GPU; the [Z, O, I] partial
   // sums stay within the scratch budget. One slice in the compute dtype accumulates into out itself.
   const int64_t per_z =
-      items_per_split(tile_count(d.O, d.I), d.N, d.T, kScratchElems / (d.O * d.I), ctx.device);
+      items_per_split(tile_count(d.O, d.I), d.N, d.T, scratch_elems() / (d.O * d.I), ctx.device);
   const int64_t Z = ceil_div(d.N, per_z);
   const bool direct = Z == 1 && out.scalar_type() == opmath_type(out.scalar_type());
   const at::Tensor partial = direct ? out : at::empty({Z, d.O, d.I}, ctx.acc_options);
@@ -420,15 +417,14 @@ at::Tensor linear_sq_grad_cuda(const at::Tensor& a, const at::Tensor& delta, con
 
 void linear_outer_accum_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& delta,
                              const std::optional<at::Tensor>& weight, double alpha) {
-  const LinearDims d = check_linear_outer_accum(out, a, delta, weight);
-  const int64_t P = d.O * d.I;
   const c10::cuda::CUDAGuard guard(a.device());
+  const LinearInputs in = prepare_linear_outer_accum(out, a, delta, weight, /*to_compute=*/false);
+  const LinearDims& d = in.d;
+  const at::Tensor &A = in.A, &D = in.D, &W = in.W;  // [N, T, I], [N, T, O], [N] or undefined
+  const int64_t P = d.O * d.I;
   const Launch ctx = launch_for(a);
-  const at::Tensor A = with_positions(a, 3).contiguous();      // [N, T, I]
-  const at::Tensor D = with_positions(delta, 3).contiguous();  // [N, T, O]
-  const at::Tensor W = optional_compute(weight);
   // A chunk of per-sample gradients G [rows, P] within the scratch budget.
-  const int64_t rows = chunk_rows(P, kScratchElems, d.N);
+  const int64_t rows = chunk_rows(P, scratch_elems(), d.N);
   const at::Tensor G = at::empty({rows, P}, ctx.acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "linear_outer_accum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -453,12 +449,11 @@ void linear_outer_accum_cuda(const at::Tensor& out, const at::Tensor& a, const a
 
 void sym_outer_accum_cuda(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                           double alpha, double beta) {
-  const LinearDims d = check_sym_outer_accum(out, x, weight);
   const c10::cuda::CUDAGuard guard(x.device());
+  const LinearInputs in = prepare_sym_outer_accum(out, x, weight, /*to_compute=*/false);
+  const LinearDims& d = in.d;
+  const at::Tensor &X = in.A, &W = in.W;  // rows x_nt of length D (row n T + t), one weight per row
   const Launch ctx = launch_for(x);
-  const at::Tensor X = x.contiguous();  // rows x_nt of length D, row n T + t
-  at::Tensor W = optional_compute(weight);
-  if (W.defined() && d.T > 1) W = W.repeat_interleave(d.T);  // one weight per row
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sym_outer_accum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     update_in_place(out, [&](at::Tensor& work) {
@@ -471,13 +466,11 @@ void sym_outer_accum_cuda(const at::Tensor& out, const at::Tensor& x, const std:
 }
 
 at::Tensor class_gram_cuda(const at::Tensor& a, const at::Tensor& delta) {
-  const char* op = "class_gram";
-  const LinearDims d = check_linear(op, a, delta, /*class_axis=*/true);
-  const int64_t N = d.N, C = d.C, T = d.T, I = d.I, O = d.O;
   const c10::cuda::CUDAGuard guard(a.device());
+  const LinearInputs in = prepare_class_gram(a, delta, /*to_compute=*/false);
+  const int64_t N = in.d.N, C = in.d.C, T = in.d.T, I = in.d.I, O = in.d.O;
+  const at::Tensor &A = in.A, &D = in.D;  // [N, T, I], [N, C, T, O]
   const Launch ctx = launch_for(a);
-  const at::Tensor A = with_positions(a, 3).contiguous();      // [N, T, I]
-  const at::Tensor D = with_positions(delta, 4).contiguous();  // [N, C, T, O]
   const bool low_precision = a.scalar_type() != opmath_type(a.scalar_type());
   at::Tensor K = at::empty({N, C, C}, ctx.acc_options);
   // Position-Gram form: K_n[c, c'] = sum_{t,s} (a_t . a_s)(delta_ct . delta_c's), per chunk of samples:
@@ -486,7 +479,7 @@ at::Tensor class_gram_cuda(const at::Tensor& a, const at::Tensor& delta) {
   //   K_n = delta_n H_n^T over (t, o)        [C, C]     (sym_kernel, K = T O; symmetric by construction)
   // For T = 1, Ga_n = |a_n|^2 and K_n = Ga_n delta_n delta_n^T directly.
   const int64_t per_sample = T == 1 ? 1 : T * T + 3 * C * T * O;  // Ga, delta [T, C, O], H, delta in acc_t
-  const int64_t rows = chunk_rows(per_sample, kScratchElems, N);
+  const int64_t rows = chunk_rows(per_sample, scratch_elems(), N);
   const at::Tensor Ga = at::empty({rows, T, T}, ctx.acc_options);
   at::Tensor Dt, H, Dc;
   if (T > 1) {

@@ -28,7 +28,7 @@ double backprop and finite differences:
 4. **Outputs are finite tensors** (``checked_output``): a model returning a tuple, a dict or anything
    else is a TypeError that says what it returned; a non-finite output is a ValueError naming the sample.
 5. **Recurrent layers run step by step** (``stepwise_recurrent``): nn.RNN/LSTM/GRU as per-step
-   ``F.linear`` calls (``fisherext.recurrent``), equal to torch's fused kernels to rounding, which write
+   ``F.linear`` calls (``fisherext._core.recurrent``), equal to torch's fused kernels to rounding, which write
    their state in place and so cannot run under a per-sample ``vmap``.
 
 ``curvature_forward(model)`` enters rules 2, 3 and 5 around a computation; callers check rule 1 before
@@ -153,7 +153,7 @@ def second_order_attention():
 
 
 class _StepwiseRecurrent(TorchFunctionMode):
-    """Rule 5: the fused recurrent calls run step by step (``fisherext.recurrent``)."""
+    """Rule 5: the fused recurrent calls run step by step (``fisherext._core.recurrent``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         stepwise = STEPWISE.get(func)

@@ -2,7 +2,7 @@ r"""``fisherext.fisher``: the Fisher information matrix of a model over a data s
 
 Normalization: :math:`F = \frac1N \sum_n F_n` with the per-sample loss
 :math:`\ell_n = -\log p(y_n \mid x_n, \theta)` (never the batch mean); the likelihoods and kinds are
-those of :mod:`fisherext.likelihood`:
+those of ``fisherext._core.likelihood``:
 
 - ``kind="true"``: :math:`F_n = \mathbb E_{y\sim p(y|x_n)}[g g^\top] = J_n^\top \Lambda_n J_n`, exact over
   the outputs. Softmax cross entropy: :math:`\Lambda = \mathrm{diag}(p) - pp^\top = SS^\top` with
@@ -18,7 +18,7 @@ module prefix of each parameter's name), ``kfac`` (per Linear/Conv weight,
 a 1 appended for the bias) and :math:`G = \frac1N \sum_{n,t,k} \delta\delta^\top`; other parameters
 diagonal). All are block-diagonal over their parts, which is what ``solve`` exploits.
 
-The per-sample gradients come from the capture engine (:mod:`fisherext.capture`); every large
+The per-sample gradients come from the capture engine (``fisherext.capture.engine``); every large
 allocation is planned against ``memory_budget``: the result is refused up front when it does not fit,
 scratch is chunked over samples and over cotangents.
 """

@@ -9,7 +9,7 @@ for "true", sampled-label residuals for "mc"), the per-sample gradients are
 How they are captured, correct by construction on the patterns real models are made of:
 
 - **Uses, not modules.** While the forward runs, a function mode sees every torch call. A call of a
-  registered function (:mod:`fisherext.rules`: ``F.linear``, convolutions, ``F.embedding``,
+  registered function (``fisherext.capture.layers``: ``F.linear``, convolutions, ``F.embedding``,
   normalizations) with a selected parameter, or a view of one, is a *use*; the per-sample gradient of a
   parameter is the sum over all its uses: a layer applied twice, tied weights, an embedding tied to an
   output projection, ``F.linear(h, self.emb.weight)`` outside any owning module, the slices of
@@ -18,7 +18,7 @@ How they are captured, correct by construction on the patterns real models are m
   produced it, so a later ``ReLU(inplace=True)`` or ``out += identity`` does not rebase it, at no copy.
   (The inputs a rule keeps are those autograd itself saves for the call, so a model that modifies one
   in place cannot be differentiated at all, and autograd says so.)
-- **Batch axes established, not assumed** (:mod:`fisherext.layout`): probed on two batch sizes and a
+- **Batch axes established, not assumed** (``fisherext.capture.layout``): probed on two batch sizes and a
   swapped pair, so sequence-first tensors, attention's flattened rows and merged batch axes are split
   per sample correctly.
 - **The exact fallback.** A parameter used by a function without a rule (a custom elementwise op, an
@@ -297,7 +297,7 @@ class FallbackTerm(Term):
 
 class Capture:
     """Records the uses of the selected parameters in a forward pass and backpropagates output
-    cotangents into per-parameter terms (:mod:`fisherext.terms`); restores everything on exit.
+    cotangents into per-parameter terms (``fisherext.capture.terms``); restores everything on exit.
 
     >>> with Capture(model, params) as cap:
     ...     out = cap.forward(x)             # records uses, establishes batch layouts
@@ -392,7 +392,7 @@ class Capture:
         return None
 
     def _layouts(self, x, uses) -> list[Layout | None]:
-        """Batch layouts of the uses' probe tensors (see fisherext.layout), probed on samples of ``x``
+        """Batch layouts of the uses' probe tensors (see fisherext.capture.layout), probed on samples of ``x``
         and reused while the sequence of uses is the same."""
         signatures = [u.signature for u in uses]
         if self._probed is not None and self._probed[0] == signatures:

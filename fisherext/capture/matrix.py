@@ -157,7 +157,7 @@ def _part_from_state(i: int, entry, P: int):
 class FisherMatrix(LinearOperator):
     """The result of ``fisherext.fisher``: a P×P Fisher (mean over ``num_samples`` samples).
 
-    Flat vectors follow the order of the selected parameters (``fisherext.utils.flatten``).
+    Flat vectors follow the order of the selected parameters (``fisherext.flatten``).
     """
 
     def __init__(self, P: int, parts: list, num_samples: int, structure: str):
@@ -202,7 +202,7 @@ class FisherMatrix(LinearOperator):
 
     def dense(self, memory_budget: int | None = None) -> torch.Tensor:
         """The full P×P matrix (zero outside the structure's blocks). Planned against ``memory_budget``
-        (bytes; default half the available memory, ``fisherext.memory``): refused up front, with the
+        (bytes; default half the available memory, ``fisherext._core.memory``): refused up front, with the
         bytes it needs, when it does not fit."""
         budget = resolve_budget(memory_budget, self.device)
         require(self.P * self.P * self.dtype.itemsize, budget, f"memory_budget: the dense {self.P} x {self.P} matrix",

@@ -1,7 +1,7 @@
 r"""Per-input Fisher measures: for every input n of a batch, :math:`\mathrm{tr}(F_n)` or :math:`v^\top F_n v`.
 
 :math:`F_n = \sum_k w_k\, g_{nk} g_{nk}^\top` with :math:`g_{nk} = J_n^\top c_{nk}` the per-sample gradients
-of the Fisher kind's output cotangents (:mod:`fisherext.likelihood`: the columns of
+of the Fisher kind's output cotangents (``fisherext._core.likelihood``: the columns of
 :math:`\Lambda_n^{1/2}` for "true", per position for outputs with positions; the data-label residual for
 "empirical"; sampled-label residuals for "mc"). Hence
 

@@ -1,12 +1,12 @@
 r"""Curvature of a model's mean loss over a data set as linear operators: Hessian, GGN and Fisher.
 
-Each operator is a ``fisherext.linop.LinearOperator`` over the flat vector of the selected parameters
+Each operator is a ``fisherext.LinearOperator`` over the flat vector of the selected parameters
 (``params=``, default all that require grad), so ``A @ v``, ``A @ X`` ([P, K]: K vectors in one pass
 over the data), ``A.shape``, ``A.dense()`` and ``A.to_scipy()`` work, and every solver in
-``fisherext.solvers`` and spectral method in ``fisherext.spectral`` accepts it. Products stream over the
+``fisherext.linalg.solvers`` and spectral method in ``fisherext.linalg.spectral`` accepts it. Products stream over the
 data in batches and are normalized by the number of samples (the curvature of the mean loss), whatever
-the batching; the math is in ``fisherext.hvp``. The model's parameters are read at each product, so an
-operator follows the model as it trains; its mode is checked at each product too (``fisherext.conventions``:
+the batching; the math is in ``fisherext.curvature.products``. The model's parameters are read at each product, so an
+operator follows the model as it trains; its mode is checked at each product too (``fisherext._core.conventions``:
 a model switched to train mode with dropout is refused, not silently sampled).
 """
 from __future__ import annotations

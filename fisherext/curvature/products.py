@@ -28,7 +28,7 @@ with weight :math:`n_b / N`, so the result is the product for the mean loss over
 whatever the batching. Several vectors ``V`` [K, P] share a batch's forward pass and first backward
 pass (its graph); each vector then costs one more backward.
 
-Forward passes follow ``fisherext.conventions``: deterministic per sample (train-mode dropout and
+Forward passes follow ``fisherext._core.conventions``: deterministic per sample (train-mode dropout and
 batch-statistics BatchNorm refused), padding_idx lookups constant (so the dual forward of one vector,
 the reverse-mode paths of several and the finite differences agree), attention by the math kernel
 (which has second derivatives), outputs checked to be finite tensors.
@@ -176,7 +176,7 @@ def hvp(model: nn.Module, loss_fn, data, v: torch.Tensor, *, method: str = "exac
     Returns:
         Tensor of v's shape.
 
-    The forward passes follow ``fisherext.conventions``: a model in train mode with dropout (or BatchNorm
+    The forward passes follow ``fisherext._core.conventions``: a model in train mode with dropout (or BatchNorm
     on batch statistics) is refused, padding_idx lookups are constants, attention runs the math kernel.
     """
     check_choice("method", method, METHODS)

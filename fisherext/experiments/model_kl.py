@@ -20,7 +20,7 @@ def kl_vs_fisher(model: nn.Module, x: torch.Tensor, v: torch.Tensor, eps_values,
     :math:`\tfrac12\varepsilon^2 v^\top F v` (true Fisher over the same inputs) for every ε.
 
     Returns one row per ε: ``{"eps", "kl", "half_quad", "ratio"}``; the ratio tends to 1 as ε → 0.
-    Forward passes follow ``fisherext.conventions``.
+    Forward passes follow ``fisherext._core.conventions``.
     """
     eps_values = [check_eps(eps) for eps in eps_values]
     check_deterministic(model)

@@ -1,7 +1,7 @@
 r"""The linear-operator protocol every curvature operator of the package follows.
 
 A curvature operator is a symmetric linear map :math:`A: \mathbb{R}^P \to \mathbb{R}^P` over flat
-parameter vectors (the order of ``fisherext.utils.flatten``). A subclass implements one method,
+parameter vectors (the order of ``fisherext.flatten``). A subclass implements one method,
 ``_matmat(X)`` for ``X`` of shape [P, K], and calls ``LinearOperator.__init__(self, P, dtype, device)``;
 the base class validates inputs and derives everything else from ``_matmat``:
 
@@ -11,7 +11,7 @@ the base class validates inputs and derives everything else from ``_matmat``:
 - ``A.to_scipy()``: a ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out);
 - ``A.dense()``: the P×P matrix, assembled from products with blocks of identity columns.
 
-Solvers and spectral methods (``fisherext.solvers``, ``fisherext.spectral``) use only ``A @ X`` and
+Solvers and spectral methods (``fisherext.linalg.solvers``, ``fisherext.linalg.spectral``) use only ``A @ X`` and
 ``A.shape``, so any subclass works with all of them. Products with several columns at once should be
 implemented as such when the operator can batch them (one pass over the data for K vectors).
 """

@@ -1,4 +1,4 @@
-r"""``fisherext.solvers``: iterative solvers for curvature systems :math:`(A + \lambda I)\,x = b`.
+r"""``fisherext.linalg.solvers``: iterative solvers for curvature systems :math:`(A + \lambda I)\,x = b`.
 
 ``A`` is any symmetric operator with ``A @ X`` for X [P] -> [P] and [P, K] -> [P, K] and
 ``A.shape == (P, P)``: a dense tensor, or fisherext's Hessian / GGN / Fisher operators. ``b`` is [P], or

@@ -1,6 +1,6 @@
 r"""Spectra of symmetric curvature operators: extreme eigenpairs, traces and spectral densities.
 
-Every function takes any ``A`` accepted by ``fisherext.linop.as_operator`` (a LinearOperator, a square
+Every function takes any ``A`` accepted by ``fisherext.linalg.as_operator`` (a LinearOperator, a square
 symmetric tensor, a FisherMatrix) and touches it only through products ``A @ X``, so Hessian, GGN and
 Fisher operators over a whole data set work without forming a P×P matrix.
 

@@ -75,7 +75,7 @@ def _perturbed(model, state, v, eps):
 
 
 def as_logits(out) -> torch.Tensor:
-    """A model's output as logits [N, C]: a tensor (else rule 4's TypeError, see ``fisherext.conventions``)
+    """A model's output as logits [N, C]: a tensor (else rule 4's TypeError, see ``fisherext._core.conventions``)
     with two dimensions. Shapes only, so it also runs under vmap; finiteness is checked on the results."""
     checked_output(out, finite=False)
     if out.dim() != 2:
@@ -107,7 +107,7 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
     ``v`` is one direction [P] or one per input [N, P] (evaluated in one batched forward over stacked
     parameters). ``scheme="central"`` (error O(ε²)) or ``"forward"`` (O(ε)). ``block=True`` perturbs
     one parameter tensor at a time and sums the results: the block-diagonal approximation of seed 001,
-    kept for comparison only. Forward passes follow ``fisherext.conventions`` (no dropout in train mode;
+    kept for comparison only. Forward passes follow ``fisherext._core.conventions`` (no dropout in train mode;
     padding_idx lookups keep their unperturbed value).
     """
     check_choice("scheme", scheme, SCHEMES)

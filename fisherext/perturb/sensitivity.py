@@ -49,7 +49,7 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
     ``v``: [P] or [N, P]; default: the normalized gradient of the predicted class's log-probability,
     per input. ``method="exact"`` uses forward mode in θ over reverse mode in x; ``"fd"`` central
     differences in θ (each input's own perturbed parameters, in one batched pass). Forward passes follow
-    ``fisherext.conventions``.
+    ``fisherext._core.conventions``.
     """
     check_choice("method", method, METHODS)
     eps = check_eps(eps)

@@ -1,4 +1,8 @@
-"""Bad-input checks of the compiled ops: each case through the wrapper, the compiled op and the fake kernel."""
+"""Shared helpers of the op-family tests (tests/test_ops_*.py): the bad-input factory (each case through the
+wrapper, the compiled op and the fake kernel), the opcheck factory, the scratch-budget override and seeded
+inputs."""
+import contextlib
+
 import pytest
 import torch
 
@@ -64,3 +68,42 @@ def bad_input_test(cases, paths=ALL_PATHS):
         check_bad_input(name, make_args(), exc, msg, path)
 
     return test_bad_input_names_the_argument
+
+
+def opcheck_test(cases):
+    """The opcheck test of an op family: every named case (id -> factory(device) -> (op overload, args)) through
+    torch.library.opcheck (schema, fake kernel, autograd registration, dispatch) on each device."""
+
+    @pytest.mark.parametrize("make_case", list(cases.values()), ids=list(cases))
+    def test_opcheck(make_case, device):
+        op, args = make_case(device)
+        torch.library.opcheck(op, args)
+
+    return test_opcheck
+
+
+@contextlib.contextmanager
+def scratch_elems(elems):
+    """The fisher_accum kernels' per-chunk scratch budget set to `elems` elements within the block (default
+    2^22), so that small inputs cross chunk boundaries."""
+    from fisherext import _C
+
+    previous = _C._set_scratch_elems(elems)
+    try:
+        yield
+    finally:
+        _C._set_scratch_elems(previous)
+
+
+def randn(shape, dtype, device, seed, scale=1.0):
+    """Seeded normal entries (drawn in float64 on the CPU, then converted), the same on every device."""
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def t(*shape, dtype=torch.float32):
+    """An unseeded CPU tensor for the bad-input cases (values do not matter there)."""
+    return torch.randn(*shape, dtype=dtype)
+
+
+LOW = [torch.float16, torch.bfloat16]

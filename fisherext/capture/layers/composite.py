@@ -21,5 +21,5 @@ def _without_dispatch(fn):
 
 
 # Functions the engine runs with the registry active inside: attention's own body, and the recurrent
-# layers step by step (fisherext.recurrent).
+# layers step by step (fisherext._core.recurrent).
 DESCEND = {F.multi_head_attention_forward: _without_dispatch(F.multi_head_attention_forward), **STEPWISE}

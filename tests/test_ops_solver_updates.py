@@ -1,166 +1,17 @@
-"""K3 ops (hvp family): compiled op == pure-PyTorch twin == independent computation, autograd of
-softmax_hvp, opcheck, and bad input rejected with a clear error naming the op and the argument
+"""fisherext.ops.solver_updates (the fused solver steps, kernel family K3): compiled op == pure-PyTorch twin ==
+independent computation, opcheck, and bad input rejected with a clear error naming the op and the argument
 (wrapper, compiled op, fake kernel).
 
-Sizes cross the kernels' boundaries: one CUDA warp of 32 lanes per logit row; CPU work items of 32768
-elements (P = 100003 spans several cg_update_ chunks); CUDA blocks of 256 threads.
+Sizes cross the kernels' boundaries: CPU work items of 32768 elements (P = 100003 spans several cg_update_
+chunks); CUDA blocks of 256 threads.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fisherext.reference as ref
 from support import assert_close
-from support.opcheck import OVERLAP_PATHS, bad_input_test, views_of
+from support.opcheck import LOW, OVERLAP_PATHS, bad_input_test, opcheck_test, randn, t, views_of
 from fisherext import ops
-
-LOW = [torch.float16, torch.bfloat16]
-
-
-def randn(shape, dtype, device, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
-
-
-def ce_hessian_products(logits, u):
-    """H_n u_n for every row by double backprop through F.cross_entropy (float64): the Hessian of the
-    summed per-sample losses w.r.t. the logits is block diagonal, and the label does not matter."""
-    z = logits.detach().double().requires_grad_()
-    y = torch.arange(z.shape[0], device=z.device) % z.shape[1]
-    (g,) = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum"), z, create_graph=True)
-    dirs = u.double().reshape(-1, *z.shape)
-    return torch.stack([torch.autograd.grad(g, z, d, retain_graph=True)[0] for d in dirs]).reshape(u.shape)
-
-
-def hvp_scale(logits, u):
-    """max |p_c u_c|: the size of the terms of p ⊙ u − p (pᵀu). Where p is nearly one-hot the output
-    cancels far below them (u_c − pᵀu ≈ 0 for the dominant class), so any rounding of u or pᵀu shows at
-    this scale, not at the output's."""
-    return (torch.softmax(logits.double(), -1) * u.double()).abs().max().item()
-
-
-# ---------------------------------------------------------------------------------------------------
-# softmax_hvp
-
-SHAPES = [(1, 1), (1, 3), (7, 3), (5, 1000), (33, 65)]  # C across multiples of the 32 lanes
-
-
-@pytest.mark.parametrize("K", [None, 1, 7], ids=["NC", "K1", "K7"])
-@pytest.mark.parametrize("N,C", SHAPES)
-def test_softmax_hvp(N, C, K, device, dtype):
-    logits = randn((N, C), dtype, device, 0, scale=3.0)
-    u = randn((N, C) if K is None else (K, N, C), dtype, device, 1)
-    got = ops.softmax_hvp(logits, u)
-    assert got.shape == u.shape and got.dtype == dtype and got.device == u.device
-    expected = ce_hessian_products(logits, u)
-    scale = hvp_scale(logits, u)
-    assert_close(got, expected.to(dtype), scale=scale)
-    assert_close(ref.softmax_hvp(logits, u), expected.to(dtype), scale=scale)
-    if C == 1:
-        assert torch.all(got == 0), "one class: p = 1, the Hessian is 0"
-    # Rows of H sum to 0 (H 1 = p - p = 0), so every output row sums to 0 too (Σ_c p_c (u_c - s) = 0).
-    zeros = torch.zeros(got.shape[:-1], dtype=torch.float64, device=device)
-    assert_close(got.double().sum(-1), zeros, dtype=dtype, scale=C * scale)
-
-
-def test_softmax_hvp_noncontiguous(device, dtype):
-    logits = randn((9, 6), dtype, device, 2)
-    u = randn((6, 9, 4), dtype, device, 3).permute(2, 1, 0)  # [4, 9, 6], not contiguous
-    got = ops.softmax_hvp(logits.T.contiguous().T, u)
-    assert_close(got, ce_hessian_products(logits, u).to(dtype), scale=hvp_scale(logits, u))
-
-
-def test_softmax_hvp_huge_logits_are_stable(device, dtype):
-    """Max subtraction: logits around ±1e4 (exp overflows in any dtype) give the result of the same logits
-    around 0 (softmax is shift invariant). Logits on a 2^-8 grid, so the shifted ones are exact in float32."""
-    logits = torch.round(randn((6, 40), dtype, device, 4) * 256) / 256
-    shift = 1e4 * torch.tensor([1.0, -1.0], dtype=dtype, device=device).repeat(3)[:, None]
-    u = randn((3, 6, 40), dtype, device, 5)
-    got = ops.softmax_hvp(logits + shift, u)
-    assert torch.all(torch.isfinite(got))
-    assert_close(got, ops.softmax_hvp(logits, u))
-
-
-@pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
-def test_softmax_hvp_low_precision(low, device):
-    """Computed in float32, rounded once to u's dtype."""
-    logits, u = randn((64, 100), low, device, 6), randn((3, 64, 100), low, device, 7)
-    got = ops.softmax_hvp(logits, u)
-    assert got.dtype == low
-    expected, scale = ce_hessian_products(logits, u), hvp_scale(logits, u)
-    assert_close(got, expected, dtype=low, scale=scale)
-    assert_close(ref.softmax_hvp(logits, u), expected, dtype=low, scale=scale)
-
-
-@pytest.mark.parametrize("K", [None, 3], ids=["NC", "K3"])
-def test_softmax_hvp_gradcheck(K, device):
-    """Both derivatives by finite differences (gradcheck) and against autograd through the twin's explicit
-    Hessian matrices; second derivatives by gradgradcheck."""
-    logits = randn((4, 5), torch.float64, device, 8, scale=2.0).requires_grad_()
-    u = randn((4, 5) if K is None else (K, 4, 5), torch.float64, device, 9).requires_grad_()
-    assert torch.autograd.gradcheck(ops.softmax_hvp, (logits, u))
-    assert torch.autograd.gradgradcheck(ops.softmax_hvp, (logits, u))
-    g = randn(u.shape, torch.float64, device, 10)
-    got = torch.autograd.grad(ops.softmax_hvp(logits, u), (logits, u), g)
-    twin = torch.autograd.grad(ref.softmax_hvp(logits, u), (logits, u), g)
-    for a, b in zip(got, twin):
-        assert_close(a, b)
-    assert_close(got[1], ops.softmax_hvp(logits, g)), "d/du is H g: H is symmetric"
-
-
-@pytest.mark.parametrize("wrt", ["logits", "u"])
-def test_softmax_hvp_gradient_of_one_input_only(wrt, device):
-    """The backward computes only the gradient asked for, and computes it right."""
-    logits, u = randn((3, 4), torch.float64, device, 11), randn((2, 3, 4), torch.float64, device, 12)
-    g = randn((2, 3, 4), torch.float64, device, 13)
-    inputs = {"logits": logits, "u": u}
-    inputs[wrt].requires_grad_()
-    (got,) = torch.autograd.grad(ops.softmax_hvp(**inputs), inputs[wrt], g)
-    (twin,) = torch.autograd.grad(ref.softmax_hvp(**inputs), inputs[wrt], g)
-    assert_close(got, twin)
-
-
-# ---------------------------------------------------------------------------------------------------
-# softmax_hessian_sqrt
-
-
-@pytest.mark.parametrize("N,C", [(1, 1), (1, 3), (7, 3), (2, 1000), (33, 65)])
-def test_softmax_hessian_sqrt(N, C, device, dtype):
-    logits = randn((N, C), dtype, device, 13, scale=3.0)
-    S = ops.softmax_hessian_sqrt(logits)
-    assert S.shape == (C, N, C) and S.dtype == dtype and S.device == logits.device
-    assert_close(S, ref.softmax_hessian_sqrt(logits))
-    p = torch.softmax(logits.double(), -1)
-    k = torch.arange(C, device=device)
-    assert_close(S.double()[k, :, k].T, (p * (1 - p)) / p.sqrt(), dtype=dtype)  # diagonal √p_k (1 − p_k)
-    if C <= 65:  # the factorization Σ_k S_k S_kᵀ = diag(p) − p pᵀ (C = 1000 would take N·C³ flops)
-        Lam = torch.einsum("knc,knd->ncd", S.double(), S.double())
-        assert_close(Lam, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], dtype=dtype)
-
-
-def test_softmax_hessian_sqrt_backprops_the_hessian(device, dtype):
-    """S[k]ᵀ u summed as (Σ_k S_k S_kᵀ) u equals softmax_hvp: the two ops describe the same H."""
-    logits, u = randn((10, 7), dtype, device, 14), randn((10, 7), dtype, device, 15)
-    S = ops.softmax_hessian_sqrt(logits)
-    via_sqrt = torch.einsum("knc,knd,nd->nc", S, S, u)
-    assert_close(via_sqrt, ops.softmax_hvp(logits, u))
-
-
-@pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
-def test_softmax_hessian_sqrt_low_precision(low, device):
-    logits = randn((16, 11), low, device, 16)
-    S = ops.softmax_hessian_sqrt(logits)
-    assert S.dtype == low
-    assert_close(S, ref.softmax_hessian_sqrt(logits.double()), dtype=low)
-
-
-def test_softmax_hessian_sqrt_is_not_differentiable(device):
-    logits = randn((3, 4), torch.float32, device, 17).requires_grad_()
-    assert not ops.softmax_hessian_sqrt(logits).requires_grad
-
-
-# ---------------------------------------------------------------------------------------------------
-# Solver updates
 
 PS = [1, 7, 100003]  # 100003 spans several CPU chunks and CUDA blocks
 
@@ -355,58 +206,49 @@ def test_elementwise_updates_low_precision(low, device):
 # ---------------------------------------------------------------------------------------------------
 # opcheck, torch.compile, bad input
 
-
-def opcheck_cases(device):
-    f = torch.ops.fisherext
-    z, u = randn((9, 37), torch.float32, device, 0), randn((9, 37), torch.float32, device, 1)
-    u3 = randn((3, 9, 37), torch.float32, device, 2)
-    v = [flat(33, 4, torch.float32, device, s) for s in range(4)]
-    v1 = [flat(33, None, torch.float32, device, s) for s in range(4)]
-    a4, a0 = column_scalar(4, torch.float32, device, 5), column_scalar(None, torch.float32, device, 6)
-    inv = randn((33,), torch.float32, device, 7).abs()
-    return [
-        (f.softmax_hvp.default, (z, u)),
-        (f.softmax_hvp.default, (z, u3)),
-        (f.softmax_hvp.default, (z.clone().requires_grad_(), u3.clone().requires_grad_())),
-        (f.softmax_hvp.default, (z.half(), u.half())),
-        (f.softmax_hessian_sqrt.default, (z,)),
-        (f.softmax_hessian_sqrt.default, (z.clone().requires_grad_(),)),
-        (f.cg_update_.default, (*v, a4, inv)),
-        (f.cg_update_.default, (*v1, a0, None)),
-        (f.cg_direction_.default, (v[0], v[1], a4, inv)),
-        (f.cg_direction_.default, (v1[0], v1[1], a0, None)),
-        (f.lissa_update_.default, (v[0], v[1], v[2], 0.1, 5.0)),
-        (f.neumann_update_.default, (v[0], v[1], v[2], 5.0)),
-    ]
+_f = torch.ops.fisherext
 
 
-@pytest.mark.parametrize("case", range(12))
-def test_opcheck(case, device):
-    op, args = opcheck_cases(device)[case]
-    torch.library.opcheck(op, args)
+def _vecs(device, K=4):
+    return [flat(33, K, torch.float32, device, s) for s in range(4)]
 
 
-def test_compile_sees_fakes():
-    """torch.compile traces a CG step and a Gauss-Newton product through the fakes."""
+def _inv(device):
+    return randn((33,), torch.float32, device, 7).abs()
 
-    def step(z, u, x, r, p, Ap, alpha):
+
+OPCHECK_CASES = {
+    "cg_update_-columns-precond": lambda dev: (_f.cg_update_.default, (
+        *_vecs(dev), column_scalar(4, torch.float32, dev, 5), _inv(dev))),
+    "cg_update_": lambda dev: (_f.cg_update_.default, (
+        *_vecs(dev, None), column_scalar(None, torch.float32, dev, 6), None)),
+    "cg_direction_-columns-precond": lambda dev: (_f.cg_direction_.default, (
+        *_vecs(dev)[:2], column_scalar(4, torch.float32, dev, 5), _inv(dev))),
+    "cg_direction_": lambda dev: (_f.cg_direction_.default, (
+        *_vecs(dev, None)[:2], column_scalar(None, torch.float32, dev, 6), None)),
+    "lissa_update_": lambda dev: (_f.lissa_update_.default, (*_vecs(dev)[:3], 0.1, 5.0)),
+    "neumann_update_": lambda dev: (_f.neumann_update_.default, (*_vecs(dev)[:3], 5.0)),
+}
+
+
+test_opcheck = opcheck_test(OPCHECK_CASES)
+
+
+def test_compile_sees_fakes(device):
+    """torch.compile traces a CG step through the fakes (the in-place updates functionalized)."""
+
+    def step(x, r, p, Ap, alpha):
         rz, rr = ops.cg_update_(x, r, p, Ap, alpha)
         ops.cg_direction_(p, r, rz / rr)
-        return ops.softmax_hvp(z, u) * 2, ops.softmax_hessian_sqrt(z), rz
+        return rz
 
-    z, u = torch.randn(5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
-    vecs = [torch.randn(9, 2, dtype=torch.float64) for _ in range(4)]
-    alpha = torch.rand(2, dtype=torch.float64)
+    vecs = [randn((9, 2), torch.float64, device, s) for s in range(4)]
+    alpha = torch.rand(2, dtype=torch.float64, device=device)
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     eager_vecs, compiled_vecs = [v.clone() for v in vecs], [v.clone() for v in vecs]
-    for a, b in zip(compiled(z, u, *compiled_vecs, alpha), step(z, u, *eager_vecs, alpha)):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(compiled(*compiled_vecs, alpha), step(*eager_vecs, alpha))
     for a, b in zip(compiled_vecs, eager_vecs):
         torch.testing.assert_close(a, b)
-
-
-def t(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
 
 
 def i64(*shape):
@@ -416,17 +258,6 @@ def i64(*shape):
 F64 = torch.float64
 # (op name, args, exception type, substring the message must contain)
 BAD = [
-    ("softmax_hvp", lambda: (t(5), t(5)), ValueError, "'logits' must have shape \\[N, C\\]"),
-    ("softmax_hvp", lambda: (t(0, 3), t(0, 3)), ValueError, "'logits' is empty"),
-    ("softmax_hvp", lambda: (t(5, 3), t(5, 4)), ValueError, "'u' must have shape"),
-    ("softmax_hvp", lambda: (t(5, 3), t(2, 4, 3)), ValueError, "'u' must have shape"),
-    ("softmax_hvp", lambda: (t(5, 3), t(1, 2, 5, 3)), ValueError, "'u' must have shape"),
-    ("softmax_hvp", lambda: (t(5, 3), t(0, 5, 3)), ValueError, "'u' is empty"),
-    ("softmax_hvp", lambda: (i64(5, 3), t(5, 3)), TypeError, "'logits' must be a floating-point tensor"),
-    ("softmax_hvp", lambda: (t(5, 3), t(5, 3, dtype=F64)), TypeError, "'u' has dtype"),
-    ("softmax_hessian_sqrt", lambda: (t(2, 5, 3),), ValueError, "'logits' must have shape \\[N, C\\]"),
-    ("softmax_hessian_sqrt", lambda: (t(5, 0),), ValueError, "'logits' is empty"),
-    ("softmax_hessian_sqrt", lambda: (i64(5, 3),), TypeError, "'logits' must be a floating-point tensor"),
     ("cg_update_", lambda: (t(4, 2, 2), t(4, 2, 2), t(4, 2, 2), t(4, 2, 2), t(2)), ValueError,
      "'x' must have shape \\[P\\] or \\[P, K\\]"),
     ("cg_update_", lambda: (t(0), t(0), t(0), t(0), t(())), ValueError, "'x' is empty"),
@@ -515,8 +346,6 @@ def test_adjacent_views_of_one_buffer_do_not_overlap():
 def test_device_mismatch_is_named():
     """Any meta tensor sends the call to the fake kernel, which names the tensor on the other device."""
     f = torch.ops.fisherext
-    with pytest.raises(ValueError, match="'u' is on meta but 'logits' is on cpu"):
-        f.softmax_hvp(t(5, 3), t(5, 3).to("meta"))
     with pytest.raises(ValueError, match="'Ap' is on meta but 'x' is on cpu"):
         f.cg_update_(t(4), t(4), t(4), t(4).to("meta"), t(()))
     with pytest.raises(ValueError, match="'alpha' is on meta but 'x' is on cpu"):
@@ -528,8 +357,6 @@ def test_device_mismatch_is_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cross_device_is_named():
     f = torch.ops.fisherext
-    with pytest.raises(ValueError, match="'u' is on cpu"):
-        f.softmax_hvp(t(5, 3).cuda(), t(5, 3))
     with pytest.raises(ValueError, match="'alpha' is on cpu but 'x' is on cuda"):
         f.cg_update_(*(t(4).cuda() for _ in range(4)), t(()))
     with pytest.raises(ValueError, match="'inv_diag' is on cpu but 'p' is on cuda"):
@@ -539,8 +366,6 @@ def test_cross_device_is_named():
 
 
 def test_wrapper_rejects_non_tensors_and_bad_scalars():
-    with pytest.raises(TypeError, match="'u' must be a torch.Tensor"):
-        ops.softmax_hvp(t(5, 3), [[1.0, 2.0, 3.0]])
     with pytest.raises(TypeError, match="'inv_diag' must be a torch.Tensor"):
         ops.cg_update_(t(4), t(4), t(4), t(4), t(()), [1.0] * 4)
     with pytest.raises(TypeError, match="'alpha' must be a torch.Tensor"):

@@ -1,4 +1,4 @@
-"""K2 ops (perturb family): compiled op == pure-PyTorch twin == independent computation, opcheck, and bad
+"""fisherext.ops.perturb (kernel family K2): compiled op == pure-PyTorch twin == independent computation, opcheck, and bad
 input rejected with a clear error naming the op and the argument (wrapper, compiled op, fake kernel).
 
 Sizes cross the kernels' boundaries: CPU work items of 32768 elements; CUDA chunks of 65536 elements,
@@ -14,15 +14,8 @@ from torch.func import functional_call, jvp
 
 import fisherext.reference as ref
 from support import assert_close
-from support.opcheck import OVERLAP_PATHS, bad_input_test, views_of
+from support.opcheck import LOW, OVERLAP_PATHS, bad_input_test, opcheck_test, randn, t, views_of
 from fisherext import ops
-
-LOW = [torch.float16, torch.bfloat16]
-
-
-def randn(shape, dtype, device, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
 
 
 def list_and_flats(shapes, dtype, device, seed=0):
@@ -305,24 +298,31 @@ def test_fd_quad_perturbs_all_tensors_at_once(device):
 # opcheck, torch.compile, bad input
 
 
-def opcheck_cases(device):
-    f = torch.ops.fisherext
-    out, x, v = list_and_flats([(3, 4), (5,), (65537,)], torch.float32, device)
-    lp, lm, l0 = logits(9, 37, torch.float32, device, True)
-    return [
-        (f.unflatten_axpy_.default, (out, x, v, 0.5)),
-        (f.unflatten_axpy_.default, (out, x, None, 0.0)),
-        (f.fd_fisher_reduce.default, (lp, lm, l0, 0.1)),
-        (f.fd_fisher_reduce.default, (lp, lm, None, 0.1)),
-        (f.fd_fisher_reduce.default, (lp.half(), lm.half(), None, 0.1)),
-        (f.fd_fisher_reduce.default, (lp.clone().requires_grad_(), lm, l0, 0.1)),  # autograd registration
-    ]
+_f = torch.ops.fisherext
 
 
-@pytest.mark.parametrize("case", range(6))
-def test_opcheck(case, device):
-    op, args = opcheck_cases(device)[case]
-    torch.library.opcheck(op, args)
+def _list(device):
+    return list_and_flats([(3, 4), (5,), (65537,)], torch.float32, device)
+
+
+def _logits(device):
+    return logits(9, 37, torch.float32, device, True)
+
+
+OPCHECK_CASES = {
+    "unflatten_axpy_": lambda dev: (_f.unflatten_axpy_.default, (*_list(dev), 0.5)),
+    "unflatten_axpy_-copy": lambda dev: (_f.unflatten_axpy_.default, (*_list(dev)[:2], None, 0.0)),
+    "fd_fisher_reduce-base": lambda dev: (_f.fd_fisher_reduce.default, (*_logits(dev), 0.1)),
+    "fd_fisher_reduce": lambda dev: (_f.fd_fisher_reduce.default, (*_logits(dev)[:2], None, 0.1)),
+    "fd_fisher_reduce-f16": lambda dev: (_f.fd_fisher_reduce.default, (
+        *(z.half() for z in _logits(dev)[:2]), None, 0.1)),
+    # the autograd registration
+    "fd_fisher_reduce-requires-grad": lambda dev: (_f.fd_fisher_reduce.default, (
+        *(lambda lp, lm, l0: (lp.requires_grad_(), lm, l0))(*_logits(dev)), 0.1)),
+}
+
+
+test_opcheck = opcheck_test(OPCHECK_CASES)
 
 
 def test_compile_sees_fakes():
@@ -343,10 +343,6 @@ def test_compile_sees_fakes():
     for a, b in zip(compiled(p_compiled, saved, v, x), step(p_eager, saved, v, x)):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(p_compiled[0], p_eager[0])
-
-
-def t(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
 
 
 def ts(*sizes, dtype=torch.float32):
