@@ -1,4 +1,4 @@
-# Everything a fresh machine needs: `make test` (the test suite) and `make run` (the main job).
+# Everything a fresh machine needs: `make test` (the test suite and the API reference) and `make run` (the main job).
 # Both create .venv, install torch and build the extension (CUDA kernels too when nvcc is present).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +11,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test run bench clean
+.PHONY: install test docs run bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,17 @@ $(VENV)/.deps: pyproject.toml | $(PY)
 
 # Rebuilds the extension only when a source or build file changed.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,docs]'
 	touch $@
 
 install: $(VENV)/.built
 
-test: install
+test: install docs
 	$(PY) -m pytest -q tests
+
+# The API reference (docs/_build/html), warnings as errors; -E rereads every page so none is skipped.
+docs: install
+	$(PY) -m sphinx -E -q -W --keep-going -b html docs docs/_build/html
 
 run: install
 	$(PY) -m fisherext.experiments.demo
@@ -38,4 +42,4 @@ bench: install
 	$(PY) -m bench.run
 
 clean:
-	rm -rf build fisherext/_C*.so *.egg-info $(VENV)/.built
+	rm -rf build docs/_build fisherext/_C*.so *.egg-info $(VENV)/.built

@@ -7,10 +7,10 @@ product(s) of the mean loss's curvature with the same unit direction(s).
 
 - ``gradient``: one plain gradient of the mean loss (``autograd-loop``). The targets are stated as
   multiples of this time: exact HVP ≤ 3×, GGN-vector product ≤ 2.5×; read the ratio off the same run.
-- ``hvp``: ``fisherext.hvp(method="exact")`` against double backprop written by hand (``autograd-loop``),
+- ``hvp``: ``fisherext.hvp(curvature="hessian")`` against double backprop written by hand (``autograd-loop``),
   ``torch.func`` (a JVP of the gradient) and curvlinops' ``HessianLinearOperator``. With K = 16
   directions fisherext shares one graph across them; the baseline runs 16 separate double backprops.
-- ``ggn_vp``: ``fisherext.hvp(method="ggn")`` against ``torch.func`` (a JVP for J v, the softmax Hessian
+- ``ggn_vp``: ``fisherext.hvp(curvature="ggn")`` against ``torch.func`` (a JVP for J v, the softmax Hessian
   written out, a VJP), the double-VJP trick by hand (``autograd-loop``) and curvlinops'
   ``GGNLinearOperator``.
 
@@ -56,7 +56,7 @@ def gradient(model, x, y, V):
 # ---- Hessian-vector products ------------------------------------------------------------------------
 
 def fisherext_hvp(model, x, y, V):
-    return fisherext.hvp(model, F.cross_entropy, (x, y), V)
+    return fisherext.hvp(model, F.cross_entropy, (x, y), V.T).T  # columns in and out; the other impls take rows
 
 
 def double_backprop(model, x, y, V):
@@ -91,7 +91,7 @@ def curvlinops_hvp(model, x, y, V):
 # ---- GGN-vector products ----------------------------------------------------------------------------
 
 def fisherext_ggn(model, x, y, V):
-    return fisherext.hvp(model, F.cross_entropy, (x, y), V, method="ggn")
+    return fisherext.hvp(model, F.cross_entropy, (x, y), V.T, curvature="ggn").T
 
 
 def _softmax_hessian(out, u):

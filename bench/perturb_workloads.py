@@ -186,7 +186,7 @@ def loop_set_restore(model, v, eps):
 # ---- fd_directions: K directions in one batched pass ------------------------------------------------
 
 def fisherext_directions(model, x, V, eps):
-    return fisherext.fd_quadratic_directions(model, x, V, eps=eps)
+    return fisherext.fd_quadratic_directions(model, x, V.T, eps=eps).T  # the rows [K, P] as columns [P, K]
 
 
 def separate_calls(model, x, V, eps):

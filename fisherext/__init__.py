@@ -15,6 +15,7 @@ import torch  # noqa: F401  (must be imported before the extension is loaded)
 
 from . import experiments, gaussian, influence, linalg, ops, reference
 from ._core.params import flatten, unflatten
+from ._version import __version__
 from .capture import FisherMatrix, fisher, per_sample_fisher
 from .curvature import FisherOperator, GGNOperator, HessianOperator, hvp
 from .experiments import kl_vs_fisher
@@ -23,7 +24,6 @@ from .linalg import LinearOperator, linop, solvers, spectral
 from .ops import build_info
 from .perturb import fd_quadratic, fd_quadratic_directions, input_sensitivity, perturbed
 
-__version__ = "0.1.0"
 
 __all__ = [
     "FisherMatrix", "FisherOperator", "GGNOperator", "HessianOperator", "InfluenceFunctions", "LinearOperator",

@@ -41,6 +41,13 @@ Closed forms (derivations in the function docstrings)
   Hence :math:`F v` and :math:`\Delta^\top F\Delta` cost two triangular solves and are computed without
   forming F (``mvn_fisher_mv``, ``mvn_fisher_quad``); ``mvn_fisher`` builds the dense P×P matrix when
   it is wanted (212 MB in float64 at d = 100).
+- empirical: :math:`\hat F = \frac1n\sum_i g_i g_i^\top` from scores (``empirical_fisher``), and its
+  quadratic form from scores, from given samples, or from n fresh draws with its standard error
+  (``empirical_fisher_quad``, ``mvn_empirical_fisher_quad``, ``mvn_sampled_fisher_quad``), never forming
+  the n×P scores or the P×P matrix where they are not given.
+
+Randomness comes from a ``generator`` (a CPU ``torch.Generator``; None: the global one), drawn on the
+CPU so a seeded generator gives the same values on every device. Scalar results are 0-d tensors.
 
 What not to do (seed 000)
 -------------------------
@@ -57,16 +64,19 @@ from collections.abc import Iterable
 
 import torch
 
-from ._core.checks import check_choice
+from ._core.checks import check_choice, check_positive_int
 from ._core.entry import entry_point
 
+#: The univariate layouts: θ = (μ, σ) or θ = (μ, log σ).
 PARAMS = ("sigma", "log_sigma")
+#: The multivariate layouts of the diagonal of L in θ: raw :math:`L_{jj}` or :math:`\log L_{jj}`.
 DIAGS = ("raw", "log")
 
 __all__ = [
     "DIAGS", "PARAMS",
-    "empirical_fisher", "empirical_fisher_quad", "mvn_empirical_fisher_quad", "mvn_fisher", "mvn_fisher_mv", "mvn_fisher_quad",
-    "mvn_kl", "mvn_log_prob", "mvn_num_params", "mvn_pack", "mvn_score", "mvn_score_dot", "mvn_unpack",
+    "empirical_fisher", "empirical_fisher_quad", "mvn_empirical_fisher_quad", "mvn_fisher", "mvn_fisher_mv",
+    "mvn_fisher_quad", "mvn_kl", "mvn_log_prob", "mvn_num_params", "mvn_pack", "mvn_sampled_fisher_quad",
+    "mvn_score", "mvn_score_dot", "mvn_unpack",
     "random_mvn", "univariate_fisher", "univariate_kl", "univariate_log_prob", "univariate_pack",
     "univariate_score", "univariate_unpack",
 ]
@@ -101,7 +111,7 @@ def _check_sigma(name, sigma):
         raise ValueError(f"{name}: the standard deviation must be positive, got {sigma.detach().min().item()}")
 
 
-def check_mvn(mu, L, mu_name="mu", L_name="L"):
+def _check_mvn(mu, L, mu_name="mu", L_name="L"):
     """Validate (μ [d], L [d, d] lower triangular with a positive diagonal); return d."""
     if not isinstance(L, torch.Tensor) or not L.is_floating_point():
         raise TypeError(f"{L_name}: expected a floating-point tensor")
@@ -147,7 +157,20 @@ def _check_samples(x, d, like):
 
 @entry_point
 def univariate_pack(mu, sigma, param: str = "sigma") -> torch.Tensor:
-    """θ = (μ, σ) for ``param="sigma"``, θ = (μ, log σ) for ``param="log_sigma"``: Tensor [2]."""
+    r"""The parameter vector of :math:`\mathcal N(\mu, \sigma^2)`.
+
+    Args:
+        mu: the mean (a number or a one-element tensor).
+        sigma: the standard deviation σ > 0 (a number or a one-element tensor; its dtype wins).
+        param: ``"sigma"`` for θ = (μ, σ), ``"log_sigma"`` for θ = (μ, log σ).
+
+    Returns:
+        Tensor [2]: θ.
+
+    Raises:
+        TypeError: ``mu`` or ``sigma`` is neither a real number nor a floating-point tensor.
+        ValueError: σ is not finite and positive, or ``param`` is unknown.
+    """
     check_choice("param", param, PARAMS)
     sigma = _tensor("sigma", sigma)
     mu = _tensor("mu", mu, sigma)
@@ -158,7 +181,18 @@ def univariate_pack(mu, sigma, param: str = "sigma") -> torch.Tensor:
 
 @entry_point
 def univariate_unpack(theta: torch.Tensor, param: str = "sigma"):
-    """Inverse of ``univariate_pack``: (μ, σ)."""
+    """The inverse of :func:`univariate_pack`. Differentiable in θ.
+
+    Args:
+        theta: Tensor [2], θ = (μ, σ) or (μ, log σ).
+        param: ``"sigma"`` or ``"log_sigma"``, the layout of ``theta``.
+
+    Returns:
+        (μ, σ): two 0-d tensors.
+
+    Raises:
+        ValueError: ``theta`` is not a tensor of shape (2,), or ``param`` is unknown.
+    """
     check_choice("param", param, PARAMS)
     if not isinstance(theta, torch.Tensor) or theta.shape != (2,):
         raise ValueError(f"theta: expected a tensor of shape (2,), got {getattr(theta, 'shape', type(theta))}")
@@ -167,7 +201,22 @@ def univariate_unpack(theta: torch.Tensor, param: str = "sigma"):
 
 @entry_point
 def univariate_log_prob(x, mu, sigma) -> torch.Tensor:
-    r""":math:`\log p(x) = -\tfrac12\log 2\pi - \log\sigma - (x-\mu)^2 / (2\sigma^2)` (elementwise)."""
+    r"""The log-density of :math:`\mathcal N(\mu, \sigma^2)`, elementwise.
+
+    .. math:: \log p(x) = -\tfrac12\log 2\pi - \log\sigma - \frac{(x-\mu)^2}{2\sigma^2}
+
+    Args:
+        x: the points (a tensor of any shape, or a number).
+        mu: the mean (broadcast against ``x``).
+        sigma: the standard deviation σ > 0 (broadcast against ``x``).
+
+    Returns:
+        Tensor of the broadcast shape of ``x``, ``mu``, ``sigma``.
+
+    Raises:
+        TypeError: an argument is neither a real number nor a floating-point tensor.
+        ValueError: σ is not finite and positive.
+    """
     sigma = _tensor("sigma", sigma)
     mu = _tensor("mu", mu, sigma)
     x = _tensor("x", x, sigma)
@@ -177,10 +226,23 @@ def univariate_log_prob(x, mu, sigma) -> torch.Tensor:
 
 @entry_point
 def univariate_score(x, mu, sigma, param: str = "sigma") -> torch.Tensor:
-    r"""Per-sample score :math:`\nabla_\theta \log p(x)`: Tensor [*x.shape, 2].
+    r"""The per-sample score :math:`\nabla_\theta \log p(x)` of :math:`\mathcal N(\mu, \sigma^2)`.
 
     With :math:`u = (x-\mu)/\sigma`: :math:`\partial_\mu = u/\sigma`,
     :math:`\partial_\sigma = (u^2 - 1)/\sigma`, :math:`\partial_{\log\sigma} = u^2 - 1`.
+
+    Args:
+        x: the samples (any shape).
+        mu: the mean.
+        sigma: the standard deviation σ > 0.
+        param: ``"sigma"`` for θ = (μ, σ), ``"log_sigma"`` for θ = (μ, log σ).
+
+    Returns:
+        Tensor [\*x.shape, 2]: the score of each sample in the θ layout.
+
+    Raises:
+        TypeError: an argument is neither a real number nor a floating-point tensor.
+        ValueError: σ is not finite and positive, or ``param`` is unknown.
     """
     check_choice("param", param, PARAMS)
     sigma = _tensor("sigma", sigma)
@@ -196,12 +258,25 @@ def univariate_score(x, mu, sigma, param: str = "sigma") -> torch.Tensor:
 
 @entry_point
 def univariate_fisher(mu, sigma, param: str = "sigma") -> torch.Tensor:
-    r"""Exact Fisher information of one draw from :math:`\mathcal N(\mu, \sigma^2)`: Tensor [2, 2].
+    r"""The exact Fisher information of one draw from :math:`\mathcal N(\mu, \sigma^2)`.
 
-    :math:`F = \mathbb E[g g^\top]` with the score of ``univariate_score``:
+    :math:`F = \mathbb E[g g^\top]` with the score of :func:`univariate_score`:
     :math:`\mathbb E[u^2] = 1`, :math:`\mathbb E[u(u^2-1)] = 0`, :math:`\mathbb E[(u^2-1)^2] = 2`, so
     :math:`F_{(\mu,\sigma)} = \mathrm{diag}(1/\sigma^2,\ 2/\sigma^2)` and
-    :math:`F_{(\mu,\log\sigma)} = \mathrm{diag}(1/\sigma^2,\ 2)` (independent of μ).
+    :math:`F_{(\mu,\log\sigma)} = \mathrm{diag}(1/\sigma^2,\ 2)` (independent of μ). It is the Fisher of
+    one observation; n independent draws carry n F.
+
+    Args:
+        mu: the mean (unused by the value, checked for type).
+        sigma: the standard deviation σ > 0, a scalar.
+        param: ``"sigma"`` or ``"log_sigma"``, the coordinates of F.
+
+    Returns:
+        Tensor [2, 2]: F.
+
+    Raises:
+        TypeError: ``mu`` or ``sigma`` is neither a real number nor a floating-point tensor.
+        ValueError: σ is not a finite positive scalar, or ``param`` is unknown.
     """
     check_choice("param", param, PARAMS)
     sigma = _tensor("sigma", sigma)
@@ -217,7 +292,8 @@ def univariate_fisher(mu, sigma, param: str = "sigma") -> torch.Tensor:
 
 @entry_point
 def univariate_kl(mu0, sigma0, mu1, sigma1) -> torch.Tensor:
-    r""":math:`\mathrm{KL}(\mathcal N(\mu_0,\sigma_0^2)\,\|\,\mathcal N(\mu_1,\sigma_1^2))` (elementwise).
+    r"""The KL divergence of two univariate normals, elementwise:
+    :math:`\mathrm{KL}(\mathcal N(\mu_0,\sigma_0^2)\,\|\,\mathcal N(\mu_1,\sigma_1^2))`.
 
     .. math:: \log\frac{\sigma_1}{\sigma_0} + \frac{\sigma_0^2 + (\mu_0-\mu_1)^2}{2\sigma_1^2} - \frac12
               = \tfrac12\big[e^2 + 2(e - \mathrm{log1p}(e)) + ((\mu_1-\mu_0)/\sigma_1)^2\big],
@@ -225,6 +301,19 @@ def univariate_kl(mu0, sigma0, mu1, sigma1) -> torch.Tensor:
 
     the right-hand form avoiding the cancellation of the left one for nearby distributions (the KL is
     accurate to relative precision even when it is 1e-12).
+
+    Args:
+        mu0: the mean of the first normal.
+        sigma0: its standard deviation (> 0; its dtype wins for Python numbers).
+        mu1: the mean of the second normal.
+        sigma1: its standard deviation (> 0).
+
+    Returns:
+        Tensor of the broadcast shape of the arguments (0-d for scalars).
+
+    Raises:
+        TypeError: an argument is neither a real number nor a floating-point tensor.
+        ValueError: a standard deviation is not finite and positive.
     """
     sigma0 = _tensor("sigma0", sigma0)
     sigma1 = _tensor("sigma1", sigma1, sigma0)
@@ -242,7 +331,14 @@ def univariate_kl(mu0, sigma0, mu1, sigma1) -> torch.Tensor:
 
 @entry_point
 def mvn_num_params(d: int) -> int:
-    """P = d + d(d+1)/2: μ plus the lower triangle of L."""
+    """The number of parameters of a d-dimensional normal in the θ layout.
+
+    Args:
+        d: the dimension.
+
+    Returns:
+        P = d + d(d+1)/2 (μ plus the lower triangle of L), a Python int (a size, not a computed value).
+    """
     return d + d * (d + 1) // 2
 
 
@@ -253,9 +349,23 @@ def _tril(d, device):
 
 @entry_point
 def mvn_pack(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tensor:
-    """θ = concat(μ, L[tril_indices]) with the diagonal of L raw or logged (module docstring): Tensor [P]."""
+    """The parameter vector θ = (μ, tril(L)) of :math:`\\mathcal N(\\mu, LL^\\top)` (module docstring).
+
+    Args:
+        mu: the mean [d].
+        L: the Cholesky factor [d, d]: lower triangular with a positive diagonal.
+        diag: ``"raw"`` (the diagonal coordinates are :math:`L_{jj}`) or ``"log"`` (:math:`\\log L_{jj}`).
+
+    Returns:
+        Tensor [P]: μ followed by the lower-triangular entries of L in ``torch.tril_indices`` order.
+
+    Raises:
+        TypeError: ``mu`` or ``L`` is not a floating-point tensor.
+        ValueError: the shapes do not match, the entries are not finite, L is not lower triangular with
+            a positive diagonal, or ``diag`` is unknown.
+    """
     check_choice("diag", diag, DIAGS)
-    d = check_mvn(mu, L)
+    d = _check_mvn(mu, L)
     rows, cols, on_diag = _tril(d, L.device)
     ell = L[rows, cols]
     if diag == "log":
@@ -265,7 +375,21 @@ def mvn_pack(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tens
 
 @entry_point
 def mvn_unpack(theta: torch.Tensor, d: int, diag: str = "raw"):
-    """Inverse of ``mvn_pack``: (μ [d], L [d, d]). Differentiable in θ."""
+    """The inverse of :func:`mvn_pack`. Differentiable in θ.
+
+    Args:
+        theta: Tensor [P], P = :func:`mvn_num_params` (d).
+        d: the dimension.
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates of ``theta``.
+
+    Returns:
+        (μ [d], L [d, d]). With ``diag="raw"`` the diagonal of L is whatever θ holds: it is a Cholesky
+        factor only where those entries are positive.
+
+    Raises:
+        ValueError: ``d`` is not a positive int, ``theta`` not a floating-point tensor of shape (P,), or
+            ``diag`` is unknown.
+    """
     check_choice("diag", diag, DIAGS)
     if not isinstance(d, int) or d < 1:
         raise ValueError(f"d: expected a positive int, got {d!r}")
@@ -281,16 +405,32 @@ def mvn_unpack(theta: torch.Tensor, d: int, diag: str = "raw"):
     return theta[:d], L
 
 
-def tri_solve(L, B):
+def _tri_solve(L, B):
     """L⁻¹ B for lower-triangular L."""
     return torch.linalg.solve_triangular(L, B, upper=False)
 
 
 @entry_point
 def random_mvn(d: int, *, generator: torch.Generator | None = None, dtype=torch.float64, device=None):
-    r"""A well-conditioned random (μ, L): μ ~ N(0, I), :math:`\Sigma = AA^\top/(2d) + \tfrac12 I` with
-    A ~ N(0, 1)^{d×2d} (for large d the eigenvalues of Σ fill about [0.59, 3.4]; all ≥ ½ for any d),
-    L = cholesky(Σ)."""
+    r"""A well-conditioned random normal (μ, L).
+
+    :math:`\mu \sim \mathcal N(0, I)`, :math:`\Sigma = AA^\top/(2d) + \tfrac12 I` with
+    :math:`A \sim \mathcal N(0, 1)^{d\times 2d}` (for large d the eigenvalues of Σ fill about
+    [0.59, 3.4]; all ≥ ½ for any d), L = cholesky(Σ).
+
+    Args:
+        d: the dimension.
+        generator: the source of randomness (a CPU generator; None: the global generator). The draws are
+            made on the CPU and moved, so a seeded generator gives the same normal on every device.
+        dtype: the floating-point dtype.
+        device: where the result lives.
+
+    Returns:
+        (μ [d], L [d, d]).
+
+    Raises:
+        ValueError: ``d`` is not a positive int.
+    """
     if not isinstance(d, int) or d < 1:
         raise ValueError(f"d: expected a positive int, got {d!r}")
     mu = torch.randn(d, generator=generator, dtype=dtype)
@@ -302,17 +442,32 @@ def random_mvn(d: int, *, generator: torch.Generator | None = None, dtype=torch.
 
 @entry_point
 def mvn_log_prob(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log p(x) = -\tfrac d2\log 2\pi - \sum_j \log L_{jj} - \tfrac12\|z\|^2`,
-    :math:`z = L^{-1}(x-\mu)`: Tensor [*x.shape[:-1]]."""
-    d = check_mvn(mu, L)
+    r"""The log-density of :math:`\mathcal N(\mu, LL^\top)`.
+
+    .. math:: \log p(x) = -\tfrac d2\log 2\pi - \sum_j \log L_{jj} - \tfrac12\|z\|^2,
+              \qquad z = L^{-1}(x-\mu).
+
+    Args:
+        x: the points [..., d].
+        mu: the mean [d].
+        L: the Cholesky factor [d, d].
+
+    Returns:
+        Tensor [\*x.shape[:-1]].
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: the shapes do not match, or (μ, L) is not a valid normal (see :func:`mvn_pack`).
+    """
+    d = _check_mvn(mu, L)
     x = _check_samples(x, d, L)
-    z = tri_solve(L, (x - mu).reshape(-1, d).T).T.reshape(x.shape)
+    z = _tri_solve(L, (x - mu).reshape(-1, d).T).T.reshape(x.shape)
     return -0.5 * d * _LOG_2PI - torch.log(torch.diagonal(L)).sum() - 0.5 * (z * z).sum(-1)
 
 
 @entry_point
 def mvn_score(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tensor:
-    r"""Per-sample score :math:`g_i = \nabla_\theta \log p(x_i)` in the θ layout: Tensor [n, P].
+    r"""The per-sample scores :math:`g_i = \nabla_\theta \log p(x_i)` in the θ layout.
 
     With :math:`z = L^{-1}(x-\mu)` and :math:`w = L^{-\top} z = \Sigma^{-1}(x-\mu)`:
 
@@ -322,13 +477,26 @@ def mvn_score(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, diag: str = "r
       :math:`w_i z_j - \delta_{ij}/L_{jj}` (:math:`L^{-\top}` is upper triangular with diagonal
       :math:`1/L_{jj}`); for ``diag="log"`` the diagonal entries are multiplied by :math:`L_{jj}`.
 
-    Built entry-wise on the tril indices (never an n×d×d intermediate). ``x``: [n, d] (or [d]).
+    Built entry-wise on the tril indices (never an n×d×d intermediate).
+
+    Args:
+        x: the samples [n, d] (or one sample [d]).
+        mu: the mean [d].
+        L: the Cholesky factor [d, d].
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates.
+
+    Returns:
+        Tensor [n, P]: row i is :math:`g_i`.
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: the shapes do not match, (μ, L) is not a valid normal, or ``diag`` is unknown.
     """
     check_choice("diag", diag, DIAGS)
-    d = check_mvn(mu, L)
+    d = _check_mvn(mu, L)
     x = _check_samples(x, d, L)
     x = x.reshape(-1, d)
-    z = tri_solve(L, (x - mu).T)                                  # [d, n]
+    z = _tri_solve(L, (x - mu).T)                                  # [d, n]
     w = torch.linalg.solve_triangular(L.T, z, upper=True).T    # [n, d]
     z = z.T
     rows, cols, on_diag = _tril(d, L.device)
@@ -339,7 +507,7 @@ def mvn_score(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, diag: str = "r
     return torch.cat([w, dL], dim=1)
 
 
-def split_delta(delta, mu, L, diag):
+def _split_delta(delta, mu, L, diag):
     """Δ [..., P] → (Δμ [..., d], ΔL [..., d, d]) in raw-L coordinates (log diagonal: ΔL_jj = L_jj Δθ_jj)."""
     d = L.shape[0]
     rows, cols, on_diag = _tril(d, L.device)
@@ -351,9 +519,16 @@ def split_delta(delta, mu, L, diag):
     return delta[..., :d], dL
 
 
+def _whitened_delta(delta, mu, L, diag):
+    """(a, A) = (L⁻¹Δμ [..., d], L⁻¹ΔL [..., d, d]): the step in the whitened coordinates of the closed
+    forms."""
+    dmu, dL = _split_delta(delta, mu, L, diag)
+    return _tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1), _tri_solve(L, dL)
+
+
 @entry_point
 def mvn_fisher_quad(mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor, diag: str = "raw") -> torch.Tensor:
-    r"""Exact :math:`\Delta^\top F \Delta` without forming F (no ½ here): Tensor [*delta.shape[:-1]].
+    r"""The exact Fisher quadratic form :math:`\Delta^\top F \Delta` without forming F (no ½ here).
 
     For the μ part :math:`\Delta_\mu^\top\Sigma^{-1}\Delta_\mu = \|L^{-1}\Delta_\mu\|^2`. For the L part
     the Gaussian Fisher quadratic is :math:`\tfrac12\mathrm{tr}(\Sigma^{-1}d\Sigma\,\Sigma^{-1}d\Sigma)`
@@ -363,33 +538,60 @@ def mvn_fisher_quad(mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor, diag
     .. math:: \tfrac12\|A + A^\top\|_F^2 = \|A\|_F^2 + \mathrm{tr}(A^2) = \|A\|_F^2 + \sum_j A_{jj}^2 .
 
     The μ–L cross term is zero. For ``diag="log"`` the diagonal coordinates are first mapped by the
-    chain rule, :math:`\Delta_{L,jj} = L_{jj}\Delta\theta_{jj}`. Cost: two triangular solves.
+    chain rule, :math:`\Delta_{L,jj} = L_{jj}\Delta\theta_{jj}`. Cost: two triangular solves. F is the
+    Fisher of one draw.
+
+    Args:
+        mu: the mean [d].
+        L: the Cholesky factor [d, d].
+        delta: one step [P], or a batch of steps [..., P] (each evaluated separately).
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates.
+
+    Returns:
+        Tensor [\*delta.shape[:-1]]: 0-d for one step.
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: ``delta`` does not end in P or has non-finite entries, (μ, L) is not a valid normal,
+            or ``diag`` is unknown.
     """
     check_choice("diag", diag, DIAGS)
-    d = check_mvn(mu, L)
+    d = _check_mvn(mu, L)
     delta = _check_vector("delta", delta, mvn_num_params(d), L)
-    dmu, dL = split_delta(delta, mu, L, diag)
-    a = tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1)
-    A = tri_solve(L, dL)
+    a, A = _whitened_delta(delta, mu, L, diag)
     Ad = torch.diagonal(A, dim1=-2, dim2=-1)
     return (a * a).sum(-1) + (A * A).sum((-2, -1)) + (Ad * Ad).sum(-1)
 
 
 @entry_point
 def mvn_fisher_mv(mu: torch.Tensor, L: torch.Tensor, v: torch.Tensor, diag: str = "raw") -> torch.Tensor:
-    r"""Exact Fisher-vector product :math:`F v` without forming F: Tensor [..., P].
+    r"""The exact Fisher-vector product :math:`F v` without forming F.
 
     μ part :math:`\Sigma^{-1}v_\mu`; L part (raw diagonal, V the lower-triangular matrix of
     :math:`v_L`): :math:`\mathrm{tril}(\Sigma^{-1}V) + \mathrm{diag}(V_{jj}/L_{jj}^2)`, which is the
-    polarization of ``mvn_fisher_quad``. ``diag="log"`` applies the chain-rule factor
+    polarization of :func:`mvn_fisher_quad`. ``diag="log"`` applies the chain-rule factor
     :math:`D = \mathrm{diag}(1,\dots,L_{jj},\dots)` on both sides (:math:`F_{\log} = D F_{\rm raw} D`).
+
+    Args:
+        mu: the mean [d].
+        L: the Cholesky factor [d, d].
+        v: one vector [P], or a batch [..., P] (each multiplied separately).
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates.
+
+    Returns:
+        Tensor [..., P], shaped like ``v``.
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: ``v`` does not end in P or has non-finite entries, (μ, L) is not a valid normal, or
+            ``diag`` is unknown.
     """
     check_choice("diag", diag, DIAGS)
-    d = check_mvn(mu, L)
+    d = _check_mvn(mu, L)
     v = _check_vector("v", v, mvn_num_params(d), L)
-    vmu, V = split_delta(v, mu, L, diag)
-    out_mu = torch.linalg.solve_triangular(L.T, tri_solve(L, vmu.unsqueeze(-1)), upper=True).squeeze(-1)
-    SV = torch.linalg.solve_triangular(L.T, tri_solve(L, V), upper=True)   # Σ⁻¹ V
+    vmu, V = _split_delta(v, mu, L, diag)
+    out_mu = torch.linalg.solve_triangular(L.T, _tri_solve(L, vmu.unsqueeze(-1)), upper=True).squeeze(-1)
+    SV = torch.linalg.solve_triangular(L.T, _tri_solve(L, V), upper=True)   # Σ⁻¹ V
     rows, cols, on_diag = _tril(d, L.device)
     Ldiag = torch.diagonal(L)
     Ld = Ldiag[cols]
@@ -401,7 +603,7 @@ def mvn_fisher_mv(mu: torch.Tensor, L: torch.Tensor, v: torch.Tensor, diag: str 
 
 @entry_point
 def mvn_fisher(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Tensor:
-    r"""Exact dense Fisher information of θ = (μ, tril(L)) for one draw: Tensor [P, P].
+    r"""The exact dense Fisher information of θ = (μ, tril(L)) for one draw.
 
     .. math::
         F = \begin{pmatrix}\Sigma^{-1} & 0\\ 0 & F_{LL}\end{pmatrix},\qquad
@@ -422,13 +624,25 @@ def mvn_fisher(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Te
 
     The matrix is assembled one column of L at a time (d block writes, no loop over entries); at
     d = 100 it is 5150² float64 = 212 MB. When only :math:`F v` or :math:`\Delta^\top F\Delta` is
-    needed, use ``mvn_fisher_mv`` / ``mvn_fisher_quad``.
+    needed, use :func:`mvn_fisher_mv` / :func:`mvn_fisher_quad`.
+
+    Args:
+        mu: the mean [d].
+        L: the Cholesky factor [d, d].
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates.
+
+    Returns:
+        Tensor [P, P]: F, symmetric positive definite.
+
+    Raises:
+        TypeError: ``mu`` or ``L`` is not a floating-point tensor.
+        ValueError: (μ, L) is not a valid normal (see :func:`mvn_pack`), or ``diag`` is unknown.
     """
     check_choice("diag", diag, DIAGS)
-    d = check_mvn(mu, L)
+    d = _check_mvn(mu, L)
     P = mvn_num_params(d)
     eye = torch.eye(d, dtype=L.dtype, device=L.device)
-    Linv = tri_solve(L, eye)
+    Linv = _tri_solve(L, eye)
     Sinv = Linv.T @ Linv
     Sinv = 0.5 * (Sinv + Sinv.T)
     F = torch.zeros(P, P, dtype=L.dtype, device=L.device)
@@ -452,7 +666,8 @@ def mvn_fisher(mu: torch.Tensor, L: torch.Tensor, diag: str = "raw") -> torch.Te
 
 @entry_point
 def mvn_kl(mu0: torch.Tensor, L0: torch.Tensor, mu1: torch.Tensor, L1: torch.Tensor) -> torch.Tensor:
-    r""":math:`\mathrm{KL}(\mathcal N(\mu_0, L_0L_0^\top)\,\|\,\mathcal N(\mu_1, L_1L_1^\top))`: scalar.
+    r"""The KL divergence of two multivariate normals:
+    :math:`\mathrm{KL}(\mathcal N(\mu_0, L_0L_0^\top)\,\|\,\mathcal N(\mu_1, L_1L_1^\top))`.
 
     .. math::
         \tfrac12\big[\mathrm{tr}(\Sigma_1^{-1}\Sigma_0) + (\mu_1-\mu_0)^\top\Sigma_1^{-1}(\mu_1-\mu_0)
@@ -466,40 +681,74 @@ def mvn_kl(mu0: torch.Tensor, L0: torch.Tensor, mu1: torch.Tensor, L1: torch.Ten
 
     .. math:: \mathrm{KL} = \tfrac12\Big[\sum_{i\ne j}D_{ij}^2 + \sum_j\big(D_{jj}^2 + 2(D_{jj}
               - \mathrm{log1p}(D_{jj}))\big) + \|z\|^2\Big].
+
+    Args:
+        mu0: the mean of the first normal [d].
+        L0: its Cholesky factor [d, d].
+        mu1: the mean of the second normal [d].
+        L1: its Cholesky factor [d, d] (same dtype and device as ``L0``).
+
+    Returns:
+        0-d tensor: the KL divergence.
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: a pair is not a valid normal (see :func:`mvn_pack`), or the two differ in dimension,
+            dtype or device.
     """
-    d = check_mvn(mu0, L0, "mu0", "L0")
-    d1 = check_mvn(mu1, L1, "mu1", "L1")
+    d = _check_mvn(mu0, L0, "mu0", "L0")
+    d1 = _check_mvn(mu1, L1, "mu1", "L1")
     if d1 != d:
         raise ValueError(f"L1: dimension {d1} differs from L0's {d}")
     if L1.dtype != L0.dtype or L1.device != L0.device:
         raise ValueError(f"L1: dtype/device {L1.dtype}/{L1.device} differ from L0's {L0.dtype}/{L0.device}")
-    D = tri_solve(L1, L0 - L1)
-    z = tri_solve(L1, (mu1 - mu0).unsqueeze(-1)).squeeze(-1)
+    D = _tri_solve(L1, L0 - L1)
+    z = _tri_solve(L1, (mu1 - mu0).unsqueeze(-1)).squeeze(-1)
     e = torch.diagonal(D)
     off = (D * D).sum() - (e * e).sum()
     return 0.5 * (off + (e * e + 2.0 * (e - torch.log1p(e))).sum() + (z * z).sum())
 
 
+
 @entry_point
 def mvn_score_dot(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor,
                   diag: str = "raw") -> torch.Tensor:
-    r"""Per-sample directional derivative :math:`g_i^\top\Delta` without forming the scores: Tensor [n].
+    r"""The per-sample directional derivatives :math:`g_i^\top\Delta` without forming the scores.
 
     With :math:`z_i = L^{-1}(x_i-\mu)`, :math:`a = L^{-1}\Delta_\mu`, :math:`A = L^{-1}\Delta_L`:
     :math:`g_i^\top\Delta = a^\top z_i + z_i^\top A z_i - \mathrm{tr}(A)` (the L part is
     :math:`\langle L^{-\top}(z z^\top - I), \Delta_L\rangle`). O(n d²), no n×P array.
+
+    Args:
+        x: the samples [n, d] (or one sample [d]).
+        mu: the mean [d].
+        L: the Cholesky factor [d, d].
+        delta: one direction [P].
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates.
+
+    Returns:
+        Tensor [n].
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: the shapes do not match (``delta`` must be one vector [P]), the entries are not
+            finite, (μ, L) is not a valid normal, or ``diag`` is unknown.
     """
     check_choice("diag", diag, DIAGS)
-    d = check_mvn(mu, L)
+    d = _check_mvn(mu, L)
     x = _check_samples(x, d, L).reshape(-1, d)
-    delta = _check_vector("delta", delta, mvn_num_params(d), L)
+    delta = _check_direction(delta, d, L)
+    a, A = _whitened_delta(delta, mu, L, diag)
+    z = _tri_solve(L, (x - mu).T).T                                  # [n, d]
+    return z @ a + ((z @ A.T) * z).sum(-1) - torch.diagonal(A).sum()
+
+
+def _check_direction(delta, d, like):
+    """One step [P] (not a batch) for the sample-based quadratics."""
+    delta = _check_vector("delta", delta, mvn_num_params(d), like)
     if delta.dim() != 1:
         raise ValueError(f"delta: expected a single vector [P], got shape {tuple(delta.shape)}")
-    dmu, dL = split_delta(delta, mu, L, diag)
-    a = tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1)
-    A = tri_solve(L, dL)
-    z = tri_solve(L, (x - mu).T).T                                  # [n, d]
-    return z @ a + ((z @ A.T) * z).sum(-1) - torch.diagonal(A).sum()
+    return delta
 
 
 # ----------------------------------------------------------------------------------- empirical
@@ -507,10 +756,10 @@ def mvn_score_dot(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, delta: tor
 
 @entry_point
 def empirical_fisher(scores: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
-    r"""Empirical Fisher :math:`\hat F = \frac1n\sum_i g_i g_i^\top` from per-sample scores: Tensor [P, P].
+    r"""The empirical Fisher :math:`\hat F = \frac1n\sum_i g_i g_i^\top` from per-sample scores.
 
-    ``scores`` is a tensor [n, P] (row i is :math:`g_i`) or an iterable of such chunks (streamed; the
-    chunks are accumulated as :math:`G_k^\top G_k`, one GEMM each, so no n×P×P tensor is ever built).
+    The chunks are accumulated as :math:`G_k^\top G_k`, one GEMM each, so no n×P×P tensor is ever built;
+    the normalization is the mean over all n samples.
 
     Not to be confused with seed 000's :math:`\frac1n(\sum_i g_i)(\sum_i g_i)^\top` (outer product of
     the summed gradient, what ``log_prob(samples).sum().backward()`` followed by an outer product
@@ -519,6 +768,17 @@ def empirical_fisher(scores: torch.Tensor | Iterable[torch.Tensor]) -> torch.Ten
     (KL/quadratic ratios from 0.4 to 100, 10-90% range, over random directions at d = 10, n = 10⁴),
     and it is 0 in every direction orthogonal to :math:`\sum_i g_i`. The outer product of the *mean*
     gradient, :math:`\bar g\bar g^\top`, is worse still: about F/n.
+
+    Args:
+        scores: a tensor [n, P] (row i is :math:`g_i`, e.g. from :func:`mvn_score`) or an iterable of
+            such chunks (streamed).
+
+    Returns:
+        Tensor [P, P]: :math:`\hat F`.
+
+    Raises:
+        ValueError: a chunk is not a floating-point [n, P] tensor, the chunks differ in P, or there are
+            no samples.
     """
     chunks = [scores] if isinstance(scores, torch.Tensor) else scores
     total, n = None, 0
@@ -539,8 +799,22 @@ def empirical_fisher(scores: torch.Tensor | Iterable[torch.Tensor]) -> torch.Ten
 
 @entry_point
 def empirical_fisher_quad(scores: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    r""":math:`\Delta^\top\hat F\Delta = \frac1n\sum_i (g_i^\top\Delta)^2` without forming :math:`\hat F`
-    (no ½ here). ``scores`` [n, P], ``delta`` [P] or [K, P] → scalar or [K]."""
+    r"""The empirical Fisher quadratic form without forming :math:`\hat F` (no ½ here).
+
+    .. math:: \Delta^\top\hat F\Delta = \frac1n\sum_i (g_i^\top\Delta)^2
+
+    Args:
+        scores: the per-sample scores [n, P], n ≥ 1.
+        delta: one step [P], or K steps as the rows of [K, P] (each evaluated separately).
+
+    Returns:
+        0-d tensor for one step, Tensor [K] for K.
+
+    Raises:
+        TypeError: ``delta`` is not a tensor.
+        ValueError: ``scores`` is not a non-empty [n, P], or ``delta`` does not end in P or has
+            non-finite entries.
+    """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] == 0:
         raise ValueError(f"scores: expected a non-empty tensor [n, P], got {getattr(scores, 'shape', type(scores))}")
     delta = _check_vector("delta", delta, scores.shape[1], scores)
@@ -550,27 +824,96 @@ def empirical_fisher_quad(scores: torch.Tensor, delta: torch.Tensor) -> torch.Te
 @entry_point
 def mvn_empirical_fisher_quad(x: torch.Tensor, mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor,
                               diag: str = "raw", chunk_size: int = 65536) -> torch.Tensor:
-    r""":math:`\Delta^\top\hat F\Delta = \frac1n\sum_i (g_i^\top\Delta)^2` for samples ``x`` [n, d],
-    from ``mvn_score_dot`` in chunks (never the n×P scores nor the P×P matrix)."""
-    return _empirical_quad_stats(lambda s, e: x[s:e], x.shape[0], mu, L, delta, diag, chunk_size)[0]
+    r"""The empirical Fisher quadratic form of a normal from given samples (no ½ here).
 
+    .. math:: \Delta^\top\hat F\Delta = \frac1n\sum_i (g_i^\top\Delta)^2
 
-def _empirical_quad_stats(get_chunk, n, mu, L, delta, diag, chunk_size):
-    """(mean of (gᵀΔ)², its standard error) over n samples x given chunk-wise."""
-    if n < 2:
-        raise ValueError(f"n: need at least 2 samples, got {n}")
-    dmu, dL = split_delta(delta, mu, L, diag)
-    a = tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1)
-    A = tri_solve(L, dL)
+    with :math:`g_i^\top\Delta` as in :func:`mvn_score_dot`, in chunks of ``chunk_size`` samples (never
+    the n×P scores nor the P×P matrix).
+
+    Args:
+        x: the samples [n, d], n ≥ 1.
+        mu: the mean [d].
+        L: the Cholesky factor [d, d].
+        delta: one step [P].
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates.
+        chunk_size: samples per chunk.
+
+    Returns:
+        0-d tensor: :math:`\Delta^\top\hat F\Delta`.
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: the shapes do not match (``delta`` must be one vector [P]), there are no samples,
+            the entries are not finite, (μ, L) is not a valid normal, ``diag`` is unknown, or
+            ``chunk_size`` is not a positive int.
+    """
+    check_choice("diag", diag, DIAGS)
+    d = _check_mvn(mu, L)
+    x = _check_samples(x, d, L).reshape(-1, d)
+    if x.shape[0] == 0:
+        raise ValueError("x: no samples")
+    delta = _check_direction(delta, d, L)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
 
     def whitened(start, stop):
-        return tri_solve(L, (get_chunk(start, stop) - mu).T).T
+        return _tri_solve(L, (x[start:stop] - mu).T).T
 
-    return whitened_quad_stats(whitened, n, a, A, chunk_size)
+    return _whitened_quad_stats(whitened, x.shape[0], _whitened_delta(delta, mu, L, diag), chunk_size)[0]
 
 
-def whitened_quad_stats(get_z, n, a, A, chunk_size):
-    """Mean and standard error of q_i = (aᵀz_i + z_iᵀAz_i − tr A)² over whitened z_i = L⁻¹(x_i − μ)."""
+@entry_point
+def mvn_sampled_fisher_quad(mu: torch.Tensor, L: torch.Tensor, delta: torch.Tensor, n: int, diag: str = "raw", *,
+                            generator: torch.Generator | None = None,
+                            chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The empirical Fisher quadratic form over n fresh draws of the normal, with its standard error.
+
+    .. math:: \Delta^\top\hat F\Delta = \frac1n\sum_{i=1}^n q_i, \qquad
+              q_i = (g_i^\top\Delta)^2 = (a^\top z_i + z_i^\top A z_i - \mathrm{tr}A)^2,
+
+    for :math:`x_i = \mu + L z_i`, :math:`z_i \sim \mathcal N(0, I)`, with :math:`a = L^{-1}\Delta_\mu`
+    and :math:`A = L^{-1}\Delta_L` (:func:`mvn_score_dot`): the whitened :math:`z_i = L^{-1}(x_i-\mu)`
+    that the score needs are drawn directly, in chunks, so neither the samples, the n×P scores nor the
+    P×P matrix are held. The standard error is :math:`\sqrt{s^2/n}` with :math:`s^2` the unbiased sample
+    variance of the :math:`q_i` (relative error :math:`\approx\sqrt{2/n}` when :math:`g^\top\Delta` is
+    close to Gaussian). The expectation is the exact :func:`mvn_fisher_quad`.
+
+    Args:
+        mu: the mean [d].
+        L: the Cholesky factor [d, d].
+        delta: one step [P].
+        n: the number of draws, ≥ 2.
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates.
+        generator: the source of randomness (a CPU generator; None: the global generator). The draws are
+            made on the CPU, chunk after chunk, and moved to L's device, so a seeded generator gives the
+            same samples on every device.
+        chunk_size: draws per chunk (default: about 4M numbers, at least 1024 draws).
+
+    Returns:
+        (quad, standard_error): two 0-d tensors.
+
+    Raises:
+        TypeError: an argument is not a floating-point tensor.
+        ValueError: ``n`` is not an int ≥ 2, ``delta`` is not one finite vector [P], (μ, L) is not a
+            valid normal, ``diag`` is unknown, or ``chunk_size`` is not a positive int.
+    """
+    check_choice("diag", diag, DIAGS)
+    d = _check_mvn(mu, L)
+    delta = _check_direction(delta, d, L)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n: expected an int >= 2, got {n!r}")
+    chunk_size = check_positive_int("chunk_size", chunk_size, optional=True) or max(1024, (1 << 22) // d)
+
+    def draw(start, stop):
+        return torch.randn(stop - start, d, generator=generator, dtype=L.dtype).to(L.device)
+
+    return _whitened_quad_stats(draw, n, _whitened_delta(delta, mu, L, diag), chunk_size)
+
+
+def _whitened_quad_stats(get_z, n, whitened_delta, chunk_size):
+    """Mean and standard error of q_i = (aᵀz_i + z_iᵀAz_i − tr A)² over the whitened z_i = L⁻¹(x_i − μ)
+    given chunk-wise by get_z(start, stop), (a, A) = whitened_delta."""
+    a, A = whitened_delta
     s1 = torch.zeros((), dtype=A.dtype, device=A.device)
     s2 = torch.zeros((), dtype=A.dtype, device=A.device)
     trA = torch.diagonal(A).sum()
@@ -582,5 +925,5 @@ def whitened_quad_stats(get_z, n, a, A, chunk_size):
         s1 += q.sum()
         s2 += q.dot(q)
     mean = s1 / n
-    var = (s2 / n - mean * mean) * n / (n - 1)
+    var = (s2 / n - mean * mean) * n / max(n - 1, 1)
     return mean, torch.sqrt(var.clamp_min(0) / n)

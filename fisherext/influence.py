@@ -15,8 +15,8 @@ minimizes :math:`L + \frac\lambda2\|\theta\|^2` (so H + λI is that objective's 
 :math:`z_i` is ε = −1/N, so it changes the test loss by :math:`\approx -I[t, i]/N` to first order:
 a positive I means the point helps (removing it raises the test loss).
 
-Gradients are of the per-sample loss, ``loss_fn`` evaluated on a batch of one; H is of the *mean*
-loss (``fisherext.curvature.operators``), so neither depends on how the data are batched.
+Gradients are of the per-sample loss, ``loss`` evaluated on a batch of one; H is of the *mean* loss (``fisherext.HessianOperator`` or
+``fisherext.GGNOperator``), so neither depends on how the data are batched.
 
 Computation: the K = N_test right-hand sides are solved at once, :math:`S = (H+\lambda I)^{-1} G_{test}^\top`
 [P, K] (``solver="exact"``: Cholesky of the dense matrix; ``"cg"``: batched conjugate gradients;
@@ -31,18 +31,19 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ._core.checks import check_choice, check_loss_fn, check_positive_int
+from ._core.checks import check_choice, check_positive_int
 from ._core.conventions import check_deterministic, checked_output, curvature_forward
-from ._core.data import iter_batches, num_samples
-from ._core.functional import FunctionalModel
-from .curvature.operators import GGNOperator, HessianOperator
-from .linalg import solvers
-from .linalg.linop import DEFAULT_MAX_ELEMENTS
-from .linalg.spectral import power_iteration
+from ._core.data import iter_batches, num_samples, progress_bar
 from ._core.entry import entry_points
+from ._core.functional import FunctionalModel
+from ._core.types import Data, Loss, Params
+from .curvature.operators import GGNOperator, HessianOperator
+from .curvature.products import CURVATURES
+from .linalg import solvers
+from .linalg.linop import DEFAULT_MAX_ELEMENTS, check_columns
+from .linalg.spectral import power_iteration
 
 SOLVERS = ("exact", "cg", "lissa")
-CURVATURES = ("hessian", "ggn")
 # Per-sample gradients held at once: rows of a chunk times P stays under this many entries
 # (32 MiB in float64), whatever the batch size of the data.
 CHUNK_ELEMENTS = 1 << 22
@@ -50,7 +51,7 @@ _NOT_PD = ("pass a larger damping (more than -lambda_min of the Hessian) or curv
            "(positive semi-definite)")
 
 
-@entry_points
+@entry_points(renamed={"loss_fn": "loss"})
 class InfluenceFunctions:
     r"""Influence of training points on test losses, :math:`I = -G_{test}(H+\lambda I)^{-1}G_{train}^\top`
     (see the module docstring for the math, sign and normalization).
@@ -58,7 +59,11 @@ class InfluenceFunctions:
     Args:
         model: maps inputs to outputs; its parameters are read at each call (the factorization of
             ``solver="exact"`` is recomputed when they change).
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss (e.g. ``F.cross_entropy``).
+        loss: a likelihood's name, "cross_entropy", "mse" or "bce", standing for its torch loss with
+            reduction="mean" (``F.cross_entropy`` over the class axis, ``F.mse_loss``,
+            ``F.binary_cross_entropy_with_logits``), or a torch loss, a function or module
+            ``loss(outputs, targets)`` returning the batch's mean loss (e.g. ``F.cross_entropy``,
+            ``nn.CrossEntropyLoss()``).
         train_data: a DataLoader (in order, no shuffling or other sampler: columns follow its order,
             and a shuffling one is refused), a Dataset, or an (x, y) tuple.
         params: None (all parameters that require grad), or names, modules or tensors: H, gradients and
@@ -74,20 +79,26 @@ class InfluenceFunctions:
         solver_kwargs: passed to the solver. "cg": ``tol``, ``maxiter``, ``preconditioner``. "lissa":
             ``scale`` (default 1.1× the largest-magnitude eigenvalue of H, by power iteration),
             ``depth`` (default 1000), ``repeats`` and, for the stochastic variant, ``sample_size``
-            (samples per minibatch operator, drawn from the training tensors with ``seed``). Here the
-            damping stays absolute: λ is passed to lissa as ``damping = λ / scale``.
-        progress: tqdm bars over the training chunks.
+            (samples per minibatch operator, drawn from the training tensors with ``generator``, a
+            ``torch.Generator``; None: torch's global one). The damping λ is passed to lissa as is (its
+            ``damping`` is absolute too).
+        progress: tqdm bars over the gradients streamed and over the iterations of "cg" and "lissa".
 
-    Forward passes follow ``fisherext._core.conventions``: a model in train mode with dropout (or BatchNorm on
-    batch statistics) is refused, padding_idx lookups are constants, attention runs the math kernel.
+    Raises:
+        ValueError: an unknown ``solver``, ``curvature`` or loss name, a negative or non-finite
+            ``damping``, a bad ``batch_size``, ``solver="exact"`` over too many parameters, a model in
+            train mode with dropout (or BatchNorm on batch statistics), a shuffling DataLoader, no samples.
+        TypeError: ``loss`` neither a name nor callable, ``solver_kwargs`` not a dict.
+
+    Forward passes are deterministic per sample (a model in train mode with dropout, or BatchNorm on
+    batch statistics, is refused), padding_idx lookups are constants, attention runs the math kernel.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, train_data, *, params=None, damping: float = 0.0,
-                 solver: str = "exact", curvature: str = "hessian", batch_size: int | None = None,
-                 solver_kwargs: dict | None = None, progress: bool = False):
+    def __init__(self, model: nn.Module, loss: Loss, train_data: Data, *, params: Params = None,
+                 damping: float = 0.0, solver: str = "exact", curvature: str = "hessian",
+                 batch_size: int | None = None, solver_kwargs: dict | None = None, progress: bool = False):
         check_choice("solver", solver, SOLVERS)
         check_choice("curvature", curvature, CURVATURES)
-        check_loss_fn(loss_fn)
         check_positive_int("batch_size", batch_size, optional=True)
         check_deterministic(model)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
@@ -97,13 +108,13 @@ class InfluenceFunctions:
             raise TypeError(f"solver_kwargs: expected a dict, got {type(solver_kwargs).__name__}")
         self.num_train = num_samples(train_data, "train_data")
         operator = HessianOperator if curvature == "hessian" else GGNOperator
-        self.operator = operator(model, loss_fn, train_data, params=params, batch_size=batch_size)
+        self.operator = operator(model, loss, train_data, params=params, batch_size=batch_size)
         self.fm: FunctionalModel = self.operator.fm
         P = self.fm.P
         if solver == "exact" and P * P > DEFAULT_MAX_ELEMENTS:
             raise ValueError(f"solver: 'exact' needs the dense {P} x {P} curvature ({P * P:,} entries > "
                              f"{DEFAULT_MAX_ELEMENTS:,}); use solver='cg' or 'lissa', or a smaller params subset")
-        self.model, self.loss_fn, self.train_data = model, loss_fn, train_data
+        self.model, self.loss, self.train_data = model, self.operator.loss, train_data
         self.damping, self.solver, self.curvature = float(damping), solver, curvature
         self.batch_size, self.progress = batch_size, progress
         self.solver_kwargs = dict(solver_kwargs or {})
@@ -114,11 +125,11 @@ class InfluenceFunctions:
     def _per_sample_grads(self, x, y, offset: int) -> torch.Tensor:
         """∇θ ℓ(z_n) for each sample of the batch, flat over the selected parameters: [B, P]. The outputs
         are checked by ``conventions.checked_output`` (``offset``: the first sample's index in the data)."""
-        model, loss_fn = self.model, self.loss_fn
+        model, loss = self.model, self.loss
 
         def loss_one(params, xn, yn):
             out = checked_output(functional_call(model, params, (xn[None],)), finite=False)
-            return loss_fn(out, yn[None]), out.detach()
+            return loss(out, yn[None]), out.detach()
 
         fm = self.fm
         primals = {n: p.detach() for n, p in zip(fm.names, fm.params)}
@@ -131,12 +142,7 @@ class InfluenceFunctions:
         total = num_samples(data, name)
         check_deterministic(self.model)  # read at each call, like the parameters
         rows = max(1, CHUNK_ELEMENTS // self.fm.P)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc=desc, unit="sample")
-        try:
+        with progress_bar(None, self.progress, desc, total=total, unit="sample") as bar:
             seen = 0
             for x, y in iter_batches(data, self.batch_size):
                 if y is None:
@@ -147,15 +153,21 @@ class InfluenceFunctions:
                     with curvature_forward(self.model):  # not across the yield: the caller's code runs there
                         G = self._per_sample_grads(x[s:s + rows], y[s:s + rows], seen)
                     seen += G.shape[0]
-                    if bar is not None:
-                        bar.update(G.shape[0])
+                    bar.update(G.shape[0])
                     yield G
-        finally:
-            if bar is not None:
-                bar.close()
 
-    def test_gradients(self, test_data) -> torch.Tensor:
-        """∇θ ℓ(z_test) of every test point: [N_test, P] (per-sample loss, selected parameters)."""
+    def test_gradients(self, test_data: Data) -> torch.Tensor:
+        r"""The gradient :math:`\nabla_\theta \ell(z^{test}_t)` of every test point's own loss.
+
+        Args:
+            test_data: a DataLoader (in order), a Dataset, or an (x, y) tuple.
+
+        Returns:
+            Tensor [N_test, P] over the selected parameters (one row per test point).
+
+        Raises:
+            ValueError: no samples, no targets, data on another device, a shuffling DataLoader.
+        """
         return torch.cat(list(self._gradient_chunks(test_data, "test_data", "test gradients")))
 
     # ---- (H + λI)^{-1} B -------------------------------------------------------------------------
@@ -187,21 +199,40 @@ class InfluenceFunctions:
         if not (isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor)):
             raise ValueError("solver_kwargs: 'sample_size' (stochastic LiSSA) needs train_data as an (x, y) tuple")
         x, y = data
-        generator = torch.Generator().manual_seed(kwargs.pop("seed", 0))
+        if "seed" in kwargs:
+            raise ValueError("solver_kwargs: 'seed' is now 'generator' (a torch.Generator)")
+        generator = kwargs.pop("generator", None)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"solver_kwargs: 'generator' must be a torch.Generator, got {type(generator).__name__}")
         size = min(size, x.shape[0])
         operator = type(self.operator)
 
         def sample():
             idx = torch.randperm(x.shape[0], generator=generator)[:size].to(x.device)
-            return operator(self.model, self.loss_fn, (x[idx], y[idx]), params=self.fm.params)
+            return operator(self.model, self.loss, (x[idx], y[idx]), params=self.fm.params)
 
         return sample
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
-        """(H + λI)⁻¹ B for B [P, K], by the chosen solver."""
+        r""":math:`(H + \lambda I)^{-1} B` by the chosen solver.
+
+        Args:
+            B: one right-hand side [P] or K as the columns of [P, K].
+
+        Returns:
+            Tensor of B's shape.
+
+        Raises:
+            ValueError: B of the wrong shape; H + λI not positive definite ("exact", "cg"); lissa's
+                ``scale`` not above the damping, or the recurrence diverging.
+        """
+        B = check_columns("B", B, self.operator)
+        if B.dim() == 1:
+            return self.solve(B[:, None])[:, 0]
         if self.solver == "exact":
             return torch.cholesky_solve(B, self._cholesky())
         kwargs = dict(self.solver_kwargs)
+        kwargs.setdefault("progress", self.progress)
         if self.solver == "cg":
             return solvers.cg(self.operator, B, damping=self.damping, **kwargs)
         sample = self._lissa_sampler(kwargs) if "sample_size" in kwargs else None
@@ -211,18 +242,37 @@ class InfluenceFunctions:
         if self.damping >= scale:
             raise ValueError(f"solver_kwargs: lissa's 'scale' ({scale:g}) must exceed damping ({self.damping:g})")
         kwargs.setdefault("depth", 1000)
-        return solvers.lissa(self.operator, B, scale=scale, damping=self.damping / scale, sample=sample, **kwargs)
+        return solvers.lissa(self.operator, B, scale=scale, damping=self.damping, sample=sample, **kwargs)
 
-    def s_test(self, test_data) -> torch.Tensor:
-        r""":math:`S = (H + \lambda I)^{-1} \nabla\ell(z^{test})^\top`, all test points at once: [P, N_test]."""
+    def s_test(self, test_data: Data) -> torch.Tensor:
+        r""":math:`S = (H + \lambda I)^{-1} \nabla\ell(z^{test})^\top`, all test points at once.
+
+        Args:
+            test_data: a DataLoader (in order), a Dataset, or an (x, y) tuple.
+
+        Returns:
+            Tensor [P, N_test]: column t is :math:`s_t`.
+
+        Raises:
+            ValueError: as :meth:`test_gradients` and :meth:`solve`.
+        """
         return self.solve(self.test_gradients(test_data).T.contiguous())
 
     # ---- influence -------------------------------------------------------------------------------
 
-    def influence(self, test_data) -> torch.Tensor:
-        r""":math:`I[t, i] = -\nabla\ell(z^{test}_t)^\top (H+\lambda I)^{-1}\nabla\ell(z_i)`: [N_test, N_train].
+    def influence(self, test_data: Data) -> torch.Tensor:
+        r""":math:`I[t, i] = -\nabla\ell(z^{test}_t)^\top (H+\lambda I)^{-1}\nabla\ell(z_i)`.
 
         Removing training point i changes test loss t by about ``-I[t, i] / N_train``.
+
+        Args:
+            test_data: a DataLoader (in order), a Dataset, or an (x, y) tuple.
+
+        Returns:
+            Tensor [N_test, N_train].
+
+        Raises:
+            ValueError: as :meth:`test_gradients` and :meth:`solve`.
         """
         S = self.s_test(test_data)
         return -torch.cat([S.T @ G.T for G in self._gradient_chunks(self.train_data, "train_data", "influence")], 1)
@@ -232,9 +282,15 @@ class InfluenceFunctions:
         (the diagonal of ``influence(train_data)``; ≤ 0 when H + λI is positive definite).
 
         "exact" reuses the factorization; "cg"/"lissa" solve one batch of right-hand sides per chunk.
+
+        Returns:
+            Tensor [N_train].
+
+        Raises:
+            ValueError: as :meth:`solve`.
         """
         return -torch.cat([(G * self.solve(G.T.contiguous()).T).sum(1)
                            for G in self._gradient_chunks(self.train_data, "train_data", "self-influence")])
 
 
-__all__ = ["CURVATURES", "InfluenceFunctions", "SOLVERS"]
+__all__ = ["InfluenceFunctions"]

@@ -23,12 +23,12 @@ FALLBACK_MODELS = [n for n, s in SPECS.items() if s.fallback]
 @pytest.mark.parametrize("structure", ["diag", "full", "block"])
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("name", LAYER_MODELS)
-def test_layer_kinds_exact(name, kind, structure):
+def test_layer_kinds_exact(name, kind, structure, device):
     """Conv2d (stride, padding, groups) + LayerNorm; Embedding + Linear over T positions; Conv1d +
     GroupNorm + BatchNorm2d (eval); a custom parametrized module and nn.Bilinear (fallback); a Linear
     used twice (weight tying)."""
-    model = make_model(name)
-    x, y = make_data(name)
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
     F = compute(model, (x, y), kind=kind, structure=structure, loss=SPECS[name].loss, batch_size=4)
     expected = expected_dense(name, kind, structure)
     assert_matches(F.dense(), expected, rtol=1e-8)
@@ -38,22 +38,22 @@ def test_layer_kinds_exact(name, kind, structure):
 
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("name", ["seq", "scaleshift", "bilinear"])
-def test_kfac_exact_where_every_kronecker_layer_is_linear(name, kind):
+def test_kfac_exact_where_every_kronecker_layer_is_linear(name, kind, device):
     """seq: Linear over T = 7 positions (A averages over N*T rows, G sums over t); Embedding diagonal.
     scaleshift / bilinear: Linear layers Kronecker-factored, the other module's parameters diagonal."""
-    model = make_model(name)
-    x, y = make_data(name)
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
     F = compute(model, (x, y), kind=kind, structure="kfac", loss=SPECS[name].loss)
     assert_matches(F.dense(), expected_dense(name, kind, "kfac"), rtol=1e-8)
 
 
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("name", ["cnn", "norm", "seq", "scaleshift", "bilinear"])
-def test_kfac_properties(name, kind):
+def test_kfac_properties(name, kind, device):
     """Symmetric PSD; nothing between modules; every parameter outside Linear/Conv layers carries exactly
     its exact diagonal Fisher and nothing off the diagonal."""
-    model = make_model(name)
-    x, y = make_data(name)
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
     D = compute(model, (x, y), kind=kind, structure="kfac", loss=SPECS[name].loss).dense().cpu()
     assert_symmetric_psd(D)
     ref = make_model(name)
@@ -79,9 +79,9 @@ def test_kfac_properties(name, kind):
 
 @pytest.mark.parametrize("structure", ["diag", "full", "block", "kfac"])
 @pytest.mark.parametrize("name", FALLBACK_MODELS)
-def test_fallback_warns_once_naming_the_module(name, structure):
-    model = make_model(name)
-    x, y = make_data(name)
+def test_fallback_warns_once_naming_the_module(name, structure, device):
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
     for _ in range(2):                                   # every call says so, once (not once per batch)
         with untouched(model), expect_fallback_warning(name):
             fx.fisher(model, (x, y), kind="true", structure=structure, loss=SPECS[name].loss, batch_size=4)
@@ -90,9 +90,9 @@ def test_fallback_warns_once_naming_the_module(name, structure):
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "seq", "norm"])
-def test_supported_models_do_not_warn(name):
-    model = make_model(name)
-    x, y = make_data(name)
+def test_supported_models_do_not_warn(name, device):
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
     with expect_fallback_warning(name):
         fx.fisher(model, (x, y), kind="true", structure="diag", loss=SPECS[name].loss, batch_size=4)
 
@@ -102,26 +102,26 @@ def test_supported_models_do_not_warn(name):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("structure", ["diag", "full", "kfac"])
-def test_batchnorm_in_train_mode_is_refused(structure):
-    model = make_model("norm").train()
-    x, y = make_data("norm")
+def test_batchnorm_in_train_mode_is_refused(structure, device):
+    model = make_model("norm", device=device).train()
+    x, y = make_data("norm", device=device)
     with untouched(model), pytest.raises(ValueError, match=r"(?i)batch\s*norm|\beval\b"):
         fx.fisher(model, (x, y), kind="true", structure=structure, loss="cross_entropy")
     assert model.training and model.bn.training
     assert model.bn.num_batches_tracked.item() == 0
 
 
-def test_batchnorm_submodule_in_train_mode_is_refused_even_if_root_is_eval():
-    model = make_model("norm")
+def test_batchnorm_submodule_in_train_mode_is_refused_even_if_root_is_eval(device):
+    model = make_model("norm", device=device)
     model.bn.train()
-    x, y = make_data("norm")
+    x, y = make_data("norm", device=device)
     with untouched(model), pytest.raises(ValueError, match=r"(?i)batch\s*norm|\beval\b"):
         fx.fisher(model, (x, y), kind="empirical", structure="diag", loss="cross_entropy")
 
 
-def test_train_mode_without_batchnorm_is_accepted():
-    model = make_model("cnn").train()
-    x, y = make_data("cnn")
+def test_train_mode_without_batchnorm_is_accepted(device):
+    model = make_model("cnn", device=device).train()
+    x, y = make_data("cnn", device=device)
     F = compute(model, (x, y), kind="true", structure="diag", loss="cross_entropy")
     assert model.training
     assert_matches(F.diag(), reference_fisher("cnn", "true").diagonal(), rtol=1e-8)
@@ -148,10 +148,11 @@ class ExplodingMLP(MLP):
 
 @pytest.mark.parametrize("structure", ["diag", "full", "block", "kfac"])
 @pytest.mark.parametrize("explode_at", [1, 2])
-def test_hooks_removed_when_forward_raises(explode_at, structure):
+def test_hooks_removed_when_forward_raises(explode_at, structure, device):
     model = ExplodingMLP(explode_at).double().eval()
     model.load_state_dict(make_model("mlp").state_dict())
-    x, y = make_data("mlp")
+    model.to(device)
+    x, y = make_data("mlp", device=device)
     with untouched(model), pytest.raises(RuntimeError, match="boom"):
         fx.fisher(model, (x, y), kind="true", structure=structure, loss="cross_entropy", batch_size=5)
     assert model.forward_calls >= 1
@@ -162,26 +163,26 @@ def test_hooks_removed_when_forward_raises(explode_at, structure):
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "seq", "norm", "scaleshift", "bilinear", "tied"])
-def test_no_hooks_after_every_structure(name):
-    model = make_model(name)
-    x, y = make_data(name)
+def test_no_hooks_after_every_structure(name, device):
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
     before = global_hook_counts()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for structure in ("diag", "full", "block", "kfac"):
             for kind in ("true", "empirical", "mc"):
                 fx.fisher(model, (x, y), kind=kind, structure=structure, loss=SPECS[name].loss,
-                          generator=torch.Generator().manual_seed(0))
+                          generator=torch.Generator(device=device).manual_seed(0))
                 assert_no_hooks(model, before)
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_user_hooks_are_kept_and_still_fire():
+def test_user_hooks_are_kept_and_still_fire(device):
     """fisherext removes only its own hooks: a user's (observing) forward hook stays registered."""
-    model = make_model("mlp")
+    model = make_model("mlp", device=device)
     seen = []
     handle = model.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
-    x, y = make_data("mlp")
+    x, y = make_data("mlp", device=device)
     F = fx.fisher(model, (x, y), kind="true", structure="diag", loss="cross_entropy")
     assert list(model.fc1._forward_hooks) == [handle.id]
     seen.clear()
@@ -224,17 +225,18 @@ class BufferNet(nn.Module):
         return self.head(((x + self.fc(self.table)) * self.gain).flatten(1))
 
 
-def test_fallback_names_each_parameter_and_why():
+def test_fallback_names_each_parameter_and_why(device):
     torch.manual_seed(0)
     model = BufferNet().double().eval()
     x, y = torch.randn(7, 3, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
-    F_, messages = _fisher_warnings(model, (x, y), kind="true", structure="full")
+    expected = per_sample_fishers(model, x, y, "true", "cross_entropy").mean(0)   # on the CPU
+    model.to(device)
+    F_, messages = _fisher_warnings(model, (x.to(device), y.to(device)), kind="true", structure="full")
     assert len(messages) == 1
     msg = messages[0]
     assert "'fc.weight'" in msg and "'fc.bias'" in msg and "without a batch axis" in msg
     assert "'gain'" in msg and "mul" in msg
     assert "'head.weight'" not in msg, "head is captured natively"
-    expected = per_sample_fishers(model, x, y, "true", "cross_entropy").mean(0)
     assert_matches(F_.dense(), expected, rtol=1e-10)
 
 
@@ -267,27 +269,28 @@ class Separate(nn.Module):
 
 
 @pytest.mark.parametrize("structure", ["diag", "full", "kfac"])
-def test_slices_of_a_packed_weight_are_captured_as_their_own_linear_maps(structure):
+def test_slices_of_a_packed_weight_are_captured_as_their_own_linear_maps(structure, device):
     """Per-sample gradients of views (split rows) scattered into the packed parameter: the packed model's
     Fisher is the separate model's, permuted. K-FAC factors each slice as a layer of its own."""
     torch.manual_seed(1)
     packed = PackedProjection().double().eval()
-    separate = Separate(packed).double().eval()
-    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    separate = Separate(packed).double().eval().to(device)
+    packed.to(device)
+    x, y = torch.randn(9, 4, dtype=torch.float64).to(device), torch.randint(0, 3, (9,)).to(device)
     Fp, messages = _fisher_warnings(packed, (x, y), kind="true", structure=structure)
     assert not messages, "slices of a parameter need no fallback"
     Fs = compute(separate, (x, y), kind="true", structure=structure)
     # separate order: a.w (12) a.b (3) b.w (16) b.b (4) head; packed order: packed (28) bias (7) head
     perm = torch.cat([torch.arange(0, 12), torch.arange(15, 31), torch.arange(12, 15), torch.arange(31, 35),
-                      torch.arange(35, Fs.shape[0])])
+                      torch.arange(35, Fs.shape[0])]).to(device)
     if structure == "kfac":  # the biases join the slices' Kronecker factors there, not here: compare weights
-        keep = torch.cat([torch.arange(0, 28), torch.arange(35, Fs.shape[0])])
+        keep = torch.cat([torch.arange(0, 28), torch.arange(35, Fs.shape[0])]).to(device)
         assert_matches(Fp.dense()[keep][:, keep], Fs.dense()[perm][:, perm][keep][:, keep], rtol=1e-10)
     else:
         assert_matches(Fp.dense(), Fs.dense()[perm][:, perm], rtol=1e-10)
 
 
-def test_a_parameter_the_forward_modifies_is_refused():
+def test_a_parameter_the_forward_modifies_is_refused(device):
     class Renorm(nn.Module):
         def __init__(self):
             super().__init__()
@@ -298,20 +301,21 @@ def test_a_parameter_the_forward_modifies_is_refused():
                 self.fc.weight.mul_(1.0)
             return self.fc(x)
 
-    model = Renorm().double().eval()
+    model = Renorm().double().eval().to(device)
     with pytest.raises(ValueError, match=r"fc\.weight.*in place"):
-        fx.fisher(model, (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))))
+        fx.fisher(model, (torch.randn(4, 3, dtype=torch.float64, device=device),
+                          torch.randint(0, 2, (4,), device=device)))
 
 
 @pytest.mark.parametrize("make", [
     lambda: nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Linear(3, 2)).train(),
     lambda: nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)).train(),   # functional dropout below
 ])
-def test_random_forward_passes_are_refused(make):
-    model = make().double()
+def test_random_forward_passes_are_refused(make, device):
+    model = make().double().to(device)
     if len(model) == 2:
         model.forward = lambda x: model[1](F.dropout(model[0](x), 0.2, training=True))
-    data = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    data = (torch.randn(4, 3, dtype=torch.float64, device=device), torch.randint(0, 2, (4,), device=device))
     with pytest.raises(ValueError, match=r"model\.eval\(\)"):
         fx.fisher(model, data)
     with pytest.raises(ValueError, match=r"model\.eval\(\)"):
@@ -319,11 +323,13 @@ def test_random_forward_passes_are_refused(make):
 
 
 @pytest.mark.parametrize("option,value", [("max_norm", 1.0), ("scale_grad_by_freq", True)])
-def test_embeddings_that_couple_or_rewrite_are_refused(option, value):
-    model = nn.Sequential(nn.Embedding(5, 3, **{option: value}), nn.Flatten(), nn.Linear(6, 2)).double().eval()
+def test_embeddings_that_couple_or_rewrite_are_refused(option, value, device):
+    model = nn.Sequential(nn.Embedding(5, 3, **{option: value}), nn.Flatten(), nn.Linear(6, 2))
+    model = model.double().eval().to(device)
     before = model[0].weight.detach().clone()
     with pytest.raises(ValueError, match=option):
-        fx.fisher(model, (torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,))))
+        fx.fisher(model, (torch.randint(0, 5, (4, 2), device=device),
+                          torch.randint(0, 2, (4,), device=device)))
     assert torch.equal(model[0].weight, before)
 
 
@@ -341,20 +347,20 @@ class TinyLM(nn.Module):
 
 @pytest.mark.parametrize("structure", ["diag", "block", "kfac"])
 @pytest.mark.parametrize("kind", ["true", "empirical"])
-def test_cotangents_chunked_under_a_small_budget_give_the_same_fisher(kind, structure):
+def test_cotangents_chunked_under_a_small_budget_give_the_same_fisher(kind, structure, device):
     """A true Fisher over T = 5 positions and V = 6 classes backpropagates 30 cotangents per sample:
     under a small budget they go a few at a time, in batches of a few samples, to the same result."""
     torch.manual_seed(2)
-    model = TinyLM().double().eval()
-    x = torch.randint(0, 6, (11, 5))
-    y = torch.randint(0, 6, (11, 5))
+    model = TinyLM().double().eval().to(device)
+    x = torch.randint(0, 6, (11, 5)).to(device)
+    y = torch.randint(0, 6, (11, 5)).to(device)
     y[0, 2] = -100
     big = compute(model, (x, y), kind=kind, structure=structure, memory_budget=1 << 30)
     small = compute(model, (x, y), kind=kind, structure=structure, memory_budget=1 << 14)
     assert_matches(small.dense(), big.dense(), rtol=1e-12)
 
 
-def test_layouts_follow_a_sequence_length_that_changes_between_batches():
+def test_layouts_follow_a_sequence_length_that_changes_between_batches(device):
     torch.manual_seed(3)
 
     class SeqFirst(nn.Module):
@@ -367,8 +373,10 @@ def test_layouts_follow_a_sequence_length_that_changes_between_batches():
 
     model = SeqFirst().double().eval()
     batches = [(torch.randn(4, T, 3, dtype=torch.float64), torch.randint(0, 2, (4,))) for T in (5, 4, 7)]
-    F_ = compute(model, _ListLoader(batches), kind="empirical", structure="full")
     expected = torch.cat([per_sample_fishers(model, x, y, "empirical", "cross_entropy") for x, y in batches]).mean(0)
+    model.to(device)                                                  # the reference above is on the CPU
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    F_ = compute(model, _ListLoader(batches), kind="empirical", structure="full")
     assert_matches(F_.dense(), expected, rtol=1e-10)
 
 
@@ -393,10 +401,12 @@ class SharedBias(nn.Module):
         return self.head(h + self.fc.bias)
 
 
-def test_a_use_whose_bias_falls_back_still_counts_for_its_weight():
+def test_a_use_whose_bias_falls_back_still_counts_for_its_weight(device):
     torch.manual_seed(4)
     model = SharedBias().double().eval()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
-    F_, messages = _fisher_warnings(model, (x, y), kind="true", structure="full")
+    expected = per_sample_fishers(model, x, y, "true", "cross_entropy").mean(0)   # on the CPU
+    model.to(device)
+    F_, messages = _fisher_warnings(model, (x.to(device), y.to(device)), kind="true", structure="full")
     assert len(messages) == 1 and "'fc.bias'" in messages[0] and "'fc.weight'" not in messages[0]
-    assert_matches(F_.dense(), per_sample_fishers(model, x, y, "true", "cross_entropy").mean(0), rtol=1e-10)
+    assert_matches(F_.dense(), expected, rtol=1e-10)

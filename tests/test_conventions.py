@@ -188,14 +188,14 @@ def _entry_points():
     loss = F.cross_entropy
     return {
         "hvp-exact": lambda m, d, V: fx.hvp(m, loss, d, V[0]),
-        "hvp-ggn": lambda m, d, V: fx.hvp(m, loss, d, V, method="ggn"),
-        "hvp-fd": lambda m, d, V: fx.hvp(m, loss, d, V, method="fd"),
+        "hvp-ggn": lambda m, d, V: fx.hvp(m, loss, d, V.T, curvature="ggn"),
+        "hvp-fd": lambda m, d, V: fx.hvp(m, loss, d, V.T, method="fd"),
         "HessianOperator": lambda m, d, V: fx.HessianOperator(m, loss, d) @ V[0],
         "GGNOperator": lambda m, d, V: fx.GGNOperator(m, loss, d) @ V[0],
         "FisherOperator": lambda m, d, V: fx.FisherOperator(m, "cross_entropy", d) @ V[0],
         "InfluenceFunctions": lambda m, d, V: InfluenceFunctions(m, loss, d, damping=1.0).influence(d),
         "fd_quadratic": lambda m, d, V: fx.fd_quadratic(m, d[0], V[0]),
-        "fd_quadratic_directions": lambda m, d, V: fx.fd_quadratic_directions(m, d[0], V),
+        "fd_quadratic_directions": lambda m, d, V: fx.fd_quadratic_directions(m, d[0], V.T),
         "input_sensitivity": lambda m, d, V: fx.input_sensitivity(m, d[0], V[0]),
         "kl_vs_fisher": lambda m, d, V: fx.kl_vs_fisher(m, d[0], V[0], [1e-2]),
         **{f"fisher-{s}": (lambda s: lambda m, d, V: fx.fisher(m, d, structure=s))(s) for s in ("diag", "full")},
@@ -424,17 +424,17 @@ def test_curvature_forward_enters_the_padding_mode_only_for_models_that_need_it(
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("method", ["exact", "ggn", "fd"])
-def test_hvp_follows_the_padding_convention(method, tied):
+@pytest.mark.parametrize("curvature,method", [("hessian", "autograd"), ("ggn", "autograd"), ("hessian", "fd")])
+def test_hvp_follows_the_padding_convention(curvature, method, tied):
     model, data, H, G, _ = padding_references(tied)
-    V = directions(H.shape[0])
-    expected = V @ (G if method == "ggn" else H)
+    V = directions(H.shape[0]).T
+    expected = (G if curvature == "ggn" else H) @ V
     if method == "fd":
-        got = fx.hvp(model, F.cross_entropy, data, V, method="fd", r=1e-5)
+        got = fx.hvp(model, F.cross_entropy, data, V, method="fd", eps=1e-5)
         assert ((got - expected).norm() / expected.norm()).item() < 1e-7
         return
-    assert_close(fx.hvp(model, F.cross_entropy, data, V, method=method), expected)
-    assert_close(fx.hvp(model, F.cross_entropy, data, V[0], method=method), expected[0])  # K = 1: a dual forward
+    assert_close(fx.hvp(model, F.cross_entropy, data, V, curvature=curvature), expected)
+    assert_close(fx.hvp(model, F.cross_entropy, data, V[:, 0], curvature=curvature), expected[:, 0])  # K = 1: a dual forward
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -473,10 +473,10 @@ def test_fd_quadratic_keeps_the_unperturbed_padding_row():
     Lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     expected = torch.einsum("kp,ncp,ncd,ndq,kq->kn", V, J, Lam, J, V)
     for strategy in ("vmap", "in_place"):
-        got = fx.fd_quadratic_directions(model, x, V, eps=1e-4, strategy=strategy)
+        got = fx.fd_quadratic_directions(model, x, V.T, eps=1e-4, strategy=strategy).T
         assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-6
     assert ((fx.fd_quadratic(model, x, V[0], eps=1e-4) - expected[0]).abs().max() / expected[0].abs().max()) < 1e-6
-    per_input = fx.fd_quadratic(model, x, V[0].expand(x.shape[0], P).contiguous(), eps=1e-4)
+    per_input = fx.fd_quadratic(model, x, V[0].expand(x.shape[0], P).contiguous(), eps=1e-4, per_input=True)
     assert ((per_input - expected[0]).abs().max() / expected[0].abs().max()).item() < 1e-6
 
 
@@ -584,11 +584,11 @@ def test_the_native_attention_fast_path_has_no_forward_mode_ad():
 @pytest.mark.parametrize("name", list(ATTENTION))
 def test_hvp_on_attention_models(name):
     model, data, H, G, _ = attention_references(name)
-    V = directions(H.shape[0])
-    assert_close(fx.hvp(model, F.cross_entropy, data, V), V @ H)
-    assert_close(fx.hvp(model, F.cross_entropy, data, V[0]), H @ V[0])
-    assert_close(fx.hvp(model, F.cross_entropy, data, V, method="ggn"), V @ G)
-    assert_close(fx.hvp(model, F.cross_entropy, data, V[0], method="ggn"), G @ V[0])
+    V = directions(H.shape[0]).T
+    assert_close(fx.hvp(model, F.cross_entropy, data, V), H @ V)
+    assert_close(fx.hvp(model, F.cross_entropy, data, V[:, 0]), H @ V[:, 0])
+    assert_close(fx.hvp(model, F.cross_entropy, data, V, curvature="ggn"), G @ V)
+    assert_close(fx.hvp(model, F.cross_entropy, data, V[:, 0], curvature="ggn"), G @ V[:, 0])
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))
@@ -649,11 +649,12 @@ def test_checked_output():
 OUTPUT_ENTRY_POINTS = {k: ENTRY_POINTS[k] for k in ENTRY_POINTS if k != "InfluenceFunctions"} | {
     "InfluenceFunctions-test_gradients": lambda m, d, V: InfluenceFunctions(
         m, F.cross_entropy, d, damping=1.0, batch_size=2).test_gradients(d),
-    "hvp-exact-batched": lambda m, d, V: fx.hvp(m, F.cross_entropy, d, V, batch_size=2),
-    "hvp-ggn-1": lambda m, d, V: fx.hvp(m, F.cross_entropy, d, V[0], method="ggn", batch_size=2),
-    "fd_quadratic-per-input": lambda m, d, V: fx.fd_quadratic(m, d[0], V[0].expand(d[0].shape[0], -1).contiguous()),
+    "hvp-exact-batched": lambda m, d, V: fx.hvp(m, F.cross_entropy, d, V.T, batch_size=2),
+    "hvp-ggn-1": lambda m, d, V: fx.hvp(m, F.cross_entropy, d, V[0], curvature="ggn", batch_size=2),
+    "fd_quadratic-per-input": lambda m, d, V: fx.fd_quadratic(m, d[0], V[0].expand(d[0].shape[0], -1).contiguous(),
+                                                              per_input=True),
     "fd_quadratic-forward": lambda m, d, V: fx.fd_quadratic(m, d[0], V[0], scheme="forward"),
-    **{f"fd_quadratic_directions-{s}": (lambda s: lambda m, d, V: fx.fd_quadratic_directions(m, d[0], V, strategy=s))(s)
+    **{f"fd_quadratic_directions-{s}": (lambda s: lambda m, d, V: fx.fd_quadratic_directions(m, d[0], V.T, strategy=s))(s)
        for s in ("vmap", "in_place", "linear")},
     "input_sensitivity-fd": lambda m, d, V: fx.input_sensitivity(m, d[0], V[0], method="fd"),
 }

@@ -405,12 +405,12 @@ def test_matrix_methods_agree_with_dense(structure, mlp_problem):
     assert_matches(mv, D @ v, rtol=1e-10)
 
     q = F.quad(v)
-    assert isinstance(q, float)
-    assert q == pytest.approx((v @ D @ v).item(), rel=1e-10)           # v^T F v: no factor 1/2
+    assert isinstance(q, torch.Tensor) and q.shape == () and q.dtype == torch.float64
+    assert q.item() == pytest.approx((v @ D @ v).item(), rel=1e-10)           # v^T F v: no factor 1/2
 
     t = F.trace()
-    assert isinstance(t, float)
-    assert t == pytest.approx(D.trace().item(), rel=1e-10)
+    assert isinstance(t, torch.Tensor) and t.shape == () and t.dtype == torch.float64
+    assert t.item() == pytest.approx(D.trace().item(), rel=1e-10)
 
     sol = F.solve(b, damping=0.1)
     assert sol.shape == (P,) and sol.dtype == torch.float64
@@ -652,3 +652,99 @@ def test_model_left_untouched_and_no_hooks(kind, structure):
     if kind != "mc":                                        # no dropout/BatchNorm: train mode is the same function
         assert_matches(F.dense(), expected_dense("mlp", kind, structure), rtol=1e-8)
     assert_no_hooks(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bernoulli outputs (loss="bce"): independent sigmoid outputs, against plain autograd
+# --------------------------------------------------------------------------------------------------
+
+def bernoulli_problem():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = (torch.rand(6, 4, generator=g, dtype=torch.float64) > 0.5).double()
+    return model, x, y
+
+
+def bernoulli_references(model, x, y):
+    """Per-sample true Fisher E_y[g gᵀ] summed exactly over the 2^E label vectors, and the empirical
+    g_n g_nᵀ, g the gradient of −Σ_e log p(y_e | z_e) by autograd (one backward per sample and label)."""
+    params = list(model.parameters())
+    E = y.shape[1]
+    labels = torch.tensor([[(k >> e) & 1 for e in range(E)] for k in range(2 ** E)], dtype=torch.float64)
+    true, empirical = [], []
+    for n in range(x.shape[0]):
+        def grad_at(t):
+            z = model(x[n:n + 1])[0]
+            nll = -(t * torch.nn.functional.logsigmoid(z) + (1 - t) * torch.nn.functional.logsigmoid(-z)).sum()
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(nll, params)])
+        q = torch.sigmoid(model(x[n:n + 1])[0]).detach()
+        F_n = 0
+        for t in labels:
+            g = grad_at(t)
+            F_n = F_n + torch.prod(torch.where(t == 1, q, 1 - q)) * torch.outer(g, g)
+        true.append(F_n)
+        g = grad_at(y[n])
+        empirical.append(torch.outer(g, g))
+    return torch.stack(true), torch.stack(empirical)
+
+
+@pytest.mark.parametrize("loss", ["bce", torch.nn.functional.binary_cross_entropy_with_logits,
+                                  torch.nn.BCEWithLogitsLoss()], ids=["name", "F", "module"])
+def test_bernoulli_fisher_against_autograd(loss):
+    model, x, y = bernoulli_problem()
+    true_n, empirical_n = bernoulli_references(model, x, y)
+    for kind, F_n in (("true", true_n), ("empirical", empirical_n)):
+        F = compute(model, (x, y), kind=kind, structure="full", loss=loss, batch_size=4)
+        assert_close(F.dense(), F_n.mean(0))
+        assert_close(compute(model, (x, y), kind=kind, structure="diag", loss=loss).diag(), F_n.mean(0).diagonal())
+        assert_close(fx.per_sample_fisher(model, x, y, kind=kind, loss=loss), F_n.diagonal(dim1=1, dim2=2).sum(1))
+        V = torch.randn(F_n.shape[1], 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        assert_close(fx.FisherOperator(model, loss, (x, y), kind=kind) @ V, F_n.mean(0) @ V)
+    # the GGN of the summed Bernoulli NLL is the true Fisher: F.binary_cross_entropy_with_logits's mean
+    # over N·E entries is that NLL over N·E
+    V = torch.randn(true_n.shape[1], 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_close(fx.hvp(model, loss, (x, y), V, curvature="ggn") * y.shape[1], true_n.mean(0) @ V)
+
+
+def test_bernoulli_mc_is_one_of_the_label_draws():
+    """MC with one sample: each per-sample term is g gᵀ at one of the 2^E label vectors."""
+    model, x, y = bernoulli_problem()
+    F = compute(model, (x[:1], y[:1]), kind="mc", structure="full", loss="bce", generator=torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    candidates = []
+    for k in range(2 ** y.shape[1]):
+        t = torch.tensor([(k >> e) & 1 for e in range(y.shape[1])], dtype=torch.float64)
+        z = model(x[:1])[0]
+        nll = -(t * torch.nn.functional.logsigmoid(z) + (1 - t) * torch.nn.functional.logsigmoid(-z)).sum()
+        g = torch.cat([a.reshape(-1) for a in torch.autograd.grad(nll, params)])
+        candidates.append(torch.outer(g, g))
+    assert min((F.dense() - c).abs().max().item() for c in candidates) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss argument: old spelling, the ignore_index of a module
+# --------------------------------------------------------------------------------------------------
+
+def test_old_spelling_of_the_loss(mlp_problem):
+    model, data = mlp_problem
+    refuses(model, data, TypeError, r"fisherext.fisher: argument 'loss_fn' is now called 'loss'", loss_fn="mse")
+
+
+def test_ignore_index_of_a_cross_entropy_module():
+    """nn.CrossEntropyLoss(ignore_index=2): samples labelled 2 contribute nothing to the empirical Fisher
+    (and count in N), as with ignore_index=2 given by itself; a conflicting ignore_index is refused."""
+    model = make_model("mlp")
+    x, y = make_data("mlp")
+    y = y.clone()
+    y[::2] = 2
+    by_module = compute(model, (x, y), kind="empirical", structure="full", loss=torch.nn.CrossEntropyLoss(ignore_index=2))
+    by_argument = compute(model, (x, y), kind="empirical", structure="full", ignore_index=2)
+    keep = y != 2
+    counted = compute(model, (x[keep], y[keep]), kind="empirical", structure="full").dense() * keep.sum() / len(y)
+    assert torch.equal(by_module.dense(), by_argument.dense())
+    assert_close(by_module.dense(), counted)
+    with untouched(model), pytest.raises(ValueError, match=r"argument 'ignore_index' 5 differs"):
+        fx.fisher(model, (x, y), loss=torch.nn.CrossEntropyLoss(ignore_index=2), ignore_index=5)

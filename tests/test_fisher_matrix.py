@@ -1,12 +1,14 @@
-"""fisherext.fisher_matrix.FisherMatrix built directly from its parts (no fisher() call): the dense
-matrix against an explicit assembly, its plan against the memory budget, and load_state_dict's checks
-(missing keys, unknown kinds, fields, shapes, positions), all before anything is replaced."""
+"""fisherext.FisherMatrix built directly from its parts: the dense matrix against an explicit assembly,
+its plan against the memory budget, and load_state_dict's checks (missing keys, unknown kinds, fields,
+shapes, positions), all before anything is replaced; and products, quadratic forms, traces and solves
+with columns [P, K], for those parts and for fisher()'s structures, against the dense matrix."""
 import copy
 
 import pytest
 import torch
 
 from support import assert_close
+from support.models import compute, make_data, make_model
 from fisherext.capture.matrix import DensePart, DiagPart, FisherMatrix, KronPart
 
 DT = torch.float64
@@ -17,9 +19,10 @@ def spd(n, seed):
     return A @ A.T + torch.eye(n, dtype=DT)
 
 
-def matrix():
+def matrix(device="cpu"):
     """P = 13: a diagonal over positions 0-2, a dense block over 3-5, a Kronecker part G ⊗ A over a
-    2 x 3 weight laid out at positions 7-12 (row-major), position 6 in no part."""
+    2 x 3 weight laid out at positions 7-12 (row-major), position 6 in no part; built on the CPU, then
+    moved to `device` (with the dense matrix it must equal)."""
     d = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
     M, G, A = spd(3, 0), spd(2, 1), spd(3, 2)
     parts = [DiagPart(torch.arange(3), d), DensePart(torch.arange(3, 6), M),
@@ -28,18 +31,18 @@ def matrix():
     expected[:3, :3] = torch.diag(d)
     expected[3:6, 3:6] = M
     expected[7:, 7:] = torch.kron(G, A)
-    return FisherMatrix(13, parts, num_samples=5, structure="kfac"), expected
+    return FisherMatrix(13, parts, num_samples=5, structure="kfac").to(device), expected.to(device)
 
 
-def test_dense_assembles_the_parts():
-    F, expected = matrix()
+def test_dense_assembles_the_parts(device):
+    F, expected = matrix(device)
     assert_close(F.dense(), expected)
-    v = torch.randn(13, generator=torch.Generator().manual_seed(3), dtype=DT)
+    v = torch.randn(13, generator=torch.Generator().manual_seed(3), dtype=DT).to(device)
     assert_close(F.mv(v), expected @ v)
 
 
-def test_dense_is_planned_against_the_memory_budget():
-    F, expected = matrix()
+def test_dense_is_planned_against_the_memory_budget(device):
+    F, expected = matrix(device)
     need = 13 * 13 * 8
     with pytest.raises(ValueError, match=rf"argument 'memory_budget' the dense 13 x 13 matrix needs {need:,} bytes but the "
                                          rf"memory budget is {need - 1:,} bytes; diag\(\), mv\(\)"):
@@ -51,9 +54,10 @@ def test_dense_is_planned_against_the_memory_budget():
         F.dense(memory_budget=-5)
 
 
-def test_state_dict_round_trip():
-    F, expected = matrix()
-    other = FisherMatrix(1, [DiagPart(torch.arange(1), torch.ones(1, dtype=DT))], 1, "diag")
+def test_state_dict_round_trip(device):
+    F, expected = matrix(device)
+    one = DiagPart(torch.arange(1, device=device), torch.ones(1, dtype=DT, device=device))
+    other = FisherMatrix(1, [one], 1, "diag")
     other.load_state_dict(copy.deepcopy(F.state_dict()))
     assert (other.P, other.num_samples, other.structure) == (13, 5, "kfac")
     assert torch.equal(other.dense(), expected)
@@ -95,6 +99,7 @@ BAD_STATES = {
 }
 
 
+# CPU only: BAD_STATES is a module-level table of CPU states, built at import
 @pytest.mark.parametrize("case", list(BAD_STATES))
 def test_load_state_dict_refuses_bad_states_and_leaves_the_matrix_alone(case):
     """load_state_dict({}) used to raise KeyError 'P'; a bad part, an error half-way through."""
@@ -106,7 +111,88 @@ def test_load_state_dict_refuses_bad_states_and_leaves_the_matrix_alone(case):
     assert torch.equal(F.dense(), expected)
 
 
-def test_load_state_dict_refuses_what_is_no_dict():
-    F, _ = matrix()
+def test_load_state_dict_refuses_what_is_no_dict(device):
+    F, _ = matrix(device)
     with pytest.raises(TypeError, match=r"argument 'state' expected the dict of FisherMatrix\.state_dict\(\), got list"):
         F.load_state_dict([("P", 13)])
+
+
+# ---- products, quadratic forms, traces and solves with columns [P, K] --------------------------------
+
+def columns(P, K, device, seed=4):
+    return torch.randn(P, K, generator=torch.Generator().manual_seed(seed), dtype=DT).to(device)
+
+
+def fisher_of(structure, device):
+    model = make_model("mlp", device=device)
+    return compute(model, make_data("mlp", device=device), structure=structure)
+
+
+@pytest.mark.parametrize("structure", ["parts", "diag", "full", "block", "kfac"])
+def test_products_with_columns_match_the_dense_matrix(structure, device):
+    """F @ X ([P, K]) and F @ v ([P]) against F.dense() @ X, for every structure ("parts": the three kinds
+    of parts of matrix(), with a position in no part)."""
+    F, D = matrix(device) if structure == "parts" else (fisher_of(structure, device), None)
+    D = F.dense() if D is None else D
+    X = columns(F.P, 5, device)
+    assert (F @ X).shape == (F.P, 5)
+    assert_close(F @ X, D @ X)
+    assert_close(F.matmat(X), D @ X)
+    assert_close(F @ X[:, 3], D @ X[:, 3])
+    assert_close(F.mv(X[:, 3]), D @ X[:, 3])
+    assert (F @ X[:, :0]).shape == (F.P, 0)
+
+
+def test_each_part_takes_all_columns_in_one_product(monkeypatch, device):
+    F, D = matrix(device)
+    seen = []
+    for cls in (DiagPart, DensePart, KronPart):
+        def counted(self, X, product=cls.matmat):
+            seen.append((type(self).kind, tuple(X.shape)))
+            return product(self, X)
+        monkeypatch.setattr(cls, "matmat", counted)
+    X = columns(13, 6, device)
+    assert_close(F @ X, D @ X)
+    assert seen == [("diag", (3, 6)), ("dense", (3, 6)), ("kron", (6, 6))]
+
+
+def test_quad_and_trace_are_tensors(device):
+    F, D = matrix(device)
+    X = columns(13, 4, device)
+    q = F.quad(X[:, 0])
+    assert isinstance(q, torch.Tensor) and q.shape == () and q.dtype == DT
+    assert_close(q, X[:, 0] @ D @ X[:, 0])
+    Q = F.quad(X)
+    assert Q.shape == (4,)
+    assert_close(Q, torch.einsum("pk,pq,qk->k", X, D, X))
+    t = F.trace()
+    assert isinstance(t, torch.Tensor) and t.shape == () and t.dtype == DT
+    assert_close(t, D.trace())
+
+
+@pytest.mark.parametrize("structure", ["parts", "diag", "full", "block", "kfac"])
+def test_solve_with_columns(structure, device):
+    F, D = matrix(device) if structure == "parts" else (fisher_of(structure, device), None)
+    D = F.dense() if D is None else D
+    B = columns(F.P, 3, device)
+    damping = 0.1
+    expected = torch.linalg.solve(D + damping * torch.eye(F.P, dtype=DT, device=device), B)
+    if structure == "parts":   # position 6 lies in no part: solve leaves it 0
+        expected[6] = 0
+    X = F.solve(B, damping=damping)
+    assert X.shape == (F.P, 3)
+    assert_close(X, expected)
+    assert_close(F.solve(B[:, 1], damping=damping), expected[:, 1])
+
+
+def test_solve_and_quad_check_their_arguments(device):
+    F, _ = matrix(device)
+    with pytest.raises(ValueError, match=r"fisherext.FisherMatrix.solve: argument 'b' expected shape \[13\] or "
+                                         r"\[13, K\] \(P = 13\), got \(12, 2\)"):
+        F.solve(torch.ones(12, 2, dtype=DT, device=device), damping=0.1)
+    with pytest.raises(ValueError, match=r"fisherext.FisherMatrix.solve: argument 'damping' must be finite and >= 0"):
+        F.solve(torch.ones(13, dtype=DT, device=device), damping=-1.0)
+    with pytest.raises(ValueError, match=r"fisherext.FisherMatrix.quad: argument 'v' expected shape"):
+        F.quad(torch.ones(13, 2, 2, dtype=DT, device=device))
+    with pytest.raises(TypeError, match=r"fisherext.FisherMatrix.quad: argument 'v' expected a floating-point"):
+        F.quad(torch.ones(13, dtype=torch.long, device=device))

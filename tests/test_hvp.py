@@ -1,5 +1,6 @@
-"""fisherext.hvp (exact, GGN and finite-difference products of the mean loss) against explicit matrices
-built by double backpropagation and per-sample Jacobians (tests/curvature.py), float64."""
+"""fisherext.hvp (Hessian and GGN products of the mean loss, by autograd and by finite differences) against
+explicit matrices built by double backpropagation and per-sample Jacobians (tests/support/curvature.py),
+float64; vectors as columns [P, K]; the old spellings of its arguments."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,17 +20,17 @@ from support.models import num_params
 def test_exact_hvp_equals_double_backprop(name):
     model, data, loss_fn = setup(name)
     H = explicit_hessian(model, loss_fn, *data)
-    V = directions(num_params(model))
-    assert_close(fisherext.hvp(model, loss_fn, data, V), V @ H)
-    assert_close(fisherext.hvp(model, loss_fn, data, V[0]), H @ V[0])
+    V = directions(num_params(model)).T
+    assert_close(fisherext.hvp(model, loss_fn, data, V), H @ V)
+    assert_close(fisherext.hvp(model, loss_fn, data, V[:, 0]), H @ V[:, 0])
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_ggn_equals_explicit_jacobian_form(name):
     model, data, loss_fn = setup(name)
     G = explicit_ggn(model, MODELS[name], *data)
-    V = directions(num_params(model))
-    assert_close(fisherext.hvp(model, loss_fn, data, V, method="ggn"), V @ G)
+    V = directions(num_params(model)).T
+    assert_close(fisherext.hvp(model, loss_fn, data, V, curvature="ggn"), G @ V)
 
 
 def test_ggn_with_ignored_labels_takes_the_generic_path():
@@ -40,37 +41,51 @@ def test_ggn_with_ignored_labels_takes_the_generic_path():
     y[::3] = -100
     keep = y >= 0
     G = explicit_ggn(model, "cross_entropy", x[keep], y[keep])
-    V = directions(num_params(model))
-    assert_close(fisherext.hvp(model, F.cross_entropy, (x, y), V, method="ggn"), V @ G)
+    V = directions(num_params(model)).T
+    assert_close(fisherext.hvp(model, F.cross_entropy, (x, y), V, curvature="ggn"), G @ V)
 
 
-@pytest.mark.parametrize("loss_fn", [F.cross_entropy, nn.CrossEntropyLoss(), lambda z, y: F.cross_entropy(z, y)],
-                         ids=["F", "module", "lambda"])
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", F.cross_entropy, nn.CrossEntropyLoss(),
+                                     lambda z, y: F.cross_entropy(z, y)], ids=["name", "F", "module", "lambda"])
 def test_fused_and_generic_cross_entropy_agree(loss_fn):
     """The fused softmax Hessian (recognized losses) and autodiff of an opaque callable give one GGN."""
     model, data, _ = setup("mlp")
-    V = directions(num_params(model))
-    expected = V @ explicit_ggn(model, "cross_entropy", *data)
-    assert_close(fisherext.hvp(model, loss_fn, data, V, method="ggn"), expected)
+    V = directions(num_params(model)).T
+    expected = explicit_ggn(model, "cross_entropy", *data) @ V
+    assert_close(fisherext.hvp(model, loss_fn, data, V, curvature="ggn"), expected)
 
 
 # ---- streaming, subsets, batching -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["exact", "ggn", "fd"])
-def test_batches_weighted_to_the_mean_over_all_samples(method):
+CHOICES = {"hessian": dict(curvature="hessian"), "ggn": dict(curvature="ggn"), "fd": dict(method="fd")}
+
+
+@pytest.mark.parametrize("choice", list(CHOICES))
+def test_batches_weighted_to_the_mean_over_all_samples(choice):
     """17 samples in batches of 5 (the last of 2): each batch mean enters with weight n_b / N."""
     model, data, loss_fn = setup("mlp_reg")
-    V = directions(num_params(model), K=2)
-    whole = fisherext.hvp(model, loss_fn, data, V, method=method)
-    batched = fisherext.hvp(model, loss_fn, data, V, method=method, batch_size=5)
+    V = directions(num_params(model), K=2).T
+    kw = CHOICES[choice]
+    whole = fisherext.hvp(model, loss_fn, data, V, **kw)
+    batched = fisherext.hvp(model, loss_fn, data, V, batch_size=5, **kw)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=4)
-    from_loader = fisherext.hvp(model, loss_fn, loader, V, method=method)
+    from_loader = fisherext.hvp(model, loss_fn, loader, V, progress=True, **kw)
     assert_close(batched, whole)
     assert_close(from_loader, whole)
 
 
-# ---- Fisher operator ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("choice", list(CHOICES))
+def test_columns_equal_single_products(choice):
+    """V [P, K]: K products in one pass over the data (one graph shared), column k the product with
+    column k alone; the result has V's shape."""
+    model, data, loss_fn = setup("cnn")
+    V = directions(num_params(model), K=3).T
+    kw = CHOICES[choice]
+    together = fisherext.hvp(model, loss_fn, data, V, **kw)
+    assert together.shape == V.shape
+    for k in range(3):
+        assert_close(together[:, k], fisherext.hvp(model, loss_fn, data, V[:, k], **kw))
 
 
 # ---- finite differences -----------------------------------------------------------------------------
@@ -82,7 +97,7 @@ def test_fd_hvp_converges_at_second_order():
     v = directions(num_params(model), K=1)[0]
     v = v / v.norm()
     exact = fisherext.hvp(model, loss_fn, data, v)
-    err = [(fisherext.hvp(model, loss_fn, data, v, method="fd", r=r) - exact).norm() for r in (2e-2, 1e-2)]
+    err = [(fisherext.hvp(model, loss_fn, data, v, method="fd", eps=eps) - exact).norm() for eps in (2e-2, 1e-2)]
     assert err[1] < 1e-3 * exact.norm()
     assert 3.5 < (err[0] / err[1]).item() < 4.5
 
@@ -90,7 +105,7 @@ def test_fd_hvp_converges_at_second_order():
 def test_fd_hvp_restores_parameters_bitwise_also_on_error():
     model, data, loss_fn = setup("mlp")
     before = [p.detach().clone() for p in model.parameters()]
-    fisherext.hvp(model, loss_fn, data, directions(num_params(model), K=2), method="fd", r=1e-2)
+    fisherext.hvp(model, loss_fn, data, directions(num_params(model), K=2).T, method="fd", eps=1e-2)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     calls = []
 
@@ -101,7 +116,7 @@ def test_fd_hvp_restores_parameters_bitwise_also_on_error():
         return F.cross_entropy(out, y)
 
     with pytest.raises(RuntimeError, match="boom"):
-        fisherext.hvp(model, flaky, data, directions(num_params(model), K=1)[0], method="fd", r=1e-2)
+        fisherext.hvp(model, flaky, data, directions(num_params(model), K=1)[0], method="fd", eps=1e-2)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -109,22 +124,27 @@ def test_fd_hvp_restores_parameters_bitwise_also_on_error():
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [
-    (dict(v=torch.zeros(3, dtype=torch.float64)), ValueError, r"argument 'v' expected shape \[\d+\] or \[K, \d+\]"),
+    (dict(v=torch.zeros(3, dtype=torch.float64)), ValueError, r"argument 'v' expected shape \[\d+\] or \[\d+, K\]"),
+    (dict(v=torch.zeros(2, 3, dtype=torch.float64)), ValueError, r"argument 'v' expected shape \[\d+\] or \[\d+, K\]"),
     (dict(v=torch.full((1,), float("nan"))), ValueError, "argument 'v' expected shape"),
     (dict(v="v"), TypeError, "argument 'v' expected a tensor"),
     (dict(v=torch.zeros(4, dtype=torch.int64)), TypeError, "argument 'v' expected a floating-point tensor"),
-    (dict(method="newton"), ValueError, "argument 'method' must be one of"),
-    (dict(loss_fn="nll"), TypeError, "argument 'loss_fn' expected a callable"),
-    (dict(method="fd", r=0.0), ValueError, "argument 'r' must be positive"),
-    (dict(method="fd", r=float("inf")), ValueError, "argument 'r' must be a finite number"),
+    (dict(method="newton"), ValueError, "argument 'method' must be one of 'autograd', 'fd'"),
+    (dict(curvature="fisher"), ValueError, "argument 'curvature' must be one of 'hessian', 'ggn'"),
+    (dict(method="fd", curvature="ggn"), ValueError, "argument 'method' 'fd' differences the gradient"),
+    (dict(loss="nll"), ValueError, "argument 'loss' must be one of 'cross_entropy', 'mse', 'bce'"),
+    (dict(loss=3), TypeError, "argument 'loss' expected a likelihood's name or a torch loss"),
+    (dict(method="fd", eps=0.0), ValueError, "argument 'eps' must be positive"),
+    (dict(method="fd", eps=float("inf")), ValueError, "argument 'eps' must be a finite number"),
+    (dict(progress=True, batch_size=0), ValueError, "argument 'batch_size' must be a positive integer"),
 ])
 def test_bad_input(kwargs, exc, msg):
     model, data, loss_fn = setup("mlp")
     before = [p.detach().clone() for p in model.parameters()]
-    args = dict(loss_fn=loss_fn, v=torch.ones(num_params(model), dtype=torch.float64))
+    args = dict(loss=loss_fn, v=torch.ones(num_params(model), dtype=torch.float64))
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
-        fisherext.hvp(model, args.pop("loss_fn"), data, args.pop("v"), **args)
+        fisherext.hvp(model, args.pop("loss"), data, args.pop("v"), **args)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -134,7 +154,7 @@ def test_non_finite_direction_and_unknown_likelihood():
     v[3] = float("inf")
     with pytest.raises(ValueError, match="argument 'v' has non-finite entries"):
         fisherext.hvp(model, loss_fn, data, v)
-    with pytest.raises(ValueError, match="argument 'loss_fn' a Fisher needs a likelihood"):
+    with pytest.raises(ValueError, match="argument 'loss' a Fisher needs a likelihood"):
         FisherOperator(model, lambda z, y: z.sum(), data)
     with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
         HessianOperator(model, loss_fn, data, batch_size=0)
@@ -205,10 +225,10 @@ def test_ggn_with_torch_losses_equals_explicit_jt_h_j(name, outputs):
     loss_fn = flat_loss if outputs == "[N, C]" else seq_loss
     model, (x, y) = _torch_loss_problem(outputs, targets)
     G = explicit_ggn(model, loss_fn, x, y)
-    V = directions(G.shape[0])
-    assert_close(fisherext.hvp(model, loss_fn, (x, y), V, method="ggn"), V @ G)
-    assert_close(fisherext.hvp(model, loss_fn, (x, y), V[0], method="ggn"), G @ V[0])
-    assert_close(GGNOperator(model, loss_fn, (x, y)) @ V.T, G @ V.T)
+    V = directions(G.shape[0]).T
+    assert_close(fisherext.hvp(model, loss_fn, (x, y), V, curvature="ggn"), G @ V)
+    assert_close(fisherext.hvp(model, loss_fn, (x, y), V[:, 0], curvature="ggn"), G @ V[:, 0])
+    assert_close(GGNOperator(model, loss_fn, (x, y)) @ V, G @ V)
 
 
 def test_ggn_of_nll_loss_on_a_log_softmax_model_is_zero():
@@ -217,11 +237,11 @@ def test_ggn_of_nll_loss_on_a_log_softmax_model_is_zero():
     (``nll_of_log_softmax`` above), which gives the cross-entropy GGN."""
     model, (x, y) = _torch_loss_problem("[N, C]", "labels", log_softmax=True)
     P = num_params(model)
-    V = directions(P)
-    zero = torch.zeros(3, P, dtype=torch.float64)
-    assert_close(fisherext.hvp(model, nn.NLLLoss(), (x, y), V, method="ggn"), zero, scale=1.0)
-    assert_close(fisherext.hvp(model, nn.NLLLoss(), (x, y), V[0], method="ggn"), zero[0], scale=1.0)
-    assert_close(GGNOperator(model, nn.NLLLoss(), (x, y)) @ V.T, zero.T, scale=1.0)
+    V = directions(P).T
+    zero = torch.zeros(P, 3, dtype=torch.float64)
+    assert_close(fisherext.hvp(model, nn.NLLLoss(), (x, y), V, curvature="ggn"), zero, scale=1.0)
+    assert_close(fisherext.hvp(model, nn.NLLLoss(), (x, y), V[:, 0], curvature="ggn"), zero[:, 0], scale=1.0)
+    assert_close(GGNOperator(model, nn.NLLLoss(), (x, y)) @ V, zero, scale=1.0)
     assert fisherext.hvp(model, nn.NLLLoss(), (x, y), V).abs().max() > 1e-3
 
 
@@ -229,14 +249,14 @@ def test_ggn_of_nll_loss_on_a_log_softmax_model_is_zero():
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "4"])
-@pytest.mark.parametrize("method", ["exact", "ggn", "fd"])
-def test_batch_size_is_validated_before_any_work(method, batch_size):
+@pytest.mark.parametrize("choice", list(CHOICES))
+def test_batch_size_is_validated_before_any_work(choice, batch_size):
     """0 used to mean one batch, -1 'no samples', 2.5 a raw Python error."""
     model, data, loss_fn = setup("mlp")
     calls = model.forward_calls
     with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
-        fisherext.hvp(model, loss_fn, data, torch.ones(num_params(model), dtype=torch.float64), method=method,
-                      batch_size=batch_size)
+        fisherext.hvp(model, loss_fn, data, torch.ones(num_params(model), dtype=torch.float64), batch_size=batch_size,
+                      **CHOICES[choice])
     assert model.forward_calls == calls
     for operator in (HessianOperator, GGNOperator):
         with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
@@ -244,3 +264,34 @@ def test_batch_size_is_validated_before_any_work(method, batch_size):
     with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
         FisherOperator(model, "cross_entropy", data, batch_size=batch_size)
     assert model.forward_calls == calls
+
+
+# ---- the old spellings ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(method="exact"), r"fisherext.hvp: argument 'method' 'exact' is now curvature='hessian'"),
+    (dict(method="ggn"), r"fisherext.hvp: argument 'method' 'ggn' is now curvature='ggn'"),
+    (dict(r=1e-3), r"fisherext.hvp: argument 'r' is now called 'eps'"),
+    (dict(loss_fn=F.cross_entropy), r"fisherext.hvp: argument 'loss_fn' is now called 'loss'"),
+])
+def test_old_spellings_name_the_new_ones(kwargs, msg):
+    model, data, loss_fn = setup("mlp")
+    calls = model.forward_calls
+    args = dict(model=model, data=data, v=torch.ones(num_params(model), dtype=torch.float64))
+    if "loss_fn" not in kwargs:
+        args["loss"] = loss_fn
+    with pytest.raises((TypeError, ValueError), match=msg):
+        fisherext.hvp(**args, **kwargs)
+    assert model.forward_calls == calls
+
+
+def test_name_of_a_loss_is_its_torch_loss_with_mean_reduction():
+    """hvp(loss="mse") is the curvature of F.mse_loss (the mean over every entry), hvp(loss="cross_entropy")
+    that of F.cross_entropy: explicit matrices of the torch losses by double backprop."""
+    for name, loss in [("mlp_reg", F.mse_loss), ("mlp", F.cross_entropy)]:
+        model, data, _ = setup(name)
+        V = directions(num_params(model)).T
+        assert_close(fisherext.hvp(model, MODELS[name], data, V), explicit_hessian(model, loss, *data) @ V)
+        from test_conventions import explicit_ggn as ggn_of_loss
+        assert_close(fisherext.hvp(model, MODELS[name], data, V, curvature="ggn"), ggn_of_loss(model, loss, *data) @ V)

@@ -12,7 +12,7 @@ import fisherext
 from support import assert_close
 from fisherext import InfluenceFunctions
 from support.models import make_data, make_model, named_trainable
-from support.curvature import LOSS, MODELS, explicit_ggn, explicit_hessian
+from support.curvature import LOSS, MODELS, directions, explicit_ggn, explicit_hessian
 
 DAMPING = 0.5
 
@@ -83,8 +83,12 @@ def test_stochastic_lissa_with_full_minibatches_equals_deterministic():
     kw = dict(scale=5.0, depth=300)
     full = InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver="lissa", solver_kwargs=kw)
     sampled = InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver="lissa",
-                                 solver_kwargs=dict(kw, sample_size=train[0].shape[0], seed=3))
+                                 solver_kwargs=dict(kw, sample_size=train[0].shape[0],
+                                                    generator=torch.Generator().manual_seed(3)))
     assert_close(sampled.influence(test), full.influence(test))
+    with pytest.raises(ValueError, match=r"argument 'solver_kwargs' 'seed' is now 'generator'"):
+        InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver="lissa",
+                           solver_kwargs=dict(kw, sample_size=4, seed=3)).influence(test)
 
 
 def test_params_subset_equals_explicit_subproblem():
@@ -143,6 +147,23 @@ def test_progress_bar(capsys):
     model, train, test, loss_fn = setup("mlp")
     InfluenceFunctions(model, loss_fn, train, damping=DAMPING, progress=True).influence(test)
     assert "influence" in capsys.readouterr().err
+    InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver="cg", progress=True).influence(test)
+    assert "solvers.cg" in capsys.readouterr().err
+    InfluenceFunctions(model, loss_fn, train, damping=DAMPING).influence(test)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_solve_takes_one_vector_or_columns(solver):
+    model, train, _, loss_fn = setup("mlp")
+    inf = InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver=solver, solver_kwargs=CG_TIGHT
+                             if solver == "cg" else None)
+    B = directions(inf.fm.P, K=2).T
+    A = explicit_hessian(model, loss_fn, *train) + DAMPING * torch.eye(inf.fm.P, dtype=B.dtype)
+    assert_close(inf.solve(B), torch.linalg.solve(A, B))
+    assert_close(inf.solve(B[:, 0]), torch.linalg.solve(A, B[:, 0]))
+    with pytest.raises(ValueError, match=r"argument 'B' expected shape"):
+        inf.solve(B.T)
 
 
 # ---- the acceptance test: leave-one-out retraining of L2-regularized logistic regression ----------------
@@ -225,7 +246,7 @@ def test_influence_predicts_leave_one_out_retraining():
 
 def _raises(exc, name, **kw):
     model, train, _, loss_fn = setup("mlp")
-    args = dict(model=model, loss_fn=loss_fn, train_data=train)
+    args = dict(model=model, loss=loss_fn, train_data=train)
     args.update(kw)
     with pytest.raises(exc, match=rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])"):
         InfluenceFunctions(**args)
@@ -236,7 +257,10 @@ def test_bad_arguments():
     _raises(ValueError, "curvature", curvature="fisher")
     _raises(ValueError, "damping", damping=-1.0)
     _raises(ValueError, "damping", damping=float("nan"))
-    _raises(TypeError, "loss_fn", loss_fn="cross_entropy")
+    _raises(TypeError, "loss", loss=3)
+    _raises(ValueError, "loss", loss="nll")
+    with pytest.raises(TypeError, match=r"fisherext.InfluenceFunctions: argument 'loss_fn' is now called 'loss'"):
+        InfluenceFunctions(nn.Linear(2, 2), loss_fn=F.cross_entropy, train_data=(torch.zeros(2, 2), torch.zeros(2)))
     _raises(ValueError, "train_data", train_data=(torch.zeros(0, 5, dtype=torch.float64),
                                                   torch.zeros(0, dtype=torch.long)))
     _raises(ValueError, "train_data", train_data=(torch.zeros(3, 5, dtype=torch.float64), None))

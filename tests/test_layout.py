@@ -17,14 +17,14 @@ from fisherext.capture.layout import NO_BATCH, Layout, from_sizes, ordering, to_
     ((7, 3), (9, 3), None),                            # not a multiple of the batch sizes
     ((2, 3), (3, 3, 1), None),                         # rank changes
 ])
-def test_from_sizes(shape1, shape2, expected):
+def test_from_sizes(shape1, shape2, expected):   # CPU only: shape arithmetic, no tensor to place
     assert from_sizes(shape1, 2, shape2, 3) == expected
 
 
-def test_ordering_sample_major_and_minor():
+def test_ordering_sample_major_and_minor(device):
     m = 3
     # sample-major: rows n*m + j; the j-th row of a sample has the same content whatever the batch order
-    content = {s: torch.randn(m, 4, dtype=torch.float64) for s in (0, 1)}
+    content = {s: torch.randn(m, 4, dtype=torch.float64).to(device) for s in (0, 1)}
     major = torch.cat([content[0], content[1]])
     major_swapped = torch.cat([content[1], content[0]])
     assert ordering(Layout(0, m), major, major_swapped) == Layout(0, m, True)
@@ -33,10 +33,10 @@ def test_ordering_sample_major_and_minor():
     assert ordering(Layout(0, m), minor, minor_swapped) == Layout(0, m, False)
 
 
-def test_ordering_is_unknown_when_the_values_do_not_tell():
-    same = torch.randn(6, 4, dtype=torch.float64)
+def test_ordering_is_unknown_when_the_values_do_not_tell(device):
+    same = torch.randn(6, 4, dtype=torch.float64).to(device)
     assert ordering(Layout(0, 3), same, same) is None                 # identical samples: both explain it
-    assert ordering(Layout(0, 3), same, torch.randn(6, 4, dtype=torch.float64)) is None   # neither
+    assert ordering(Layout(0, 3), same, torch.randn(6, 4, dtype=torch.float64).to(device)) is None   # neither
     assert ordering(Layout(0, 1), same, same) == Layout(0, 1)         # one row per sample: nothing to settle
 
 
@@ -48,9 +48,9 @@ def test_ordering_is_unknown_when_the_values_do_not_tell():
     (Layout(1, 2, False), lambda ids, T: ids.repeat(2)[None, :, None].expand(T, -1, 2)),       # [T, 2*N, D]
 ])
 @pytest.mark.parametrize("lead", [0, 1])
-def test_to_samples_puts_every_row_with_its_sample(layout, build, lead):
+def test_to_samples_puts_every_row_with_its_sample(layout, build, lead, device):
     n, T = 5, 3
-    ids = torch.arange(n, dtype=torch.float64)
+    ids = torch.arange(n, dtype=torch.float64, device=device)
     t = build(ids, T).contiguous()
     if lead:
         t = torch.stack([t, 10 + t])                                  # a cotangent axis in front
@@ -62,8 +62,8 @@ def test_to_samples_puts_every_row_with_its_sample(layout, build, lead):
         assert torch.equal(block, expected)
 
 
-def test_to_samples_without_batch_axis_is_one_sample():
-    t = torch.randn(4, 3)
+def test_to_samples_without_batch_axis_is_one_sample(device):
+    t = torch.randn(4, 3).to(device)
     assert torch.equal(to_samples(t, NO_BATCH, 1), t[None])
     with pytest.raises(AssertionError):
         to_samples(t, NO_BATCH, 2)

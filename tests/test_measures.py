@@ -56,6 +56,24 @@ def test_quad(name, kind):
     assert_matches(out, torch.einsum("i,nij,j->n", v, reference(name, kind), v), rtol=1e-8)
 
 
+@pytest.mark.parametrize("kind", ["true", "empirical", "mc"])
+@pytest.mark.parametrize("name", ["mlp", "mlp_reg", "seq"])
+def test_quad_with_directions_as_columns(name, kind):
+    """V [P, K] gives [N, K]: column k the reference v_kᵀ F_n v_k (exact kinds) or, for every kind, the
+    quad of column k alone (MC: the same generator seed, hence the same labels)."""
+    model = make_model(name)
+    x, y = make_data(name)
+    V = torch.stack([random_v(num_params(model), seed=k) for k in range(3)], 1)
+    run = lambda v: compute_per_sample(model, x, y, kind=kind, quantity="quad", v=v, loss=SPECS[name].loss,  # noqa: E731
+                                       mc_samples=2, generator=torch.Generator().manual_seed(4))
+    out = run(V)
+    assert out.shape == (len(x), 3)
+    for k in range(3):
+        assert_close(out[:, k], run(V[:, k]))
+    if kind != "mc":
+        assert_matches(out, torch.einsum("ik,nij,jk->nk", V, reference(name, kind), V), rtol=1e-8)
+
+
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_quad_is_not_the_block_diagonal_sum(name, kind):
@@ -112,7 +130,7 @@ def test_mean_of_per_sample_traces_is_the_fisher_trace(kind):
     x, y = make_data("seq")
     traces = compute_per_sample(model, x, y, kind=kind, quantity="trace", loss="cross_entropy")
     F = compute(model, (x, y), kind=kind, structure="diag", loss="cross_entropy")
-    assert traces.mean().item() == pytest.approx(F.trace(), rel=1e-10)
+    assert traces.mean().item() == pytest.approx(F.trace().item(), rel=1e-10)
 
 
 @pytest.mark.parametrize("quantity", ["trace", "quad"])
@@ -159,6 +177,14 @@ def test_bad_direction(mlp):
     refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P + 1, dtype=torch.float64))
     refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P - 1, dtype=torch.float64))
     refuses(model, x, y, (TypeError, ValueError), names_argument("v"), quantity="quad", v=torch.ones(P, dtype=torch.long))
+    with untouched(model), pytest.raises(ValueError, match=r"argument 'v' .*vectors are columns: pass v.T"):
+        fx.per_sample_fisher(model, x, y, quantity="quad", v=torch.ones(2, P, dtype=torch.float64))
+
+
+def test_old_spelling_of_the_loss(mlp):
+    model, x, y = mlp
+    with pytest.raises(TypeError, match=r"fisherext.per_sample_fisher: argument 'loss_fn' is now called 'loss'"):
+        fx.per_sample_fisher(model, x, y, loss_fn="cross_entropy")
 
 
 def test_bad_direction_values_and_sample_counts(mlp):

@@ -1,6 +1,7 @@
-"""The curvature operators (fisherext.operators: Hessian, GGN, Fisher) as linear operators: dense forms,
-parameter subsets, columns, scipy, the Fisher against fisherext.fisher, and the solvers and spectral
-methods run on them, against explicit matrices (tests/curvature.py), float64."""
+"""The curvature operators (fisherext.HessianOperator, GGNOperator, FisherOperator) as linear operators:
+dense forms, parameter subsets, columns, scipy, the Fisher against fisherext.fisher, the MC Fisher's
+generator, the old spellings of the arguments, and the solvers and spectral methods run on them, against
+explicit matrices (tests/support/curvature.py), float64."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,14 +35,14 @@ def test_params_subset_is_the_submatrix():
 
 
 def test_operator_columns_and_vectors():
-    """A @ X with X [P, K] (one pass over the data) equals K separate A @ v, and hvp's rows."""
+    """A @ X with X [P, K] (one pass over the data) equals K separate A @ v, and hvp's columns."""
     model, data, loss_fn = setup("cnn")
     A = HessianOperator(model, loss_fn, data, batch_size=4)
     X = directions(A.shape[0], K=4).T
     cols = A @ X
     for k in range(4):
         assert_close(cols[:, k], A @ X[:, k].contiguous())
-    assert_close(cols.T, fisherext.hvp(model, loss_fn, data, X.T))
+    assert_close(cols, fisherext.hvp(model, loss_fn, data, X))
 
 
 def test_operator_follows_the_model():
@@ -76,7 +77,7 @@ def test_fisher_operator_equals_full_fisher(name, kind):
     loss = MODELS[name]
     gen = torch.Generator().manual_seed(5)
     dense = fisherext.fisher(model, data, kind=kind, structure="full", loss=loss, mc_samples=3, generator=gen).dense()
-    A = FisherOperator(model, loss, data, kind=kind, mc_samples=3, seed=5)
+    A = FisherOperator(model, loss, data, kind=kind, mc_samples=3, generator=torch.Generator().manual_seed(5))
     V = directions(A.shape[0]).T
     assert_close(A @ V, dense @ V)
 
@@ -87,13 +88,50 @@ def test_true_fisher_is_the_ggn_for_cross_entropy():
     assert_close(FisherOperator(model, nn.CrossEntropyLoss(), data) @ V, GGNOperator(model, F.cross_entropy, data) @ V)
 
 
-def test_mc_fisher_operator_is_one_fixed_matrix():
-    """Labels are redrawn from the same seed at every product: A v is reproducible and A symmetric."""
+@pytest.mark.parametrize("given", [True, False], ids=["generator", "None"])
+def test_mc_fisher_operator_is_one_fixed_matrix(given):
+    """The generator's state at construction is replayed at every product: A v is reproducible, A is
+    symmetric and linear (one product with [P, K] equals K products), whatever the generator (or torch's
+    global one, for None) does in between; another state gives another matrix."""
     model, data, _ = setup("mlp")
-    A = FisherOperator(model, "cross_entropy", data, kind="mc", seed=3)
+    generator = torch.Generator().manual_seed(3) if given else None
+    A = FisherOperator(model, "cross_entropy", data, kind="mc", generator=generator)
+    if given:
+        generator.manual_seed(11)  # moving the caller's generator afterwards changes nothing
+    torch.manual_seed(12)
     D = A.dense()
-    assert torch.equal(A @ D[:, 0].contiguous(), A @ D[:, 0].contiguous())
+    v = D[:, 0].contiguous()
+    assert torch.equal(A @ v, A @ v)
     assert_close(D, D.T)
+    X = directions(A.shape[0], K=2).T
+    assert_close(A @ X, D @ X)
+    other = FisherOperator(model, "cross_entropy", data, kind="mc", generator=torch.Generator().manual_seed(4))
+    assert (other @ v - A @ v).abs().max() > 1e-6 * (A @ v).abs().max()
+
+
+def test_mc_fisher_operator_refuses_a_non_generator():
+    model, data, _ = setup("mlp")
+    with pytest.raises(TypeError, match=r"argument 'generator' expected a torch.Generator or None, got int"):
+        FisherOperator(model, "cross_entropy", data, kind="mc", generator=3)
+
+
+@pytest.mark.parametrize("operator", ["HessianOperator", "GGNOperator", "FisherOperator"])
+def test_old_spellings_name_the_new_ones(operator):
+    model, data, loss_fn = setup("mlp")
+    cls = getattr(fisherext, operator)
+    with pytest.raises(TypeError, match=rf"fisherext.{operator}: argument 'loss_fn' is now called 'loss'"):
+        cls(model, data=data, loss_fn=loss_fn)
+    if operator == "FisherOperator":
+        with pytest.raises(TypeError, match=r"fisherext.FisherOperator: argument 'seed' is now called 'generator'"):
+            cls(model, "cross_entropy", data, kind="mc", seed=3)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", F.cross_entropy, nn.CrossEntropyLoss()], ids=["name", "F", "module"])
+def test_hessian_operator_takes_every_form_of_the_loss(loss):
+    model, data, loss_fn = setup("mlp")
+    X = directions(num_params(model), K=2).T
+    assert_close(HessianOperator(model, loss, data) @ X, explicit_hessian(model, loss_fn, *data) @ X)
+    assert_close(GGNOperator(model, loss, data) @ X, explicit_ggn(model, "cross_entropy", *data) @ X)
 
 
 # ---- solvers and spectral methods on the operators ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""fisherext.perturb: perturbed(), the finite-difference Fisher quadratic, input sensitivity, KL vs Fisher.
+"""fisherext.perturb: perturbed(), the finite-difference Fisher quadratic, input sensitivity.
 
 Every finite-difference value is checked against an exact value (``per_sample_fisher(quantity="quad")``,
 itself checked against the per-sample autograd loop of tests/support/models.py, or an explicit autograd loop
@@ -8,6 +8,9 @@ bit as it was (parameters, storage, .grad, buffers, modes), also when the forwar
 Seed 001's fisher_quadratic_form perturbs one parameter tensor at a time, so it sums only the diagonal
 blocks of F_n; ``block=True`` reproduces that and must differ from the full vᵀF_nv where cross-tensor
 terms matter (test_block_is_not_the_full_quadratic builds a case where the full value is exactly 0).
+
+Vectors: one direction [P]; K shared directions as the columns of [P, K] (fd_quadratic_directions, whose
+result is [N, K]); one direction per input as the rows of [N, P], only with per_input=True.
 """
 import math
 import warnings
@@ -227,7 +230,7 @@ def test_fd_quadratic_per_input_directions(scheme):
     x = randn((6, 5), 14)
     V = randn((6, num_params(model)), 15)
     with untouched(model):
-        batched = fx.fd_quadratic(model, x, V, eps=1e-3, scheme=scheme)
+        batched = fx.fd_quadratic(model, x, V, eps=1e-3, scheme=scheme, per_input=True)
     one_at_a_time = torch.cat([fx.fd_quadratic(model, x[n:n + 1], V[n], eps=1e-3, scheme=scheme) for n in range(6)])
     assert batched.shape == (6,)
     assert_close(batched, one_at_a_time, torch.float32)  # two FD paths: equal up to FD-amplified round-off
@@ -246,10 +249,12 @@ def test_block_equals_the_explicit_sum_over_tensors(directions):
     model = tanh_mlp()
     x = randn((7, 5), 16)
     P = num_params(model)
-    v = randn(P, 17) if directions == "shared" else randn((7, P), 17)
+    per_input = directions == "per_input"
+    v = randn((7, P), 17) if per_input else randn(P, 17)
     with untouched(model):
-        block = fx.fd_quadratic(model, x, v, eps=1e-4, block=True)
-    by_hand = per_tensor_sum(lambda vt, names: fx.fd_quadratic(model, x, vt, eps=1e-4, params=names), model, v)
+        block = fx.fd_quadratic(model, x, v, eps=1e-4, block=True, per_input=per_input)
+    by_hand = per_tensor_sum(lambda vt, names: fx.fd_quadratic(model, x, vt, eps=1e-4, per_input=per_input,
+                                                               params=names), model, v)
     assert rel_err(block, by_hand) < 1e-9
     if directions == "shared":
         exact_blocks = per_tensor_sum(lambda vt, names: exact_quad(model, x, vt, params=names), model, v)
@@ -265,8 +270,8 @@ def test_block_is_not_the_full_quadratic():
     x = randn((5, 5), 18)
     Vw = randn((5, 4, 5), 19)
     V = torch.cat([Vw.flatten(1), -torch.einsum("noi,ni->no", Vw, x)], 1)
-    full = fx.fd_quadratic(model, x, V, eps=1e-3)
-    block = fx.fd_quadratic(model, x, V, eps=1e-3, block=True)
+    full = fx.fd_quadratic(model, x, V, eps=1e-3, per_input=True)
+    block = fx.fd_quadratic(model, x, V, eps=1e-3, block=True, per_input=True)
     weight_only = torch.cat([fx.fd_quadratic(model, x[n:n + 1], V[n, :20], eps=1e-3, params=["weight"])
                              for n in range(5)])
     assert full.abs().max() < 1e-12 * block.abs().max()
@@ -274,18 +279,21 @@ def test_block_is_not_the_full_quadratic():
     assert_close(block, 2 * weight_only, torch.float32)  # the bias block equals the weight block here
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_rows"])
 @pytest.mark.parametrize("strategy", ["vmap", "in_place", "linear", "auto"])
-def test_fd_quadratic_directions_equals_k_calls_and_the_exact_values(strategy):
+def test_fd_quadratic_directions_columns_equal_k_calls_and_the_exact_values(strategy, layout):
+    """V [P, K]: column k of the [N, K] result is fd_quadratic of column k, and the explicit autograd
+    value; V contiguous, or the transpose of a contiguous [K, P] (the layout the strategies use)."""
     model = with_grads(tanh_mlp())
     x = randn((8, 5), 20)
-    V = randn((3, num_params(model)), 21)
+    P = num_params(model)
+    V = randn((P, 3), 21) if layout == "contiguous" else randn((3, P), 21).T
     with untouched(model):
         out = fx.fd_quadratic_directions(model, x, V, eps=1e-4, strategy=strategy)
-    assert out.shape == (3, 8)
-    separate = torch.stack([fx.fd_quadratic(model, x, V[k], eps=1e-4) for k in range(3)])
+    assert out.shape == (8, 3)
+    separate = torch.stack([fx.fd_quadratic(model, x, V[:, k], eps=1e-4) for k in range(3)], dim=1)
     assert rel_err(out, separate) < 1e-9
-    exact = torch.stack([exact_quad(model, x, V[k]) for k in range(3)])
-    assert rel_err(out, exact) < 1e-6
+    assert rel_err(out, explicit_directional_fisher(model, x, V)) < 1e-6
 
 
 class ReusedWeight(nn.Module):
@@ -321,13 +329,13 @@ def test_fd_quadratic_directions_linear_strategy_equals_in_place(case):
         model, dtype = tanh_mlp(dtype=torch.float32), torch.float32
     x = make_data(case, n=6)[0] if case in ("tied", "seq") else randn((6, 5), 30, dtype)
     P = sum(p.numel() for _, p in fx._core.params.resolve_params(model, params))
-    V = randn((4, P), 31)
+    V = randn((P, 4), 31)
     with untouched(model):
         linear = fx.fd_quadratic_directions(model, x, V, eps=1e-4, params=params, strategy="linear")
         in_place = fx.fd_quadratic_directions(model, x, V, eps=1e-4, params=params, strategy="in_place")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks left behind"
     assert rel_err(linear, in_place) < (1e-3 if dtype == torch.float32 else 1e-7)
-    exact = torch.stack([exact_quad(model, x, V[k].to(dtype), params=params) for k in range(4)])
+    exact = torch.stack([exact_quad(model, x, V[:, k].to(dtype), params=params) for k in range(4)], dim=1)
     assert rel_err(linear, exact) < (1e-2 if dtype == torch.float32 else 1e-6)
 
 
@@ -335,9 +343,9 @@ def test_fd_quadratic_directions_linear_strategy_needs_linear_parameters():
     model = make_model("cnn")
     x, _ = make_data("cnn", n=3)
     with pytest.raises(ValueError, match="argument 'strategy' 'linear' needs"):
-        fx.fd_quadratic_directions(model, x, randn((2, num_params(model)), 32), strategy="linear")
+        fx.fd_quadratic_directions(model, x, randn((num_params(model), 2), 32), strategy="linear")
     with pytest.raises(ValueError, match="argument 'strategy' must be one of"):
-        fx.fd_quadratic_directions(model, x, randn((2, num_params(model)), 32), strategy="batched")
+        fx.fd_quadratic_directions(model, x, randn((num_params(model), 2), 32), strategy="batched")
 
 
 @pytest.mark.parametrize("name", ["cnn", "norm"])
@@ -349,16 +357,16 @@ def test_fd_quadratic_conv_and_norm_models(name):
     v, V = randn(P, 22), randn((5, P), 23)
     with untouched(model):
         shared = fx.fd_quadratic(model, x, v, eps=1e-4)
-        per_input = fx.fd_quadratic(model, x, V, eps=1e-4)
+        per_input = fx.fd_quadratic(model, x, V, eps=1e-4, per_input=True)
         block = fx.fd_quadratic(model, x, v, eps=1e-4, block=True)
-        directions = fx.fd_quadratic_directions(model, x, V[:2], eps=1e-4)
-        stacked = fx.fd_quadratic_directions(model, x, V[:2], eps=1e-4, strategy="vmap")
+        directions = fx.fd_quadratic_directions(model, x, V[:2].T, eps=1e-4)
+        stacked = fx.fd_quadratic_directions(model, x, V[:2].T, eps=1e-4, strategy="vmap")
     assert rel_err(stacked, directions) < 1e-9
     assert rel_err(shared, exact_quad(model, x, v)) < 1e-5
     assert rel_err(per_input, torch.cat([exact_quad(model, x[n:n + 1], V[n]) for n in range(5)])) < 1e-5
     exact_blocks = per_tensor_sum(lambda vt, names: exact_quad(model, x, vt, params=names), model, v)
     assert rel_err(block, exact_blocks) < 1e-5
-    assert rel_err(directions, torch.stack([exact_quad(model, x, V[k]) for k in range(2)])) < 1e-5
+    assert rel_err(directions, torch.stack([exact_quad(model, x, V[k]) for k in range(2)], dim=1)) < 1e-5
 
 
 def test_fd_quadratic_params_subset():
@@ -386,7 +394,7 @@ def test_fd_quadratic_directions_restores_when_the_forward_raises(fail_at):
     at θ − εv_2 (call 4) leaves them bit for bit as they were."""
     model = FailingForward(with_grads(tanh_mlp()), fail_at)
     with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
-        fx.fd_quadratic_directions(model, randn((4, 5), 28), randn((3, num_params(model)), 29), strategy="in_place")
+        fx.fd_quadratic_directions(model, randn((4, 5), 28), randn((num_params(model), 3), 29), strategy="in_place")
     assert model.calls == fail_at
 
 
@@ -411,16 +419,67 @@ def test_fd_quadratic_bad_input(arg, kwargs):
     assert model.forward_calls == calls, "refused only after running the model"
 
 
-@pytest.mark.parametrize("case", ["1d", "width", "int", "nan", "eps"])
+def test_fd_quadratic_refuses_a_2d_v_without_per_input():
+    """A 2-D v is not read as per-input directions unless asked, also when its rows happen to number N
+    (the earlier silent reading of K = N shared directions) or N == P; the message says how to pass each
+    case. With per_input=True, v must be exactly [N, P]. Refused before the model runs (any forward raises)."""
+    model = FailingForward(make_model("linear1"), fail_at=1)  # nn.Linear(5, 4): P = 24
+    P = num_params(model)
+    x = randn((P, 5), 40)  # N == P
+    layout = (r"argument 'v' is 2-D, shape \({}, {}\), without per_input=True: one direction is \[24\]; "
+              r"K shared directions go as the columns \[24, K\] to fisherext.fd_quadratic_directions; "
+              r"one direction per input is the rows \[N, P\] = \[{}, 24\] with per_input=True")
+    with untouched(model):
+        for n, v in [(P, randn((P, P), 41)), (6, randn((6, P), 42)), (6, randn((P, 3), 43))]:
+            with pytest.raises(ValueError, match=layout.format(*v.shape, n)):
+                fx.fd_quadratic(model, x[:n], v)
+        for v in [randn(P, 44), randn((5, P), 44)]:
+            with pytest.raises(ValueError, match=rf"argument 'v' per_input=True takes one direction per input as "
+                                                 rf"the rows of \[N, P\] = \[6, {P}\], got shape"):
+                fx.fd_quadratic(model, x[:6], v, per_input=True)
+        with pytest.raises(TypeError, match="argument 'per_input' expected a bool"):
+            fx.fd_quadratic(model, x[:6], randn((6, P), 45), per_input=1)
+    assert model.calls == 0
+
+
+def test_per_input_equals_the_loop_over_inputs_for_n_equal_p():
+    """N == P: per_input=True reads row n as input n's direction, like one call per input."""
+    model = make_model("linear1")
+    P = num_params(model)
+    x, V = randn((P, 5), 46), randn((P, P), 47)
+    batched = fx.fd_quadratic(model, x, V, eps=1e-4, per_input=True)
+    loop = torch.cat([fx.fd_quadratic(model, x[n:n + 1], V[n], eps=1e-4) for n in range(P)])
+    assert rel_err(batched, loop) < 1e-9
+    shared = fx.fd_quadratic_directions(model, x, V, eps=1e-4)  # the same matrix as P shared columns
+    assert shared.shape == (P, P)
+    assert rel_err(torch.diagonal(shared), torch.cat([fx.fd_quadratic(model, x[n:n + 1], V[:, n], eps=1e-4)
+                                                      for n in range(P)])) < 1e-9
+
+
+@pytest.mark.parametrize("case", ["1d", "width", "rows", "int", "nan", "eps"])
 def test_fd_quadratic_directions_bad_input(case):
     model = make_model("mlp")
     x, _ = make_data("mlp", n=5)
     P = num_params(model)
-    V = {"1d": randn(P, 0), "width": randn((2, P - 1), 0), "int": torch.ones(2, P, dtype=torch.long),
-         "nan": torch.full((2, P), math.nan, dtype=torch.float64)}.get(case, randn((2, P), 0))
+    V = {"1d": randn(P, 0), "width": randn((P - 1, 2), 0), "rows": randn((2, P), 0),
+         "int": torch.ones(P, 2, dtype=torch.long),
+         "nan": torch.full((P, 2), math.nan, dtype=torch.float64)}.get(case, randn((P, 2), 0))
     with untouched(model), pytest.raises(ValueError, match=names_argument("eps" if case == "eps" else "V")):
         fx.fd_quadratic_directions(model, x, V, eps=0.0 if case == "eps" else 1e-3)
     assert model.forward_calls == 0
+
+
+def test_fd_quadratic_directions_names_the_column_layout():
+    """Directions as rows [K, P] (the earlier layout) or one direction [P]: the error names [P, K]."""
+    model = make_model("mlp")
+    x, _ = make_data("mlp", n=5)
+    P = num_params(model)
+    expected = rf"argument 'V' expected the K directions as the columns of a floating-point tensor \[{P}, K\]"
+    with pytest.raises(ValueError, match=expected + rf".*\(2, {P}\) \(directions as rows \[K, {P}\] are the "
+                                         r"earlier layout: pass V.T\)"):
+        fx.fd_quadratic_directions(model, x, randn((2, P), 0))
+    with pytest.raises(ValueError, match=expected + r".*one direction goes to fisherext.fd_quadratic"):
+        fx.fd_quadratic_directions(model, x, randn(P, 0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,9 +524,10 @@ def test_input_sensitivity_exact_matches_the_autograd_loop(name, directions):
     model = with_grads(tanh_mlp() if name == "tanh_mlp" else make_model("cnn"))
     x = randn((4, 5), 28) if name == "tanh_mlp" else make_data("cnn", n=4)[0]
     P = num_params(model)
-    V = randn(P, 29) if directions == "shared" else randn((4, P), 29)
+    per_input = directions == "per_input"
+    V = randn((4, P), 29) if per_input else randn(P, 29)
     with untouched(model):
-        out = fx.input_sensitivity(model, x, V)
+        out = fx.input_sensitivity(model, x, V, per_input=per_input)
     assert out.shape == x.shape
     expected = fis_reference(model, x, V)
     assert_close(out, expected)
@@ -479,9 +539,9 @@ def test_input_sensitivity_fd_matches_exact(name):
     model = tanh_mlp() if name == "tanh_mlp" else make_model("cnn")
     x = randn((4, 5), 30) if name == "tanh_mlp" else make_data("cnn", n=4)[0]
     V = randn((4, num_params(model)), 31)
-    exact = fx.input_sensitivity(model, x, V, method="exact")
+    exact = fx.input_sensitivity(model, x, V, method="exact", per_input=True)
     with untouched(model):
-        fd = [fx.input_sensitivity(model, x, V, method="fd", eps=eps) for eps in (1e-3, 5e-4)]
+        fd = [fx.input_sensitivity(model, x, V, method="fd", eps=eps, per_input=True) for eps in (1e-3, 5e-4)]
     errs = [rel_err(f, exact) for f in fd]
     assert errs[0] < 1e-4, f"FD error {errs[0]:.2e} at eps=1e-3"
     if name == "tanh_mlp":  # smooth: the error is O(eps²)
@@ -497,7 +557,7 @@ def test_default_direction_is_the_normalized_predicted_class_gradient():
     assert V.shape == (5, num_params(model))
     assert_close(V, predicted_class_reference(model, x))
     assert_close(V.norm(dim=1), torch.ones(5, dtype=torch.float64))
-    assert_close(default, fx.input_sensitivity(model, x, V))
+    assert_close(default, fx.input_sensitivity(model, x, V, per_input=True))
     assert default.shape == (5, 2, 6, 6)
 
 
@@ -513,55 +573,14 @@ def test_input_sensitivity_bad_input():
             fx.input_sensitivity(model, x.long())
         with pytest.raises(ValueError, match=names_argument("eps")):
             fx.input_sensitivity(model, x, method="fd", eps=-1.0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# kl_vs_fisher
-
-
-def explicit_mean_kl(model, x, v, eps):
-    """E_x KL(p(θ) ‖ p(θ + εv)) with the moved parameters written into a deep copy of the model."""
-    import copy
-
-    moved = copy.deepcopy(model)
-    with torch.no_grad():
-        for p, piece in zip(moved.parameters(), unflatten(v, list(moved.parameters()))):
-            p.add_(eps * piece)
-        log_p, log_q = torch.log_softmax(model(x), -1), torch.log_softmax(moved(x), -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-
-
-@pytest.mark.parametrize("direction", ["random", "gradient"])
-def test_kl_vs_fisher(direction):
-    model = with_grads(tanh_mlp())
-    x = randn((16, 5), 32)
-    if direction == "random":
-        v = randn(num_params(model), 33)
-    else:
-        y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(34))
-        loss = nn.functional.cross_entropy(model(x), y)
-        v = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
-        v = v / v.norm()
-    eps_values = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3]
-    with untouched(model):
-        rows = fx.kl_vs_fisher(model, x, v, eps_values)
-    assert [r["eps"] for r in rows] == eps_values
-    # kind="true" needs no labels: (x, None) is the unlabeled data set
-    F = fx.fisher(model, (x, None), kind="true", structure="full")
-    for r in rows:
-        assert r["half_quad"] == pytest.approx(0.5 * r["eps"] ** 2 * F.quad(v), rel=1e-10)
-        assert r["kl"] == pytest.approx(explicit_mean_kl(model, x, v, r["eps"]), rel=1e-8)
-        assert r["ratio"] == pytest.approx(r["kl"] / r["half_quad"], rel=1e-12)
-    deviation = [abs(r["ratio"] - 1) for r in rows]
-    assert deviation[-1] < 0.01
-    assert all(a > b for a, b in zip(deviation, deviation[1:])), f"|ratio - 1| does not shrink with eps: {deviation}"
-
-
-def test_kl_vs_fisher_bad_eps_leaves_the_model_alone():
-    model = tanh_mlp()
-    x = randn((4, 5), 35)
-    with untouched(model), pytest.raises(ValueError, match=names_argument("eps")):
-        fx.kl_vs_fisher(model, x, randn(num_params(model), 36), [1e-2, math.nan])
+        P = num_params(model)
+        with pytest.raises(ValueError, match=r"argument 'v' is 2-D, shape \(3, \d+\), without per_input=True: "
+                                             r"one direction is \[\d+\]; K shared directions take one call each; "
+                                             r"one direction per input is the rows \[N, P\] = \[3, \d+\] with "
+                                             r"per_input=True"):
+            fx.input_sensitivity(model, x, randn((3, P), 0))
+        with pytest.raises(ValueError, match=r"argument 'v' per_input=True takes one direction per input"):
+            fx.input_sensitivity(model, x, randn(P, 0), per_input=True)
 
 
 def test_fd_quadratic_rejects_non_tensor_inputs_and_misplaced_v():
@@ -606,13 +625,14 @@ class BroadcastBuffer(nn.Module):
 
 
 def explicit_directional_fisher(model, x, V):
-    """[K, N]: v_kᵀ F_n v_k = (J_n v_k)ᵀ (diag p_n − p_n p_nᵀ) (J_n v_k), J by a backward per output."""
+    """[N, K]: v_kᵀ F_n v_k = (J_n v_k)ᵀ (diag p_n − p_n p_nᵀ) (J_n v_k) for the columns v_k of V [P, K],
+    J by a backward per output."""
     from test_conventions import explicit_jacobian
 
-    J = explicit_jacobian(model, x).view(x.shape[0], -1, V.shape[1])
-    p = torch.softmax(model(x), -1).detach()
-    JV = torch.einsum("ncp,kp->knc", J, V)
-    return (p * JV ** 2).sum(-1) - ((p * JV).sum(-1)) ** 2
+    J = explicit_jacobian(model, x).view(x.shape[0], -1, V.shape[0])
+    p = torch.softmax(model(x), -1).detach()[:, :, None]
+    JV = torch.einsum("ncp,pk->nck", J, V)
+    return (p * JV ** 2).sum(1) - ((p * JV).sum(1)) ** 2
 
 
 @pytest.mark.parametrize("T", [3, 8], ids=["T=3", "T=2KN"])
@@ -626,7 +646,7 @@ def test_linear_strategy_establishes_the_batch_axis_or_falls_back(build, T, monk
         torch.manual_seed(5)
         model = build(T).double().eval()
     x = randn((2, T * 4), 40)
-    V = randn((2, num_params(model)), 41)
+    V = randn((num_params(model), 2), 41)
     in_place_calls = []
     real = fx.perturb.finite_differences._in_place_logits
     monkeypatch.setattr(fx.perturb.finite_differences, "_in_place_logits", lambda *a: in_place_calls.append(1) or real(*a))

@@ -20,10 +20,10 @@ D64 = torch.float64
     (3, (2, 3, 1), (1, 2, 1), (1, 0, 2), (1, 1, 2)),
     (3, (3, 3, 3), (2, 2, 2), (0, 0, 0), (1, 2, 1)),
 ])
-def test_unfold_times_the_weight_is_the_convolution(nd, kernel, stride, padding, dilation):
+def test_unfold_times_the_weight_is_the_convolution(nd, kernel, stride, padding, dilation, device):
     g = torch.Generator().manual_seed(nd)
-    x = torch.randn(2, 3, *([7] * nd), generator=g, dtype=D64)
-    w = torch.randn(4, 3, *kernel, generator=g, dtype=D64)
+    x = torch.randn(2, 3, *([7] * nd), generator=g, dtype=D64).to(device)
+    w = torch.randn(4, 3, *kernel, generator=g, dtype=D64).to(device)
     conv = getattr(F, f"conv{nd}d")(x, w, stride=stride, padding=padding, dilation=dilation)
     patches = unfold(x, kernel, stride, [(p, p) for p in padding], dilation)   # [B, L, C·Πk]
     got = (patches @ w.flatten(1).T).transpose(1, 2).reshape(conv.shape)
@@ -31,11 +31,11 @@ def test_unfold_times_the_weight_is_the_convolution(nd, kernel, stride, padding,
 
 
 @pytest.mark.parametrize("kernel,dilation", [((4,), (1,)), ((3, 4), (2, 1)), ((2, 2, 3), (1, 3, 1))])
-def test_same_padding_matches_torch(kernel, dilation):
+def test_same_padding_matches_torch(kernel, dilation, device):
     nd = len(kernel)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(1, 2, *([6] * nd), generator=g, dtype=D64)
-    w = torch.randn(3, 2, *kernel, generator=g, dtype=D64)
+    x = torch.randn(1, 2, *([6] * nd), generator=g, dtype=D64).to(device)
+    w = torch.randn(3, 2, *kernel, generator=g, dtype=D64).to(device)
     conv = getattr(F, f"conv{nd}d")(x, w, padding="same", dilation=dilation)
     patches = unfold(x, kernel, (1,) * nd, _same_padding(kernel, dilation), dilation)
     torch.testing.assert_close((patches @ w.flatten(1).T).transpose(1, 2).reshape(conv.shape), conv,
@@ -55,10 +55,10 @@ RECURRENT = [
 
 @pytest.mark.parametrize("build", RECURRENT, ids=["rnn2", "relu", "gru-bi2", "gru-bf", "lstm-bi2", "lstm-proj",
                                                   "lstm-nobias-proj-bi"])
-def test_stepwise_recurrent_layers_equal_torch(build):
+def test_stepwise_recurrent_layers_equal_torch(build, device):
     torch.manual_seed(0)
-    module = build().double().eval()
-    x = torch.randn(5, 2, 3, dtype=D64)  # [T, B, I] or [B, T, I]: both shapes are valid inputs
+    module = build().double().eval().to(device)
+    x = torch.randn(5, 2, 3, dtype=D64).to(device)  # [T, B, I] or [B, T, I]: both shapes are valid inputs
     expected = module(x)
     calls = []
 
@@ -81,15 +81,15 @@ def test_stepwise_recurrent_layers_equal_torch(build):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("case", ["self", "cross", "separate"])
-def test_attention_body_equals_torch(case, batch_first):
+def test_attention_body_equals_torch(case, batch_first, device):
     torch.manual_seed(1)
     mha = nn.MultiheadAttention(6, 2, batch_first=batch_first, kdim=None if case != "separate" else 4,
-                                vdim=None if case != "separate" else 4).double().eval()
-    q = torch.randn(3, 5, 6, dtype=D64)
-    k = q if case == "self" else torch.randn(3, 4, 6 if case == "cross" else 4, dtype=D64)
+                                vdim=None if case != "separate" else 4).double().eval().to(device)
+    q = torch.randn(3, 5, 6, dtype=D64).to(device)
+    k = q if case == "self" else torch.randn(3, 4, 6 if case == "cross" else 4, dtype=D64).to(device)
     if not batch_first:
         q, k = q.transpose(0, 1), k.transpose(0, 1)
-    mask = torch.zeros(3, k.shape[1 if batch_first else 0], dtype=torch.bool)
+    mask = torch.zeros(3, k.shape[1 if batch_first else 0], dtype=torch.bool, device=device)
     mask[0, -1] = True
     expected = mha(q, k, k, key_padding_mask=mask)
     body = DESCEND[F.multi_head_attention_forward]

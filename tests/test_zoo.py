@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import fisherext as fx
+from support import to_device
 from support.curvature import directions
 from fisherext import InfluenceFunctions
 from support.models import assert_matches, block_mask, flat_indices, named_trainable, num_params, slow, submatrix, untouched
@@ -112,10 +113,11 @@ def compare(name, quantity, model, compute, expected):
     assert_matches(actual, expected, rtol=RTOL)
 
 
-def setup(name):
+def setup(name, device):
+    """The zoo model and its data on `device` (the cached oracles stay on the CPU; compare() checks there)."""
     spec = ZOO[name]
-    model = zoo_model(name)
-    x, y = zoo_data(name)
+    model = zoo_model(name).to(device)
+    x, y = to_device(zoo_data(name), device)
     # the ambiguous layout passes its class axis; every other model leaves it to inference (None)
     kw = {"loss": spec.loss} | ({"class_dim": spec.class_dim} if spec.pass_class_dim else {})
     return model, x, y, kw
@@ -124,6 +126,8 @@ def setup(name):
 # --------------------------------------------------------------------------------------------------
 # The references themselves (no fisherext): conventions that the comparisons below rely on
 # --------------------------------------------------------------------------------------------------
+
+# CPU only: these three check the oracles themselves (no fisherext), which are cached on the CPU
 
 def test_reference_padding_row_is_constant_unless_tied():
     """padding_idx: the lookup gives row 0 no gradient, so its Fisher is exactly 0 for the untied
@@ -159,8 +163,8 @@ def test_reference_ggn_is_the_rescaled_true_fisher():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", ALL)
-def test_fisher_diag(name, kind):
-    model, x, y, kw = setup(name)
+def test_fisher_diag(name, kind, device):
+    model, x, y, kw = setup(name, device)
     compare(name, f"fisher diag {kind}", model,
             lambda: fx.fisher(model, (x, y), kind=kind, structure="diag", **kw).diag(),
             fisher_reference(name, kind).diag)
@@ -169,10 +173,10 @@ def test_fisher_diag(name, kind):
 @pytest.mark.parametrize("structure", ["full", "block"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", ALL)
-def test_fisher_dense(name, kind, structure):
+def test_fisher_dense(name, kind, structure, device):
     """The exact P x P matrix and its per-module blocks; for models with P > DENSE_LIMIT both over the
     spec's params subset (then `params=` is passed)."""
-    model, x, y, kw = setup(name)
+    model, x, y, kw = setup(name, device)
     subset = dense_names(name)
     params = None if len(subset) == len(named_trainable(model)) else list(subset)
     expected = fisher_reference(name, kind).dense()
@@ -184,10 +188,10 @@ def test_fisher_dense(name, kind, structure):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", names(SUBSETS))
-def test_fisher_on_a_params_subset(name, kind):
+def test_fisher_on_a_params_subset(name, kind, device):
     """fisher(params=subset, "full") is the subset's submatrix of the whole Fisher: a head that never
     runs gives exactly 0, out_proj (used functionally by MultiheadAttention) gives its true block."""
-    model, x, y, kw = setup(name)
+    model, x, y, kw = setup(name, device)
     subset = in_model_order(model, SUBSETS[name])
     ref = fisher_reference(name, kind)
     pos = {int(i): k for k, i in enumerate(ref.index)}
@@ -199,9 +203,9 @@ def test_fisher_on_a_params_subset(name, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", KFAC_MODELS)
-def test_fisher_kfac(name, kind):
+def test_fisher_kfac(name, kind, device):
     """KFAC of nn.Linear-only models whose Linears see in-place activations or a non-batch dim 0."""
-    model, x, y, kw = setup(name)
+    model, x, y, kw = setup(name, device)
     compare(name, f"fisher kfac {kind}", model,
             lambda: fx.fisher(model, (x, y), kind=kind, structure="kfac", **kw).dense(), kfac_reference(name, kind))
 
@@ -213,10 +217,10 @@ def test_fisher_kfac(name, kind):
 @pytest.mark.parametrize("quantity", ["trace", "quad"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", ALL)
-def test_per_sample_fisher(name, kind, quantity):
+def test_per_sample_fisher(name, kind, quantity, device):
     """With labels given (ignored positions left out of both kinds)."""
-    model, x, y, kw = setup(name)
-    v = probe(name) if quantity == "quad" else None
+    model, x, y, kw = setup(name, device)
+    v = probe(name).to(device) if quantity == "quad" else None
     ref = fisher_reference(name, kind)
     compare(name, f"per_sample {quantity} {kind}", model,
             lambda: fx.per_sample_fisher(model, x, y, kind=kind, quantity=quantity, v=v, **kw),
@@ -225,12 +229,12 @@ def test_per_sample_fisher(name, kind, quantity):
 
 @pytest.mark.parametrize("quantity", ["trace", "quad"])
 @pytest.mark.parametrize("name", MULTI_POSITION)
-def test_per_sample_true_fisher_without_labels_counts_every_position(name, quantity):
+def test_per_sample_true_fisher_without_labels_counts_every_position(name, quantity, device):
     """y=None: there are no labels to infer the class axis from, so class_dim is passed; every
     position counts."""
-    model, x, _, kw = setup(name)
+    model, x, _, kw = setup(name, device)
     kw["class_dim"] = ZOO[name].class_dim
-    v = probe(name) if quantity == "quad" else None
+    v = probe(name).to(device) if quantity == "quad" else None
     ref = fisher_reference(name, "true", labels=False)
     compare(name, f"per_sample {quantity} true (no labels)", model,
             lambda: fx.per_sample_fisher(model, x, kind="true", quantity=quantity, v=v, **kw),
@@ -238,11 +242,11 @@ def test_per_sample_true_fisher_without_labels_counts_every_position(name, quant
 
 
 @pytest.mark.parametrize("call", ["fisher", "per_sample_fisher"])
-def test_ambiguous_class_axis_is_refused(call):
+def test_ambiguous_class_axis_is_refused(call, device):
     """Outputs [N, T, C] with T == C and labels [N, T]: dropping axis 1 or axis 2 both give the labels'
     shape, so class_dim=None must raise a ValueError naming class_dim rather than guess."""
     name = "per_position_t_eq_c"
-    model, x, y, _ = setup(name)
+    model, x, y, _ = setup(name, device)
     with untouched(model), pytest.raises(ValueError, match="class_dim"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         if call == "fisher":
@@ -255,41 +259,43 @@ def test_ambiguous_class_axis_is_refused(call):
 # Curvature products, operators and influence (representative subset)
 # --------------------------------------------------------------------------------------------------
 
-def curvature_setup(name):
-    model, x, y, _ = setup(name)
-    return model, (x, y), loss_fn_for(name), directions(num_params(model), K=2).T   # V [P, 2]
+def curvature_setup(name, device):
+    """(model, data, loss, V [P, 2]): model and data on `device`, V on the CPU with the oracles."""
+    model, x, y, _ = setup(name, device)
+    return model, (x, y), loss_fn_for(name), directions(num_params(model), K=2).T
 
 
-@pytest.mark.parametrize("method", ["exact", "ggn"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("name", names(CURVATURE_MODELS))
-def test_hvp(name, method):
-    model, data, loss_fn, V = curvature_setup(name)
-    M = hessian_reference(name) if method == "exact" else ggn_reference(name)
-    compare(name, f"hvp {method}", model, lambda: fx.hvp(model, loss_fn, data, V[:, 0], method=method), M @ V[:, 0])
+def test_hvp(name, curvature, device):
+    model, data, loss_fn, V = curvature_setup(name, device)
+    M = hessian_reference(name) if curvature == "hessian" else ggn_reference(name)
+    compare(name, f"hvp {curvature}", model,
+            lambda: fx.hvp(model, loss_fn, data, V[:, 0].to(device), curvature=curvature), M @ V[:, 0])
 
 
 @pytest.mark.parametrize("operator", ["HessianOperator", "GGNOperator"])
 @pytest.mark.parametrize("name", names(CURVATURE_MODELS))
-def test_curvature_operator(name, operator):
-    model, data, loss_fn, V = curvature_setup(name)
+def test_curvature_operator(name, operator, device):
+    model, data, loss_fn, V = curvature_setup(name, device)
     M = hessian_reference(name) if operator == "HessianOperator" else ggn_reference(name)
-    compare(name, f"{operator} @ V", model, lambda: getattr(fx, operator)(model, loss_fn, data) @ V, M @ V)
+    compare(name, f"{operator} @ V", model, lambda: getattr(fx, operator)(model, loss_fn, data) @ V.to(device), M @ V)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", names(CURVATURE_MODELS))
-def test_fisher_operator(name, kind):
+def test_fisher_operator(name, kind, device):
     """FisherOperator @ V equals fisher(..., structure="full") @ V (the per-sample sum over positions)."""
-    model, data, _, V = curvature_setup(name)
+    model, data, _, V = curvature_setup(name, device)
     compare(name, f"FisherOperator {kind} @ V", model,
-            lambda: fx.FisherOperator(model, "cross_entropy", data, kind=kind) @ V,
+            lambda: fx.FisherOperator(model, "cross_entropy", data, kind=kind) @ V.to(device),
             fisher_reference(name, kind).dense() @ V)
 
 
 @pytest.mark.parametrize("name", names(CURVATURE_MODELS))
-def test_influence(name):
-    model, train, loss_fn, _ = curvature_setup(name)
-    test = zoo_data(name, 3, seed=1)
+def test_influence(name, device):
+    model, train, loss_fn, _ = curvature_setup(name, device)
+    test = to_device(zoo_data(name, 3, seed=1), device)
     subset = list(SUBSETS[name])
     compare(name, "influence (exact, subset)", model,
             lambda: InfluenceFunctions(model, loss_fn, train, damping=INFLUENCE_DAMPING, solver="exact",
@@ -302,7 +308,7 @@ def test_influence(name):
 # --------------------------------------------------------------------------------------------------
 
 def _ones(model, *shape):
-    return torch.ones(num_params(model), *shape, dtype=torch.float64)
+    return torch.ones(num_params(model), *shape, dtype=torch.float64, device=next(model.parameters()).device)
 
 
 ENTRY_POINTS = {
@@ -318,29 +324,30 @@ ENTRY_POINTS = {
 }
 
 
-def _train_mode_dropout():
+def _train_mode_dropout(device):
     """DropoutNet in eval mode except its one Dropout: the error must name that module."""
-    model = DropoutNet().to(torch.float64).eval()
+    model = DropoutNet().to(torch.float64).eval().to(device)
     model.body.regularizer.train()
-    return model, torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1]), [DropoutNet.DROPOUT]
+    return (model, torch.randn(5, 4, dtype=torch.float64, device=device), torch.tensor([0, 1, 2, 0, 1], device=device),
+            [DropoutNet.DROPOUT])
 
 
-def _train_mode_vit():
+def _train_mode_vit(device):
     """The ViT-like model left in train mode (model.train()): its dropouts live inside
     TransformerEncoderLayer (nn.Dropout modules, and MultiheadAttention's own dropout); the error must
     name one of them."""
-    model = zoo_model("vit").train()
-    x, y = zoo_data("vit")
+    model = zoo_model("vit").train().to(device)
+    x, y = to_device(zoo_data("vit"), device)
     active = [n for n, m in model.named_modules()
               if isinstance(m, (torch.nn.Dropout, torch.nn.MultiheadAttention)) and n]
     return model, x, y, active
 
 
-def _train_mode_batchnorm():
+def _train_mode_batchnorm(device):
     """The in-place CNN with its BatchNorm in train mode (batch statistics couple the samples)."""
-    model = zoo_model("inplace_cnn")
+    model = zoo_model("inplace_cnn").to(device)
     model.bn.train()
-    return model, *zoo_data("inplace_cnn"), ["bn"]
+    return model, *to_device(zoo_data("inplace_cnn"), device), ["bn"]
 
 
 # the per-sample entry points, which a train-mode BatchNorm makes ill-defined (the batch-mean Hessian
@@ -352,10 +359,10 @@ PER_SAMPLE_ENTRY_POINTS = ["fisher", "per_sample_fisher trace", "per_sample_fish
 @pytest.mark.parametrize("entry,make", [(e, m) for m in (_train_mode_dropout, _train_mode_vit) for e in ENTRY_POINTS]
                          + [(e, _train_mode_batchnorm) for e in PER_SAMPLE_ENTRY_POINTS],
                          ids=lambda v: v if isinstance(v, str) else v.__name__.removeprefix("_train_mode_"))
-def test_train_mode_is_refused(entry, make):
+def test_train_mode_is_refused(entry, make, device):
     """A ValueError saying model.eval() and naming a module in train mode, with the
     model left as it was (still in train mode) and no hook left behind."""
-    model, x, y, modules = make()
+    model, x, y, modules = make(device)
     with untouched(model), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         with pytest.raises(ValueError, match=re.escape("model.eval()")) as info:

@@ -1,5 +1,5 @@
 """Argument checks shared by every entry point: choices, counts, finite-difference steps, flat vectors
-over the selected parameters, model inputs and loss functions."""
+over the selected parameters and model inputs."""
 from __future__ import annotations
 
 import math
@@ -67,7 +67,3 @@ def check_inputs(model, x):
     if not x.is_floating_point() and not any(isinstance(m, nn.Embedding) for m in model.modules()):
         raise TypeError(f"data: inputs x have dtype {x.dtype}; the model needs floating-point inputs")
 
-
-def check_loss_fn(loss_fn):
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn: expected a callable loss_fn(outputs, targets) -> mean loss, got {loss_fn!r}")

@@ -10,13 +10,33 @@ from .checks import check_inputs, check_positive_int
 
 
 def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None, unit: str = "it"):
-    """``iterable`` with a tqdm progress bar named ``desc`` when ``enabled`` (the one progress bar of every
-    entry point's ``progress=True``), else ``iterable`` itself."""
+    """The one progress bar of every entry point's ``progress=True``: a tqdm bar named ``desc``.
+
+    Over an ``iterable``: the iterable wrapped by the bar when ``enabled``, else the iterable itself.
+    With ``iterable=None``: a bar of ``total`` units updated by hand (``bar.update(n)``, ``bar.close()``,
+    or used as a context manager), which does nothing when not ``enabled``.
+    """
     if not enabled:
-        return iterable
+        return _NoBar() if iterable is None else iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit=unit)
+
+
+class _NoBar:
+    """A progress bar updated by hand that shows nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def iter_batches(data, batch_size=None) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:

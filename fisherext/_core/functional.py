@@ -11,7 +11,7 @@ from .params import resolve_params
 
 
 class FunctionalModel:
-    """A model as a function of its selected parameters: flat vectors [K, P] ↔ per-parameter tensors."""
+    """A model as a function of its selected parameters: flat vectors [P] ↔ per-parameter tensors."""
 
     def __init__(self, model: nn.Module, params=None):
         check_deterministic(model)
@@ -40,10 +40,17 @@ class FunctionalModel:
         return checked_output(functional_call(self.model, params, (x,)), offset)
 
     def vectors(self, v) -> tuple[torch.Tensor, bool]:
-        """v [P] or [K, P] → ([K, P] in the parameters' dtype, whether v was one vector)."""
-        v = check_vectors(v, self.selected, "K")
-        single = v.dim() == 1
-        return (v.unsqueeze(0) if single else v).to(self.dtype), single
+        """One vector v [P] or K vectors as the columns of v [P, K] → (the vectors as rows [K, P] in the
+        parameters' dtype, the form the per-batch products take; whether v was one vector)."""
+        P = self.P
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and tuple(v.shape) != (P,) \
+                and not (v.dim() == 2 and v.shape[0] == P):
+            hint = "; vectors are columns: pass v.T" if v.dim() == 2 and v.shape[1] == P else ""
+            raise ValueError(f"v: expected shape [{P}] or [{P}, K] (K vectors as columns) over the "
+                             f"{len(self.selected)} selected parameter tensors, got {tuple(v.shape)}{hint}")
+        single = not isinstance(v, torch.Tensor) or v.dim() != 2
+        rows = check_vectors(v, self.selected) if single else check_vectors(v.T, self.selected, "K")
+        return (rows[None] if single else rows).to(self.dtype), single
 
 
 def grads(outputs, leaves, grad_outputs, retain_graph=False, create_graph=False) -> list[torch.Tensor]:

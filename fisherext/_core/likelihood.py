@@ -1,31 +1,45 @@
-r"""Likelihoods and the output cotangents of each Fisher kind.
+r"""Likelihoods: the output-space loss Hessian of each and the output cotangents of each Fisher kind.
 
-The per-sample loss is the negative log-likelihood :math:`\ell_n = -\log p(y_n \mid x_n, \theta)` of
-the model output :math:`z_n = f(x_n;\theta)`, and :math:`F_n = \sum_k w_k\, J_n^\top c_{nk} c_{nk}^\top J_n`
-with output cotangents :math:`c_k` chosen by the kind:
+The per-sample loss is the negative log-likelihood :math:`\ell_n = -\log p(y_n \mid z_n)` of the model
+output :math:`z_n = f(x_n;\theta)`. Its Hessian in output space is :math:`\Lambda_n = \nabla^2_z \ell_n`,
+and :math:`F_n = \sum_k w_k\, J_n^\top c_{nk} c_{nk}^\top J_n` with output cotangents :math:`c_k` chosen
+by the kind: the columns of a square root of :math:`\Lambda_n` ("true"), the residual
+:math:`\nabla_z \ell(z_n, y)` at the data label ("empirical"), or at M labels drawn from the model,
+:math:`w_m = 1/M` ("mc"). One class per likelihood (``likelihood`` builds it from a name or a torch loss);
+``Likelihood.at(out, y)`` binds one batch's outputs, and its ``sqrt_columns``, ``hessian_product``,
+``sample`` and ``residual`` are the four pieces every engine uses.
 
-- ``loss="cross_entropy"``: softmax over a class axis. Outputs [N, C], or with extra axes (positions,
-  pixels) [N, T, C] (class axis last: a language model) or [N, C, H, W] (class axis 1: segmentation);
-  ``class_dim`` names it, and when it is None it is read off the labels (the output shape without the
-  class axis is the labels' shape). With extra axes the positions are independent given x and the
-  per-sample log-likelihood is the **sum** over positions, :math:`\log p(y_n|x_n) = \sum_t \log p(y_{nt}|x_n)`;
-  positions whose label is ``ignore_index`` are left out (they contribute nothing, and a sample counts
-  in N whatever its valid positions).
+- ``"cross_entropy"`` (:class:`CrossEntropy`): softmax over a class axis. Outputs [N, C], or with extra
+  axes (positions, pixels) [N, T, C] (class axis last: a language model) or [N, C, H, W] (class axis 1:
+  segmentation); ``class_dim`` names it, and when it is None it is read off the labels (the output
+  shape without the class axis is the labels' shape). With extra axes the positions are independent
+  given x and the per-sample log-likelihood is the **sum** over positions,
+  :math:`\log p(y_n|x_n) = \sum_t \log p(y_{nt}|x_n)`; positions whose label is ``ignore_index`` are
+  left out (they contribute nothing, and a sample counts in N whatever its valid positions).
+  :math:`\Lambda = \mathrm{diag}(p) - pp^\top = SS^\top` at every position (no cross terms between
+  positions), :math:`S_{:,c} = \sqrt{p_c}(e_c - p)`: one column per (position, class), K = T·C, each
+  nonzero at its own position only; :math:`\Lambda u = p\odot u - p(p^\top u)` by the fused kernel;
+  residual :math:`p - e_y`.
+- ``"mse"`` (:class:`Gaussian`): unit variance over every output entry, :math:`\ell = \tfrac12\|z - y\|^2`:
+  :math:`\Lambda = I` (K = the entries per sample, one-hot columns), residual :math:`z - y`, labels
+  :math:`y = z + \epsilon`, :math:`\epsilon \sim N(0, I)`.
+- ``"bce"`` (:class:`Bernoulli`): an independent Bernoulli of logit :math:`z_e` per output entry,
+  :math:`\ell = \sum_e \mathrm{BCE}(\sigma(z_e), y_e)` (``F.binary_cross_entropy_with_logits`` summed
+  over the entries): :math:`\Lambda = \mathrm{diag}(\sigma(z)(1 - \sigma(z)))`, residual
+  :math:`\sigma(z) - y`, labels :math:`y_e \sim \mathrm{Bernoulli}(\sigma(z_e))`.
 
-  - "true": :math:`F_n = \sum_t J_{nt}^\top \Lambda_{nt} J_{nt}` (no cross terms between positions: the
-    expected score of each position is zero), :math:`\Lambda = \mathrm{diag}(p) - pp^\top = SS^\top`,
-    :math:`S_{:,c} = \sqrt{p_c}(e_c - p)`: one cotangent per (position, class), K = T·C, each nonzero at
-    its own position only;
-  - "empirical": :math:`c = p - e_y` at every position (K = 1);
-  - "mc": :math:`c_m = p - e_{y_m}`, a label drawn per position from the model, :math:`w_m = 1/M`.
-- ``loss="mse"``: Gaussian with unit variance over every output entry, :math:`\ell = \tfrac12\|z - y\|^2`:
-  "true" :math:`\Lambda = I` (K = the entries per sample, one-hot cotangents), "empirical" :math:`c = z - y`,
-  "mc" :math:`c_m = -\epsilon_m`, :math:`\epsilon_m \sim N(0, I)`.
-
+Called as a loss (the curvature of a name: ``hvp``, the Hessian and GGN operators, influence), a
+likelihood is its torch loss with ``reduction="mean"``: ``F.cross_entropy`` over the class axis (the mean
+over the positions that count; for [N, C] logits with every label counted, the mean NLL
+:math:`\frac1N\sum_n \ell_n`), ``F.mse_loss`` (the mean over the N·E entries of :math:`(z - y)^2`,
+i.e. :math:`\frac{2}{NE}\sum_n \ell_n`) or ``F.binary_cross_entropy_with_logits`` (:math:`\frac{1}{NE}
+\sum_n \ell_n`), so a name and its torch loss give the same curvature.
 Cotangents are generated a chunk of k at a time (``Cotangents.chunk``), so K = T·C never has to be
 held at once.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -35,7 +49,7 @@ from .checks import check_choice
 from .functional import grads
 
 KINDS = ("true", "empirical", "mc")
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "bce")
 
 
 def class_axis(out: torch.Tensor, y, class_dim) -> int:
@@ -68,83 +82,119 @@ def class_axis(out: torch.Tensor, y, class_dim) -> int:
                      "nor class_dim=-1")
 
 
-class Cotangents:
-    """The cotangents c_k [K, *out.shape] and weights w_k [K] of a Fisher kind for one batch's outputs
-    (module docstring), generated ``chunk(k0, k1)`` at a time."""
+class Likelihood:
+    """A per-sample likelihood p(y | z) of the model output z (module docstring). Unbound it is a loss,
+    ``lik(out, y)`` = its torch loss with reduction="mean"; ``at(out, y)`` binds a batch."""
 
-    def __init__(self, out: torch.Tensor, y, kind: str, loss: str, *, mc_samples: int = 1, generator=None,
-                 class_dim=None, ignore_index: int = -100):
-        out = out.detach()
-        self.shape, self.kind, self.loss = out.shape, kind, loss
-        N = out.shape[0]
-        ones = out.new_ones
-        if loss == "cross_entropy":
-            axis = class_axis(out, y, class_dim)
-            self.axis = axis
-            rows = out.movedim(axis, -1)
-            self.moved_shape = rows.shape
-            C = rows.shape[-1]
-            rows = rows.reshape(N, -1, C)                                    # [N, T, C]
-            labels = _labels(y, rows.shape[:2], out, axis, kind, ignore_index)
-            valid = None if labels is None else (labels != ignore_index)
-            if valid is not None and bool(valid.all()):
-                valid = None                                                 # every position counts
-            if kind == "empirical" and labels is None:
+    name: str
+
+    def at(self, out: torch.Tensor, y) -> Likelihood:
+        """This likelihood bound to one batch's outputs ``out`` [N, ...] (detached) and targets ``y``."""
+        bound = copy.copy(self)
+        bound.out, bound.y = out.detach(), y
+        bound.bind()
+        return bound
+
+    def bind(self) -> None:
+        """Per-batch state computed once from ``self.out`` and ``self.y``."""
+
+    def __call__(self, out: torch.Tensor, y) -> torch.Tensor:
+        """The batch's loss as its torch loss with reduction="mean" computes it, differentiable in ``out``."""
+        raise NotImplementedError
+
+    # ---- on a bound batch ---------------------------------------------------------------------------
+
+    @property
+    def num_columns(self) -> int:
+        """K, the columns of the square root of Λ_n per sample."""
+        return self.out[0].numel()
+
+    def sqrt_columns(self, k0: int, k1: int) -> torch.Tensor:
+        """Columns k0..k1 of the square root of Λ_n, every sample at once: [k1 - k0, *out.shape]."""
+        raise NotImplementedError
+
+    def hessian_product(self, U: torch.Tensor) -> torch.Tensor:
+        """Λ_n u_n for every sample n and every one of the K directions U [K, *out.shape]: [K, *out.shape]."""
+        raise NotImplementedError
+
+    def mean_denominator(self) -> float:
+        """d, with the batch's mean loss (``__call__``) = Σ_n ℓ_n / d."""
+        return self.out.numel()
+
+    def sample(self, M: int, generator) -> torch.Tensor:
+        """M label sets drawn from the model's predictive distribution, in ``residual``'s layout."""
+        raise NotImplementedError
+
+    def data_labels(self) -> torch.Tensor:
+        """The data labels of the batch in ``residual``'s layout, [1, ...]; ValueError when y has none."""
+        raise NotImplementedError
+
+    def residual(self, labels: torch.Tensor) -> torch.Tensor:
+        """∇_z ℓ(z_n, y) at each of the M label sets ``labels``: [M, *out.shape]."""
+        raise NotImplementedError
+
+
+class CrossEntropy(Likelihood):
+    """Softmax over a class axis (module docstring): ``class_dim`` (None: read off the labels) and
+    ``ignore_index`` (the label of positions that do not count)."""
+
+    name = "cross_entropy"
+
+    def __init__(self, class_dim: int | None = None, ignore_index: int = -100):
+        self.class_dim, self.ignore_index = class_dim, ignore_index
+
+    def __call__(self, out, y):
+        axis = class_axis(out, y, self.class_dim)
+        return nn.functional.cross_entropy(out.movedim(axis, 1), y, ignore_index=self.ignore_index)
+
+    def bind(self):
+        out = self.out
+        self.axis = class_axis(out, self.y, self.class_dim)
+        rows = out.movedim(self.axis, -1)
+        self.moved_shape = rows.shape
+        self.C = rows.shape[-1]
+        self.rows = rows.reshape(out.shape[0], -1, self.C)                  # [N, T, C]
+        self.labels = self._labels(strict=False)
+        valid = None if self.labels is None else (self.labels != self.ignore_index)
+        self.valid = None if valid is None or bool(valid.all()) else valid   # None: every position counts
+
+    def _labels(self, strict: bool):
+        """Class labels [N, T] (moved like the outputs) when y holds them; None when it does not (an
+        error when ``strict``: the data labels were asked for)."""
+        y, out, axis = self.y, self.out, self.axis
+        want = tuple(out.shape[:axis] + out.shape[axis + 1:])
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or tuple(y.shape) != want:
+            if not strict:
+                return None
+            if y is None:
                 raise ValueError("data: kind='empirical' needs labels y")
-            self.rows, self.valid, self.C = rows, valid, C
-            if kind == "true":
-                self.K, self.weights = rows.shape[1] * C, ones(rows.shape[1] * C)
-            elif kind == "empirical":
-                p = torch.softmax(rows, -1)
-                target = nn.functional.one_hot(labels if valid is None else torch.where(valid, labels, 0), C).to(p.dtype)
-                self._all = self._masked(p - target)[None]
-                self.K, self.weights = 1, ones(1)
-            else:
-                p = torch.softmax(rows, -1)
-                drawn = torch.multinomial(p.reshape(-1, C), mc_samples, replacement=True, generator=generator)
-                target = nn.functional.one_hot(drawn.T.reshape(mc_samples, *rows.shape[:2]), C).to(p.dtype)
-                self._all = self._masked(p[None] - target)
-                self.K, self.weights = mc_samples, ones(mc_samples) / mc_samples
-            return
-        flat = out.reshape(N, -1)
-        self.E = flat.shape[1]
-        if kind == "true":
-            self.K, self.weights = self.E, ones(self.E)
-        elif kind == "empirical":
-            if not isinstance(y, torch.Tensor) or y.shape != out.shape:
-                raise ValueError(f"data: loss='mse' needs targets y of shape {tuple(out.shape)}")
-            self._all = (out - y.to(out.dtype))[None]
-            self.K, self.weights = 1, ones(1)
-        else:
-            noise = torch.randn(mc_samples, *out.shape, dtype=out.dtype, device=out.device, generator=generator)
-            self._all = -noise
-            self.K, self.weights = mc_samples, ones(mc_samples) / mc_samples
+            raise ValueError(f"data: labels y must be an integer tensor of shape {list(want)}, got "
+                             f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+        counted = y[y != self.ignore_index]
+        if counted.numel() and (counted.min() < 0 or counted.max() >= self.C):
+            raise ValueError(f"data: labels must lie in [0, {self.C}) (or equal ignore_index={self.ignore_index}), "
+                             f"got [{int(counted.min())}, {int(counted.max())}]")
+        return y.reshape(self.rows.shape[:2])  # the other axes keep their order when the class axis moves last
 
     def _masked(self, c):
+        """c [..., N, T, C] with the ignored positions zeroed."""
         return c if self.valid is None else c * self.valid[..., None].to(c.dtype)
 
     def _restore(self, c):
-        """[k, N, T, C] in moved layout -> [k, *out.shape]."""
+        """[k, N, T, C] in the moved layout -> [k, *out.shape]."""
         return c.reshape(c.shape[0], *self.moved_shape).movedim(-1, self.axis + 1)
 
-    def chunk(self, k0: int, k1: int) -> torch.Tensor:
-        """c_k for k in [k0, k1): [k1 - k0, *out.shape]."""
-        if self.kind != "true":
-            c = self._all[k0:k1]
-            return self._restore(c) if self.loss == "cross_entropy" else c
-        if self.loss == "mse":
-            eye = torch.eye(self.E, dtype=self.weights.dtype, device=self.weights.device)[k0:k1]
-            return eye[:, None, :].expand(k1 - k0, self.shape[0], self.E).reshape(k1 - k0, *self.shape)
+    def sqrt_columns(self, k0, k1):
         N, T, C = self.rows.shape
         if T == 1:  # one position: the square-root columns themselves
-            return self._restore(self._columns(0, k0, k1)[:, :, None])
+            return self._restore(self._position_columns(0, k0, k1)[:, :, None])
         c = self.rows.new_zeros(k1 - k0, N, T, C)
         for t in range(k0 // C, (k1 - 1) // C + 1):
             lo, hi = max(k0, t * C), min(k1, (t + 1) * C)
-            c[lo - k0:hi - k0, :, t] = self._columns(t, lo - t * C, hi - t * C)
+            c[lo - k0:hi - k0, :, t] = self._position_columns(t, lo - t * C, hi - t * C)
         return self._restore(c)
 
-    def _columns(self, t, c0, c1):
+    def _position_columns(self, t, c0, c1):
         """Columns c0..c1 of the square root of Λ at position t: [c1 - c0, N, C], zero where ignored. All C
         by the fused kernel; a part by S_c = √p_c (e_c − p), so a chunk costs its own size, not N·C²."""
         logits = self.rows[:, t].contiguous()
@@ -157,72 +207,213 @@ class Cotangents:
             S[torch.arange(c1 - c0), :, torch.arange(c0, c1)] += root
         return S if self.valid is None else S * self.valid[:, t, None].to(S.dtype)
 
+    def mean_denominator(self):
+        """The positions that count."""
+        return self.rows.shape[0] * self.rows.shape[1] if self.valid is None else int(self.valid.sum())
+
+    def hessian_product(self, U):
+        """p⊙u − p(pᵀu) at every position by the fused kernel, 0 where ignored."""
+        N, T, C = self.rows.shape
+        rows = U.movedim(self.axis + 1, -1).reshape(-1, N * T, C)
+        HU = self._masked(ops.softmax_hvp(self.rows.reshape(N * T, C), rows).view(-1, N, T, C))
+        return self._restore(HU)
+
+    def sample(self, M, generator):
+        N, T, C = self.rows.shape
+        p = torch.softmax(self.rows, -1)
+        drawn = torch.multinomial(p.reshape(-1, C), M, replacement=True, generator=generator)
+        return drawn.T.reshape(M, N, T)
+
+    def data_labels(self):
+        return (self._labels(strict=True) if self.labels is None else self.labels)[None]
+
+    def residual(self, labels):
+        target = labels if self.valid is None else torch.where(self.valid, labels, 0)
+        p = torch.softmax(self.rows, -1)
+        return self._restore(self._masked(p[None] - nn.functional.one_hot(target, self.C).to(p.dtype)))
+
+
+class _Elementwise(Likelihood):
+    """A likelihood independent over the output entries, with targets y of the outputs' shape."""
+
+    def _targets(self, y, out):
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(out.shape):
+            raise ValueError(f"data: loss={self.name!r} needs targets y of shape {tuple(out.shape)}, got "
+                             f"{type(y).__name__ if y is None else tuple(getattr(y, 'shape', ()))}")
+        return y.to(out.dtype)
+
+    def data_labels(self):
+        return self._targets(self.y, self.out)[None]
+
+    def sqrt_columns(self, k0, k1):
+        """Column e of diag(√λ): √λ_e at entry e, zero elsewhere."""
+        N, E = self.out.shape[0], self.num_columns
+        eye = torch.eye(E, dtype=self.out.dtype, device=self.out.device)[k0:k1]
+        columns = eye[:, None, :] * self.root().reshape(1, N, E)
+        return columns.reshape(k1 - k0, *self.out.shape)
+
+    def root(self) -> torch.Tensor:
+        """√diag(Λ) [*out.shape] (broadcastable)."""
+        raise NotImplementedError
+
+
+class Gaussian(_Elementwise):
+    """Unit-variance Gaussian over every output entry, ℓ = ½‖z − y‖² (module docstring)."""
+
+    name = "mse"
+
+    def __call__(self, out, y):
+        return nn.functional.mse_loss(out, self._targets(y, out))
+
+    def mean_denominator(self):
+        """F.mse_loss is the mean of (z − y)² = 2ℓ over the entries."""
+        return self.out.numel() / 2
+
+    def root(self):
+        return self.out.new_ones(1).expand(self.out.shape)
+
+    def hessian_product(self, U):
+        return U
+
+    def sample(self, M, generator):
+        out = self.out
+        return out + torch.randn(M, *out.shape, dtype=out.dtype, device=out.device, generator=generator)
+
+    def residual(self, labels):
+        return self.out[None] - labels
+
+
+class Bernoulli(_Elementwise):
+    """An independent Bernoulli of logit z_e per output entry (module docstring)."""
+
+    name = "bce"
+
+    def __call__(self, out, y):
+        return nn.functional.binary_cross_entropy_with_logits(out, self._targets(y, out))
+
+    def bind(self):
+        self.p = torch.sigmoid(self.out)
+
+    def root(self):
+        return (self.p * (1 - self.p)).sqrt()
+
+    def hessian_product(self, U):
+        return self.p * (1 - self.p) * U
+
+    def sample(self, M, generator):
+        return torch.bernoulli(self.p.expand(M, *self.p.shape), generator=generator)
+
+    def residual(self, labels):
+        return self.p[None] - labels
+
+
+class Cotangents:
+    """The cotangents c_k [K, *out.shape] and weights w_k [K] of a Fisher kind for one batch's outputs
+    (module docstring), generated ``chunk(k0, k1)`` at a time."""
+
+    def __init__(self, lik: Likelihood, out: torch.Tensor, y, kind: str, *, mc_samples: int = 1, generator=None):
+        self.bound = lik.at(out, y)
+        ones = out.new_ones
+        if kind == "true":
+            self.K = self.bound.num_columns
+            self.weights, self._all = ones(self.K), None
+        elif kind == "empirical":
+            self._all = self.bound.residual(self.bound.data_labels())
+            self.K, self.weights = 1, ones(1)
+        else:
+            self._all = self.bound.residual(self.bound.sample(mc_samples, generator))
+            self.K, self.weights = mc_samples, ones(mc_samples) / mc_samples
+
+    def chunk(self, k0: int, k1: int) -> torch.Tensor:
+        """c_k for k in [k0, k1): [k1 - k0, *out.shape]."""
+        return self.bound.sqrt_columns(k0, k1) if self._all is None else self._all[k0:k1]
+
     def all(self) -> torch.Tensor:
         return self.chunk(0, self.K)
 
 
-def _labels(y, NT, out, axis, kind, ignore_index):
-    """Class labels [N, T] (moved like the outputs) when y holds them; None when y is absent (or, for the
-    true Fisher, which needs no labels, when y is not a label tensor of the outputs' shape)."""
-    want = tuple(out.shape[:axis] + out.shape[axis + 1:])
-    C = out.shape[axis]
-    if not isinstance(y, torch.Tensor) or y.is_floating_point() or tuple(y.shape) != want:
-        if kind == "empirical" and y is not None:
-            raise ValueError(f"data: labels y must be an integer tensor of shape {list(want)}, got "
-                             f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
-        return None
-    counted = y[y != ignore_index]
-    if counted.numel() and (counted.min() < 0 or counted.max() >= C):
-        raise ValueError(f"data: labels must lie in [0, {C}) (or equal ignore_index={ignore_index}), got "
-                         f"[{int(counted.min())}, {int(counted.max())}]")
-    return y.reshape(NT)  # the outputs' other axes keep their order when the class axis moves last
+# ---- from names and torch losses ------------------------------------------------------------------
+
+_FUNCTIONS = {nn.functional.cross_entropy: "cross_entropy", nn.functional.mse_loss: "mse",
+              nn.functional.binary_cross_entropy_with_logits: "bce"}
+_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce"}
+_NEEDS = ("a Fisher needs a likelihood: a name ('cross_entropy', 'mse', 'bce') or F.cross_entropy, "
+          "nn.CrossEntropyLoss(), F.mse_loss, nn.MSELoss(), F.binary_cross_entropy_with_logits, "
+          "nn.BCEWithLogitsLoss()")
 
 
-# ---- torch losses -------------------------------------------------------------------------------
+def likelihood(loss, *, class_dim: int | None = None, ignore_index: int | None = None) -> Likelihood:
+    """The likelihood of a name or a torch loss (function or module; its reduction does not change the
+    likelihood). Torch losses that are no likelihood of the outputs (class weights, label smoothing,
+    ``pos_weight``, any other callable) are refused, naming ``loss``. ``class_dim`` and ``ignore_index``
+    (None: that of an ``nn.CrossEntropyLoss``, else -100) apply to cross-entropy only."""
+    if isinstance(loss, str):
+        check_choice("loss", loss, LOSSES)
+        name = loss
+    elif not callable(loss):
+        raise TypeError(f"loss: expected a likelihood's name or a torch loss, got {type(loss).__name__}")
+    else:
+        name = _FUNCTIONS.get(loss) if not isinstance(loss, nn.Module) else _MODULES.get(type(loss))
+        if name is None:
+            raise ValueError(f"loss: {_NEEDS}, got {loss!r}")
+        for attr in ("weight", "pos_weight", "label_smoothing"):
+            value = getattr(loss, attr, None)
+            if value is not None and not (isinstance(value, float) and value == 0.0):
+                raise ValueError(f"loss: {type(loss).__name__}({attr}=...) is not the likelihood of the outputs; "
+                                 f"{_NEEDS}")
+    if name != "cross_entropy":
+        for arg, value in (("class_dim", class_dim), ("ignore_index", ignore_index)):
+            if value is not None:
+                raise ValueError(f"{arg}: applies to loss='cross_entropy' only, got {value!r} with loss={name!r}")
+        return Gaussian() if name == "mse" else Bernoulli()
+    own = loss.ignore_index if isinstance(loss, nn.CrossEntropyLoss) else None
+    if own is not None and ignore_index is not None and ignore_index != own:
+        raise ValueError(f"ignore_index: {ignore_index} differs from the loss's ignore_index={own}")
+    index = next(i for i in (ignore_index, own, -100) if i is not None)
+    return CrossEntropy(class_dim, index)
 
-def is_cross_entropy(loss_fn) -> bool:
+
+def curvature_loss(loss):
+    """The loss whose Hessian or Gauss-Newton matrix is taken: a name gives its likelihood (which computes
+    its torch loss with reduction="mean"), a torch loss is used as it is, with its reduction."""
+    if isinstance(loss, str):
+        return likelihood(loss)
+    if not callable(loss):
+        raise TypeError("loss: expected a likelihood's name or a torch loss loss(outputs, targets) -> batch-mean "
+                        f"loss (a function or module), got {loss!r}")
+    return loss
+
+
+def is_cross_entropy(loss) -> bool:
     """Mean softmax cross-entropy over class logits, whose output-space Hessian has the fused kernel."""
-    if loss_fn is nn.functional.cross_entropy:
+    if loss is nn.functional.cross_entropy:
         return True
-    return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean" and loss_fn.weight is None
-            and loss_fn.label_smoothing == 0.0)
+    return (isinstance(loss, nn.CrossEntropyLoss) and loss.reduction == "mean" and loss.weight is None
+            and loss.label_smoothing == 0.0)
 
 
-def ignore_index_of(loss_fn) -> int:
-    return loss_fn.ignore_index if isinstance(loss_fn, nn.CrossEntropyLoss) else -100
+def _fused_labels(loss, out, y) -> bool:
+    """Whether the fused softmax Hessian is exact for a torch loss: cross-entropy on [N, C] logits with
+    class labels that all count (an ignored label, -100 or the module's ignore_index, would change the
+    mean's denominator)."""
+    ignored = loss.ignore_index if isinstance(loss, nn.CrossEntropyLoss) else -100
+    return (is_cross_entropy(loss) and out.dim() == 2 and isinstance(y, torch.Tensor)
+            and not y.is_floating_point() and y.dim() == 1 and bool(((y >= 0) & (y != ignored)).all()))
 
 
-def likelihood(loss_fn) -> str:
-    """The likelihood a Fisher needs, named as in ``fisherext.fisher``: from a name or a torch loss."""
-    if isinstance(loss_fn, str):
-        check_choice("loss_fn", loss_fn, LOSSES)
-        return loss_fn
-    if is_cross_entropy(loss_fn):
-        return "cross_entropy"
-    if loss_fn is nn.functional.mse_loss or isinstance(loss_fn, nn.MSELoss):
-        return "mse"
-    raise ValueError("loss_fn: a Fisher needs a likelihood: 'cross_entropy' or 'mse' (or F.cross_entropy, "
-                     f"nn.CrossEntropyLoss(), F.mse_loss, nn.MSELoss()), got {loss_fn!r}")
+def output_hessian_product(loss, out: torch.Tensor, y, U: torch.Tensor) -> torch.Tensor:
+    """∇²_z loss(z, y) at z = out applied to U [K, *out.shape] (the batch-mean loss's Hessian).
 
-
-def _fused_labels(loss_fn, out, y) -> bool:
-    """Whether the fused softmax Hessian is exact here: cross-entropy on [N, C] logits with class labels
-    that all count (an ignored label, -100 or the module's ignore_index, would change the mean's
-    denominator)."""
-    return (is_cross_entropy(loss_fn) and out.dim() == 2 and isinstance(y, torch.Tensor)
-            and not y.is_floating_point() and y.dim() == 1
-            and bool(((y >= 0) & (y != ignore_index_of(loss_fn))).all()))
-
-
-def output_hessian_product(loss_fn, out: torch.Tensor, y, U: torch.Tensor) -> torch.Tensor:
-    """∇²_z loss_fn(z, y) at z = out applied to U [K, *out.shape] (the batch-mean loss's Hessian).
-
-    Any loss other than the fused cross-entropy: double backprop of ``loss_fn`` in z, one backward per
-    vector through the small output-space graph. (torch.func's jvp-of-grad fails inside torch's own
-    losses: ``mse_loss``'s backward writes into the ZeroTensor tangent of the target.)"""
-    if _fused_labels(loss_fn, out, y):
+    A likelihood: its own Λ·u over the denominator of its mean (softmax: the fused kernel). A torch
+    cross-entropy with every label counted: the fused kernel. Any other loss: double backprop of ``loss`` in z, one backward per vector through the
+    small output-space graph. (torch.func's jvp-of-grad fails inside torch's own losses: ``mse_loss``'s
+    backward writes into the ZeroTensor tangent of the target.)"""
+    if isinstance(loss, Likelihood):
+        bound = loss.at(out, y)
+        return bound.hessian_product(U) / bound.mean_denominator()
+    if _fused_labels(loss, out, y):
         return ops.softmax_hvp(out, U) / out.shape[0]
     z = out.detach().requires_grad_()
     with torch.enable_grad():
-        g = grads([loss_fn(z, y)], [z], [None], retain_graph=True, create_graph=True)
+        g = grads([loss(z, y)], [z], [None], retain_graph=True, create_graph=True)
         return torch.stack([grads(g, [z], [u], retain_graph=k < U.shape[0] - 1)[0] for k, u in enumerate(U)])

@@ -1,14 +1,15 @@
 r"""``fisherext.fisher``: the Fisher information matrix of a model over a data set, in one call.
 
 Normalization: :math:`F = \frac1N \sum_n F_n` with the per-sample loss
-:math:`\ell_n = -\log p(y_n \mid x_n, \theta)` (never the batch mean); the likelihoods and kinds are
-those of ``fisherext._core.likelihood``:
+:math:`\ell_n = -\log p(y_n \mid x_n, \theta)` (never the batch mean), the likelihood chosen by ``loss``
+("cross_entropy", "mse", "bce", or the torch loss of one); the kinds:
 
 - ``kind="true"``: :math:`F_n = \mathbb E_{y\sim p(y|x_n)}[g g^\top] = J_n^\top \Lambda_n J_n`, exact over
   the outputs. Softmax cross entropy: :math:`\Lambda = \mathrm{diag}(p) - pp^\top = SS^\top` with
   :math:`S_{:,c} = \sqrt{p_c}(e_c - p)` (``fisherext.ops.softmax_hessian_sqrt``); its columns are
   backpropagated in batched passes (per position, for outputs with positions).
   Gaussian regression (``loss="mse"``, unit variance, :math:`\ell = \tfrac12\|f(x)-y\|^2`): :math:`\Lambda = I`.
+  Bernoulli outputs (``loss="bce"``, logits): :math:`\Lambda = \mathrm{diag}(\sigma(z)(1 - \sigma(z)))`.
 - ``kind="empirical"``: :math:`F_n = g_n g_n^\top` with the data label.
 - ``kind="mc"``: :math:`F_n = \frac1M \sum_m g_{nm} g_{nm}^\top`, labels :math:`y_m \sim p(y|x_n)`.
 
@@ -30,7 +31,8 @@ from torch import nn
 from .._core.checks import check_choice, check_inputs, check_positive_int
 from .._core.conventions import checked_output
 from .._core.data import iter_batches, progress_bar
-from .._core.likelihood import KINDS, LOSSES, Cotangents
+from .._core.likelihood import KINDS, Cotangents, likelihood
+from .._core.types import Data, Loss, Params
 from .._core.memory import require, resolve_budget
 from .accumulate import Accumulator, batch_plan, blocks, cotangent_step, footprint
 from .engine import Capture
@@ -59,12 +61,16 @@ def _planned_bytes(structure, cap: Capture, item: int) -> int:
     return P * item
 
 
-@entry_point
-def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag", loss: str = "cross_entropy",
-           params=None, mc_samples: int = 1, batch_size: int | None = None, memory_budget: int | None = None,
-           progress: bool = False, generator: torch.Generator | None = None, class_dim: int | None = None,
-           ignore_index: int = -100) -> FisherMatrix:
-    """The Fisher information of ``model`` over ``data`` (see the module docstring for the math).
+@entry_point(renamed={"loss_fn": "loss"})
+def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str = "diag", loss: Loss = "cross_entropy",
+           params: Params = None, mc_samples: int = 1, batch_size: int | None = None,
+           memory_budget: int | None = None, progress: bool = False, generator: torch.Generator | None = None,
+           class_dim: int | None = None, ignore_index: int | None = None) -> FisherMatrix:
+    r"""The Fisher information of ``model`` over ``data``, :math:`F = \frac1N \sum_n F_n`.
+
+    :math:`F_n = J_n^\top \Lambda_n J_n` ("true"), :math:`g_n g_n^\top` ("empirical") or
+    :math:`\frac1M\sum_m g_{nm} g_{nm}^\top` ("mc"), with :math:`g` the gradient of the per-sample negative
+    log-likelihood :math:`-\log p(y_n \mid x_n, \theta)` (see the module docstring for the math).
 
     Args:
         model: a module mapping inputs x [N, ...] to outputs: logits [N, C] (or [N, T, C], [N, C, H, W]
@@ -73,20 +79,35 @@ def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag
         kind: "true" (exact expectation over the model's predictive distribution), "empirical"
             (data labels) or "mc" (``mc_samples`` labels sampled from the model with ``generator``).
         structure: "diag", "full", "block" or "kfac".
-        loss: "cross_entropy" (softmax over the class axis) or "mse" (Gaussian, unit variance).
+        loss: the likelihood: a name, "cross_entropy" (softmax over the class axis), "mse" (Gaussian,
+            unit variance, :math:`\Lambda = I`) or "bce" (Bernoulli of the logits, sigmoid), or the torch
+            loss of one (``F.cross_entropy``, ``nn.CrossEntropyLoss(ignore_index=...)``, ``F.mse_loss``,
+            ``nn.MSELoss()``, ``F.binary_cross_entropy_with_logits``, ``nn.BCEWithLogitsLoss()``; the
+            normalization stays the mean over samples whatever its reduction).
         params: None (all parameters that require grad), or names, modules or tensors.
-        batch_size: samples per batch for tensor or Dataset data (DataLoaders keep their own).
+        mc_samples: labels drawn per input for ``kind="mc"``, a positive int.
+        batch_size: samples per batch for tensor or Dataset data (DataLoaders keep their own; None: planned
+            against the memory budget).
         memory_budget: bytes the result and its scratch may use (default: half the available memory);
             a result that does not fit is refused before any work.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar over the batches.
+        generator: the ``torch.Generator`` of the labels of ``kind="mc"`` (None: torch's global one).
         class_dim: the class axis of cross-entropy outputs with positions (None: read off the labels).
-        ignore_index: label of positions that do not count (padding tokens), as in F.cross_entropy.
+        ignore_index: label of positions that do not count (padding tokens), as in F.cross_entropy (None:
+            that of an ``nn.CrossEntropyLoss`` passed as ``loss``, else -100).
+
     Returns:
         a FisherMatrix (``diag``, ``dense``, ``mv``, ``quad``, ``trace``, ``solve``, ``num_samples``).
+
+    Raises:
+        ValueError: an unknown ``kind``, ``structure`` or loss name, a torch ``loss`` that is no
+            likelihood (class weights, label smoothing, any other callable), a bad ``mc_samples`` or
+            ``batch_size``, a result over ``memory_budget``, labels that do not fit the outputs, no samples.
+        TypeError: ``loss`` neither a name nor callable, non-tensor or integer inputs.
     """
     check_choice("kind", kind, KINDS)
     check_choice("structure", structure, STRUCTURES)
-    check_choice("loss", loss, LOSSES)
+    lik = likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
     check_positive_int("mc_samples", mc_samples)
     check_positive_int("batch_size", batch_size, optional=True)
     cap = Capture(model, params)
@@ -118,8 +139,7 @@ def fisher(model: nn.Module, data, *, kind: str = "true", structure: str = "diag
             if x.shape[0] == 0:
                 continue
             out = checked_output(cap.forward(x), total)
-            cot = Cotangents(out, y, kind, loss, mc_samples=mc_samples, generator=generator, class_dim=class_dim,
-                             ignore_index=ignore_index)
+            cot = Cotangents(lik, out, y, kind, mc_samples=mc_samples, generator=generator)
             step = cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K, chunk_bytes)
             for k0 in range(0, cot.K, step):
                 k1 = min(cot.K, k0 + step)

@@ -4,7 +4,7 @@ Every structure is block-diagonal over its parts, each acting on its own set of 
 positions ``idx``: a diagonal (``DiagPart``), a dense symmetric block (``DensePart``), or a Kronecker
 product :math:`G \otimes A` over a weight matrix laid out as ``idx`` [O, I] (``KronPart``, row-major
 vec, so :math:`(G\otimes A)\,\mathrm{vec}(V) = \mathrm{vec}(G V A)`). Products, traces and damped
-solves therefore work part by part.
+solves therefore work part by part, each part acting on all K columns of a product at once.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from .._core.checks import check_positive_int
 from .._core.memory import require, resolve_budget
-from ..linalg.linop import LinearOperator
+from ..linalg.linop import LinearOperator, check_columns, check_damping
 from .._core.entry import entry_points
 
 
@@ -32,8 +32,8 @@ class DiagPart:
     def diag(self):
         return self.d
 
-    def mv(self, v):
-        return self.d * v
+    def matmat(self, X):
+        return self.d[:, None] * X
 
     def dense(self):
         return torch.diag(self.d)
@@ -41,11 +41,11 @@ class DiagPart:
     def trace(self):
         return self.d.sum()
 
-    def solve(self, b, damping):
+    def solve(self, B, damping):
         denom = self.d + damping
         if (denom <= 0).any():
             raise _singular("diagonal Fisher")
-        return b / denom
+        return B / denom[:, None]
 
     def tensors(self):
         return {"idx": self.idx, "d": self.d}
@@ -64,8 +64,8 @@ class DensePart:
     def diag(self):
         return self.M.diagonal()
 
-    def mv(self, v):
-        return self.M @ v
+    def matmat(self, X):
+        return self.M @ X
 
     def dense(self):
         return self.M
@@ -73,12 +73,12 @@ class DensePart:
     def trace(self):
         return self.M.diagonal().sum()
 
-    def solve(self, b, damping):
+    def solve(self, B, damping):
         A = self.M + damping * torch.eye(self.M.shape[0], dtype=self.M.dtype, device=self.M.device)
         L, info = torch.linalg.cholesky_ex(A)
         if info.item() != 0:
             raise _singular("Fisher block")
-        return torch.cholesky_solve(b[:, None], L)[:, 0]
+        return torch.cholesky_solve(B, L)
 
     def tensors(self):
         return {"idx": self.idx, "M": self.M}
@@ -97,9 +97,13 @@ class KronPart:
     def diag(self):
         return (self.G.diagonal()[:, None] * self.A.diagonal()[None, :]).reshape(-1)
 
-    def mv(self, v):
-        V = v.view(self.G.shape[0], self.A.shape[0])
-        return (self.G @ V @ self.A).reshape(-1)
+    def _columns(self, X):
+        """X [O·I, K] as K weight-shaped matrices [K, O, I] (row-major vec of each column)."""
+        return X.T.reshape(X.shape[1], self.G.shape[0], self.A.shape[0])
+
+    def matmat(self, X):
+        # (G ⊗ A) vec(V) = vec(G V A) for all K columns in one batched product
+        return (self.G @ self._columns(X) @ self.A).reshape(X.shape[1], X.shape[0]).T
 
     def dense(self):
         return torch.kron(self.G, self.A)
@@ -107,15 +111,15 @@ class KronPart:
     def trace(self):
         return self.G.diagonal().sum() * self.A.diagonal().sum()
 
-    def solve(self, b, damping):
+    def solve(self, B, damping):
         # (G ⊗ A + λI)⁻¹ exactly, through the eigendecompositions of the two factors.
         lg, Qg = torch.linalg.eigh(self.G)
         la, Qa = torch.linalg.eigh(self.A)
         denom = lg[:, None] * la[None, :] + damping
         if (denom <= 0).any():
             raise _singular("Kronecker-factored Fisher")
-        B = b.view(self.G.shape[0], self.A.shape[0])
-        return (Qg @ ((Qg.T @ B @ Qa) / denom) @ Qa.T).reshape(-1)
+        X = Qg @ ((Qg.T @ self._columns(B) @ Qa) / denom) @ Qa.T
+        return X.reshape(B.shape[1], B.shape[0]).T
 
     def tensors(self):
         return {"idx": self.idx, "A": self.A, "G": self.G}
@@ -155,9 +159,19 @@ def _part_from_state(i: int, entry, P: int):
 
 @entry_points
 class FisherMatrix(LinearOperator):
-    """The result of ``fisherext.fisher``: a P×P Fisher (mean over ``num_samples`` samples).
+    r"""The result of ``fisherext.fisher``: a P×P Fisher :math:`F = \frac1N \sum_n F_n` (mean over
+    ``num_samples`` = N samples), block-diagonal over its parts (see the module docstring).
 
-    Flat vectors follow the order of the selected parameters (``fisherext.flatten``).
+    A LinearOperator: ``F @ v`` ([P]) and ``F @ X`` ([P, K]) are exact products (one batched product per
+    part for all K columns), and it works with the algebra (``F + G``, ``c * F``, ``F.damped(λ)``), the
+    solvers and the spectral methods. Flat vectors follow the order of the selected parameters
+    (``fisherext.flatten``).
+
+    Args:
+        P: the number of parameters.
+        parts: the ``DiagPart`` / ``DensePart`` / ``KronPart`` blocks, on disjoint positions.
+        num_samples: N, the number of samples averaged.
+        structure: the structure it was computed with ("diag", "full", "block", "kfac").
     """
 
     def __init__(self, P: int, parts: list, num_samples: int, structure: str):
@@ -165,45 +179,56 @@ class FisherMatrix(LinearOperator):
 
     @property
     def dtype(self):
+        """The dtype of the stored values."""
         return self._ref().dtype
 
     @property
     def device(self):
+        """The device of the stored values."""
         return self._ref().device
 
     @property
     def shape(self):
+        """(P, P)."""
         return (self.P, self.P)
 
     def _ref(self):
         first = self.parts[0].tensors()
         return next(t for k, t in first.items() if k != "idx")
 
-    def _vector(self, v, name="v"):
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor of length {self.P}, got {type(v).__name__}")
-        if not v.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {v.dtype}")
-        if v.dim() != 1 or v.shape[0] != self.P:
-            raise ValueError(f"{name}: expected a vector of length {self.P}, got shape {tuple(v.shape)}")
-        if v.device != self.device:
-            raise ValueError(f"{name}: is on {v.device} but the Fisher is on {self.device}")
-        return v.to(self.dtype)
-
-    def _scatter(self, per_part) -> torch.Tensor:
-        out = torch.zeros(self.P, dtype=self.dtype, device=self.device)
+    def _scatter(self, per_part, columns: tuple[int, ...] = ()) -> torch.Tensor:
+        """[P] (or [P, K] for ``columns`` = (K,)), zero outside the parts, from each part's values."""
+        out = torch.zeros((self.P, *columns), dtype=self.dtype, device=self.device)
         for part, values in zip(self.parts, per_part):
             out[part.idx.reshape(-1)] = values
         return out
 
+    def _per_part(self, method: str, X: torch.Tensor, *args) -> torch.Tensor:
+        """``part.<method>(rows of X, *args)`` of every part on X [P, K], scattered back to [P, K]."""
+        return self._scatter((getattr(part, method)(X[part.idx.reshape(-1)], *args) for part in self.parts),
+                             (X.shape[1],))
+
     def diag(self) -> torch.Tensor:
-        """The diagonal [P]."""
+        r"""The diagonal :math:`(F_{ii})_i`.
+
+        Returns:
+            [P] in the Fisher's dtype and device.
+        """
         return self._scatter(part.diag() for part in self.parts)
 
     def dense(self, memory_budget: int | None = None) -> torch.Tensor:
-        """The full P×P matrix (zero outside the structure's blocks). Planned against ``memory_budget``
-        (bytes; default half the available memory, ``fisherext._core.memory``): refused up front, with the
-        bytes it needs, when it does not fit."""
+        """The full P×P matrix (zero outside the structure's blocks).
+
+        Args:
+            memory_budget: bytes; default half the available memory (``fisherext._core.memory``).
+
+        Returns:
+            [P, P] in the Fisher's dtype and device.
+
+        Raises:
+            ValueError: up front, with the bytes it needs, when the matrix does not fit ``memory_budget``.
+            TypeError: memory_budget is no number of bytes.
+        """
         budget = resolve_budget(memory_budget, self.device)
         require(self.P * self.P * self.dtype.itemsize, budget, f"memory_budget: the dense {self.P} x {self.P} matrix",
                 "diag(), mv(), quad(), trace() and solve() need no P x P matrix; or pass a larger memory_budget")
@@ -213,28 +238,56 @@ class FisherMatrix(LinearOperator):
             out[i[:, None], i[None, :]] = part.dense()
         return out
 
-    def mv(self, v: torch.Tensor) -> torch.Tensor:
-        """F v."""
-        v = self._vector(v)
-        return self._scatter(part.mv(v[part.idx.reshape(-1)]) for part in self.parts)
-
     def _matmat(self, X):
-        return torch.stack([self.mv(x) for x in X.unbind(1)], 1) if X.shape[1] else X.clone()
+        return self._per_part("matmat", X)
 
-    def quad(self, v: torch.Tensor) -> float:
-        """vᵀ F v (no ½: the KL divergence is ½ ΔᵀFΔ)."""
-        v = self._vector(v)
-        return float(v @ self.mv(v))
+    def quad(self, v: torch.Tensor) -> torch.Tensor:
+        r"""The quadratic form :math:`v^\top F v` (no ½: the KL divergence is :math:`\frac12 \Delta^\top F \Delta`).
 
-    def trace(self) -> float:
-        return float(sum(part.trace() for part in self.parts))
+        Args:
+            v: [P] one direction, or [P, K] K directions as columns.
+
+        Returns:
+            a 0-d tensor for v [P], [K] (:math:`v_k^\top F v_k` per column) for v [P, K]; in the Fisher's
+            dtype and device (no host sync).
+
+        Raises:
+            TypeError: v is no floating-point tensor.
+            ValueError: v has another shape, or is on another device.
+        """
+        V = check_columns("v", v, self)
+        return (V * (self @ V)).sum(0)
+
+    def trace(self) -> torch.Tensor:
+        r"""The trace :math:`\mathrm{tr}\,F = \sum_i F_{ii}` (a Kronecker part contributes
+        :math:`\mathrm{tr}\,G \cdot \mathrm{tr}\,A`).
+
+        Returns:
+            a 0-d tensor in the Fisher's dtype and device (no host sync).
+        """
+        return torch.stack([part.trace() for part in self.parts]).sum()
 
     def solve(self, b: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
-        """x with (F + damping·I) x = b, exactly for every structure (part by part)."""
-        b = self._vector(b, "b")
-        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
-            raise ValueError(f"damping: must be a non-negative number, got {damping!r}")
-        return self._scatter(part.solve(b[part.idx.reshape(-1)], float(damping)) for part in self.parts)
+        r"""x with :math:`(F + \lambda I)\,x = b`, exactly for every structure (part by part: a diagonal
+        divides, a dense block is Cholesky-factored, a Kronecker part :math:`G \otimes A` is solved through
+        the eigendecompositions of G and A).
+
+        Args:
+            b: [P] or [P, K] (K right-hand sides as columns).
+            damping: the absolute :math:`\lambda \ge 0`.
+
+        Returns:
+            x, the shape of b, in the Fisher's dtype and device.
+
+        Raises:
+            TypeError: b is no floating-point tensor.
+            ValueError: b has another shape or device; damping negative or not finite; a part of
+                :math:`F + \lambda I` is singular (pass damping > 0).
+        """
+        B = check_columns("b", b, self)
+        damping = check_damping(damping)
+        X = self._per_part("solve", B if B.dim() == 2 else B[:, None], damping)
+        return X if B.dim() == 2 else X[:, 0]
 
     def state_dict(self) -> dict:
         return {"P": self.P, "num_samples": self.num_samples, "structure": self.structure,

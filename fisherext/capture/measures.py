@@ -1,7 +1,7 @@
 r"""Per-input Fisher measures: for every input n of a batch, :math:`\mathrm{tr}(F_n)` or :math:`v^\top F_n v`.
 
 :math:`F_n = \sum_k w_k\, g_{nk} g_{nk}^\top` with :math:`g_{nk} = J_n^\top c_{nk}` the per-sample gradients
-of the Fisher kind's output cotangents (``fisherext._core.likelihood``: the columns of
+of the Fisher kind's output cotangents (of the likelihood chosen by ``loss``: the columns of
 :math:`\Lambda_n^{1/2}` for "true", per position for outputs with positions; the data-label residual for
 "empirical"; sampled-label residuals for "mc"). Hence
 
@@ -9,8 +9,8 @@ of the Fisher kind's output cotangents (``fisherext._core.likelihood``: the colu
   factored forms (a linear layer's from the per-sample Gram of its inputs and output gradients, the
   class-Gram kernel), the cotangents backpropagated a chunk at a time;
 - quad: :math:`v^\top F_n v = \sum_k w_k (c_{nk}^\top J_n v)^2`, with :math:`J_n v` for all n from one
-  forward-mode Jacobian-vector product (under ``conventions.curvature_forward``: padding rows constant,
-  attention by the math kernel).
+  forward-mode Jacobian-vector product per direction (padding rows constant, attention by the math
+  kernel); K directions (the columns of V [P, K]) give [N, K].
 
 Both are the exact quantities over all parameters jointly (not a sum of per-tensor blocks).
 """
@@ -20,46 +20,75 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from .._core.checks import check_choice, check_inputs, check_positive_int, check_vectors
-from .._core.conventions import check_deterministic, checked_output, curvature_forward
-from .._core.likelihood import KINDS, LOSSES, Cotangents
-from .._core.params import resolve_params
+from .._core.checks import check_choice, check_inputs, check_positive_int
+from .._core.conventions import checked_output, curvature_forward
+from .._core.entry import entry_point
+from .._core.functional import FunctionalModel
+from .._core.likelihood import KINDS, Cotangents, likelihood
+from .._core.types import Loss, Params
 from .accumulate import cotangent_step, footprint
 from .engine import Capture
-from .._core.entry import entry_point
 
 QUANTITIES = ("trace", "quad")
 _CHUNK_BYTES = 1 << 26
 
 
-@entry_point
+@entry_point(renamed={"loss_fn": "loss"})
 def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, kind: str = "true",
-                      quantity: str = "trace", v: torch.Tensor | None = None, loss: str = "cross_entropy",
-                      params=None, mc_samples: int = 1, generator: torch.Generator | None = None,
-                      class_dim: int | None = None, ignore_index: int = -100) -> torch.Tensor:
-    """tr(F_n) or vᵀF_n v for every input of the batch ``x`` (see the module docstring): Tensor [N].
+                      quantity: str = "trace", v: torch.Tensor | None = None, loss: Loss = "cross_entropy",
+                      params: Params = None, mc_samples: int = 1, generator: torch.Generator | None = None,
+                      class_dim: int | None = None, ignore_index: int | None = None) -> torch.Tensor:
+    r""":math:`\mathrm{tr}(F_n)` or :math:`v^\top F_n v` for every input n of the batch ``x``.
 
-    ``y`` is needed for kind="empirical" (and names the class axis and the ignored positions of
-    outputs with positions, as in ``fisherext.fisher``); ``v`` (a flat vector over the selected
-    ``params``) for quantity="quad".
+    :math:`F_n` is input n's own Fisher (not divided by N; ``fisherext.fisher`` is their mean
+    :math:`\frac1N\sum_n F_n`), of the kind and likelihood given (see the module docstring for the math).
+
+    Args:
+        model: a module mapping inputs x [N, ...] to outputs (logits [N, C], [N, T, C], [N, C, H, W], or
+            regression outputs).
+        x: the inputs [N, ...], one batch.
+        y: the targets; needed for kind="empirical" (and they name the class axis and the ignored
+            positions of outputs with positions, as in ``fisherext.fisher``).
+        kind: "true", "empirical" or "mc" (``mc_samples`` labels drawn with ``generator``).
+        quantity: "trace" (:math:`\mathrm{tr}(F_n)`) or "quad" (:math:`v^\top F_n v`).
+        v: for quantity="quad": one direction [P], or K directions as the columns of [P, K], over the
+            selected parameters (flat, in ``model.named_parameters()`` order).
+        loss: the likelihood: "cross_entropy", "mse", "bce", or the torch loss of one (as in
+            ``fisherext.fisher``).
+        params: None (all parameters that require grad), or names, modules or tensors.
+        mc_samples: labels drawn per input for kind="mc", a positive int.
+        generator: the ``torch.Generator`` of the MC labels (None: torch's global one); the same labels
+            serve all K directions.
+        class_dim: the class axis of cross-entropy outputs with positions (None: read off the labels).
+        ignore_index: label of positions that do not count (None: that of an ``nn.CrossEntropyLoss``
+            passed as ``loss``, else -100).
+
+    Returns:
+        Tensor [N] (trace, or quad with one direction) or [N, K] (quad with K directions).
+
+    Raises:
+        ValueError: an unknown ``kind`` or ``quantity``, a ``loss`` that is no likelihood, an empty
+            batch, a ``v`` of the wrong shape or with non-finite entries, labels that do not fit.
+        TypeError: quantity="quad" without ``v``, ``v`` not a floating-point tensor, integer inputs.
     """
     check_choice("kind", kind, KINDS)
     check_choice("quantity", quantity, QUANTITIES)
-    check_choice("loss", loss, LOSSES)
+    lik = likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
     check_positive_int("mc_samples", mc_samples)
     check_inputs(model, x)
     if x.shape[0] == 0:
         raise ValueError("x: the batch is empty")
-    opts = dict(mc_samples=mc_samples, generator=generator, class_dim=class_dim, ignore_index=ignore_index)
+    opts = dict(mc_samples=mc_samples, generator=generator)
     if quantity == "quad":
-        check_deterministic(model)
-        selected = resolve_params(model, params)
         if v is None:
             raise TypeError("v: quantity='quad' needs a direction v over the selected parameters")
-        return _quad(model, selected, x, y, kind, loss, check_vectors(v, selected), opts)
+        fm = FunctionalModel(model, params)
+        V, single = fm.vectors(v)
+        total = _quad(fm, x, y, kind, lik, V, opts)
+        return total[:, 0] if single else total
     with Capture(model, params) as cap, torch.no_grad():
         out = checked_output(cap.forward(x))
-        cot = Cotangents(out, y, kind, loss, **opts)
+        cot = Cotangents(lik, out, y, kind, **opts)
         step = cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K, _CHUNK_BYTES)
         total = out.new_zeros(x.shape[0])
         for k0 in range(0, cot.K, step):
@@ -71,20 +100,22 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
         return total
 
 
-def _quad(model, selected, x, y, kind, loss, v, opts):
-    names = [n for n, _ in selected]
-    primals = tuple(p.detach() for _, p in selected)
-    tangents = tuple(t.view_as(p).to(p.dtype) for t, p in zip(v.split([p.numel() for p in primals]), primals))
+def _quad(fm: FunctionalModel, x, y, kind, lik, V, opts) -> torch.Tensor:
+    """[N, K]: Σ_k w_k (c_nkᵀ J_n v)² for every row v of V [K, P], J_n v by one forward-mode JVP each; the
+    cotangents (MC labels included) are drawn once for all K."""
+    primals = tuple(p.detach() for p in fm.params)
 
     def outputs(*ps):
-        return functional_call(model, dict(zip(names, ps)), (x,))
+        return functional_call(fm.model, dict(zip(fm.names, ps)), (x,))
 
-    with torch.no_grad(), curvature_forward(model):
-        out, Jv = jvp(outputs, primals, tangents)
-        cot = Cotangents(checked_output(out), y, kind, loss, **opts)
-        total = out.new_zeros(x.shape[0])
+    with torch.no_grad(), curvature_forward(fm.model):
+        pairs = [jvp(outputs, primals, tuple(fm.unflat(row))) for row in V]
+        cot = Cotangents(lik, checked_output(pairs[0][0]), y, kind, **opts)
+        Jv = torch.stack([tangent for _, tangent in pairs])                   # [K, N, ...]
+        total = Jv.new_zeros(x.shape[0], V.shape[0])
         for k0 in range(0, cot.K, 64):
             k1 = min(cot.K, k0 + 64)
             c = cot.chunk(k0, k1)
-            total += torch.einsum("k,kn->n", cot.weights[k0:k1], (c * Jv).flatten(2).sum(-1) ** 2)
+            dots = torch.einsum("cne,kne->ckn", c.flatten(2), Jv.flatten(2))   # c_nkᵀ J_n v per (chunk, vector)
+            total += torch.einsum("c,ckn->nk", cot.weights[k0:k1], dots ** 2)
         return total

@@ -3,7 +3,8 @@ r"""Curvature of a model's mean loss over a data set as linear operators: Hessia
 Each operator is a ``fisherext.LinearOperator`` over the flat vector of the selected parameters
 (``params=``, default all that require grad), so ``A @ v``, ``A @ X`` ([P, K]: K vectors in one pass
 over the data), ``A.shape``, ``A.dense()`` and ``A.to_scipy()`` work, and every solver in
-``fisherext.linalg.solvers`` and spectral method in ``fisherext.linalg.spectral`` accepts it. Products stream over the
+``fisherext.linalg.solvers`` and spectral method in ``fisherext.linalg.spectral`` accepts it. Vectors are
+columns: ``A @ v`` with v [P] gives [P], ``A @ X`` with X [P, K] gives [P, K]. Products stream over the
 data in batches and are normalized by the number of samples (the curvature of the mean loss), whatever
 the batching; the math is in ``fisherext.curvature.products``. The model's parameters are read at each product, so an
 operator follows the model as it trains; its mode is checked at each product too (``fisherext._core.conventions``:
@@ -14,14 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._core.checks import check_choice, check_loss_fn, check_positive_int
+from .._core.checks import check_choice, check_positive_int
 from .._core.conventions import check_deterministic, curvature_forward
 from .._core.data import stream
+from .._core.entry import entry_points
 from .._core.functional import FunctionalModel
-from .._core.likelihood import KINDS, ignore_index_of, likelihood
+from .._core.likelihood import KINDS, curvature_loss, likelihood
+from .._core.types import Data, Loss, Params
 from ..linalg.linop import LinearOperator
 from .products import fisher_batch, ggn_batch, hessian_batch
-from .._core.entry import entry_points
 
 
 class _CurvatureOperator(LinearOperator):
@@ -37,71 +39,125 @@ class _CurvatureOperator(LinearOperator):
 
     def _matmat(self, X):
         check_deterministic(self.fm.model)  # the operator follows the model, whose mode may have changed
-        V = X.T.contiguous()  # the products take vectors as rows
+        V = X.T.contiguous()  # the per-batch products take the vectors as rows
         with curvature_forward(self.fm.model):
             return stream(self.fm.model, self.data, self.batch_size, lambda x, y, offset: self._batch(x, y, V, offset),
                           progress=self.progress, desc=type(self).__name__).T
 
 
-@entry_points
+@entry_points(renamed={"loss_fn": "loss"})
 class HessianOperator(_CurvatureOperator):
-    r""":math:`H = \nabla^2_\theta \frac1N\sum_n \ell(f(x_n), y_n)`, by double backprop (see hvp).
+    r"""The Hessian of the mean loss over the data, :math:`H = \nabla^2_\theta \frac1N\sum_n \ell(f(x_n), y_n)`,
+    as a linear operator (products by double backprop, as ``fisherext.hvp``). H may be indefinite.
 
-    ``loss_fn(outputs, targets)`` returns a batch's mean loss. H may be indefinite.
+    Args:
+        model: maps inputs x [N, ...] to outputs.
+        loss: a likelihood's name, "cross_entropy", "mse" or "bce", standing for its torch loss with
+            reduction="mean" (``F.cross_entropy`` over the class axis, ``F.mse_loss``,
+            ``F.binary_cross_entropy_with_logits``), or a torch loss, a function or module
+            ``loss(outputs, targets)`` returning the batch's loss (e.g. ``F.cross_entropy``,
+            ``nn.MSELoss()``), used with its own reduction.
+        data: a DataLoader, a Dataset, or an (x, y) tuple of tensors; streamed at every product.
+        params: None (all parameters that require grad), or names, modules or tensors.
+        batch_size: samples per batch for tensor or Dataset data (a positive int).
+        progress: show a tqdm progress bar over the batches of each product.
+
+    Raises:
+        TypeError: ``loss`` neither a name nor callable.
+        ValueError: an unknown loss name, a bad ``batch_size``, a model in train mode with dropout (or
+            BatchNorm on batch statistics).
     """
 
-    def __init__(self, model: nn.Module, loss_fn, data, **kw):
-        check_loss_fn(loss_fn)
-        super().__init__(model, data, **kw)
-        self.loss_fn = loss_fn
+    def __init__(self, model: nn.Module, loss: Loss, data: Data, *, params: Params = None,
+                 batch_size: int | None = None, progress: bool = False):
+        self.loss = curvature_loss(loss)
+        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress)
 
     def _batch(self, x, y, V, offset):
-        return hessian_batch(self.fm, self.loss_fn, x, y, V, offset)
+        return hessian_batch(self.fm, self.loss, x, y, V, offset)
 
 
-@entry_points
+@entry_points(renamed={"loss_fn": "loss"})
 class GGNOperator(HessianOperator):
-    r"""Generalized Gauss-Newton :math:`G = \frac1N\sum_n J_n^\top \nabla^2_z\ell\, J_n` (PSD for a loss
-    convex in the outputs); softmax cross-entropy uses the fused output-space kernel."""
-
-    def _batch(self, x, y, V, offset):
-        return ggn_batch(self.fm, self.loss_fn, x, y, V, offset)
-
-
-@entry_points
-class FisherOperator(_CurvatureOperator):
-    r"""Fisher :math:`F = \frac1N\sum_n J_n^\top \hat\Lambda_n J_n`, kinds and normalization as in
-    ``fisherext.fisher`` (``A @ v`` equals ``fisher(..., structure="full").mv(v)`` without the P×P matrix).
-
-    ``loss_fn`` names the likelihood: "cross_entropy" or "mse" (or ``F.cross_entropy``,
-    ``nn.CrossEntropyLoss()``, ``F.mse_loss``, ``nn.MSELoss()``; "mse" is the unit-variance Gaussian,
-    :math:`\Lambda = I`, as in ``fisher``). ``kind="mc"`` draws its labels from ``seed`` afresh at every
-    product, so the operator is one fixed matrix (as a solver needs). Outputs with positions
-    ([N, T, C], [N, C, H, W]) sum over the positions as in ``fisher``: ``class_dim`` names the class axis
-    (None: read off the labels) and positions labelled ``ignore_index`` do not count (None: that of an
-    ``nn.CrossEntropyLoss`` passed as ``loss_fn``, else -100).
+    r"""The generalized Gauss-Newton matrix :math:`G = \frac1N\sum_n J_n^\top \nabla^2_z\ell_n\, J_n` of
+    the mean loss (PSD for a loss convex in the outputs), as a linear operator; arguments and errors as
+    :class:`HessianOperator`. A likelihood's name or a torch cross-entropy with every label counted
+    applies the output-space Hessian by the fused kernel; any other torch loss by double backprop.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, data, *, kind: str = "true", mc_samples: int = 1, seed: int = 0,
-                 class_dim: int | None = None, ignore_index: int | None = None, **kw):
+    def __init__(self, model: nn.Module, loss: Loss, data: Data, *, params: Params = None,
+                 batch_size: int | None = None, progress: bool = False):
+        # its own entry point, so that errors name GGNOperator
+        super().__init__(model, loss, data, params=params, batch_size=batch_size, progress=progress)
+
+    def _batch(self, x, y, V, offset):
+        return ggn_batch(self.fm, self.loss, x, y, V, offset)
+
+
+@entry_points(renamed={"loss_fn": "loss", "seed": "generator"})
+class FisherOperator(_CurvatureOperator):
+    r"""The Fisher :math:`F = \frac1N\sum_n F_n`, :math:`F_n = J_n^\top \hat\Lambda_n J_n`, as a linear
+    operator: kinds and normalization of ``fisherext.fisher`` (``A @ v`` equals
+    ``fisher(..., structure="full").mv(v)`` without the P×P matrix).
+
+    Args:
+        model: maps inputs x [N, ...] to outputs.
+        loss: the likelihood: a name ("cross_entropy", "mse": unit-variance Gaussian with
+            :math:`\Lambda = I`, "bce": Bernoulli of the logits) or the torch loss of one
+            (``F.cross_entropy``, ``nn.CrossEntropyLoss(ignore_index=...)``, ``F.mse_loss``,
+            ``nn.MSELoss()``, ``F.binary_cross_entropy_with_logits``, ``nn.BCEWithLogitsLoss()``; its
+            reduction does not change the likelihood).
+        data: a DataLoader, a Dataset, or an (x, y) tuple of tensors; streamed at every product.
+        kind: "true" (:math:`\hat\Lambda_n = \Lambda_n`), "empirical" (the residual's outer product at
+            the data label) or "mc" (at ``mc_samples`` labels drawn from the model).
+        mc_samples: labels drawn per input for ``kind="mc"``, a positive int.
+        generator: the ``torch.Generator`` of the MC labels. Its state at construction is replayed at
+            every product, so the operator is one fixed matrix (as a solver needs); None draws that
+            state's seed from torch's global generator.
+        class_dim: the class axis of cross-entropy outputs with positions ([N, T, C], [N, C, H, W]),
+            whose per-sample log-likelihood sums over the positions (None: read off the labels).
+        ignore_index: the label of positions that do not count (None: that of an
+            ``nn.CrossEntropyLoss`` passed as ``loss``, else -100).
+        params: None (all parameters that require grad), or names, modules or tensors.
+        batch_size: samples per batch for tensor or Dataset data (a positive int).
+        progress: show a tqdm progress bar over the batches of each product.
+
+    Raises:
+        ValueError: a ``loss`` that is no likelihood (class weights, label smoothing, another callable),
+            an unknown ``kind``, a bad ``mc_samples`` or ``batch_size``, a ``generator`` on another
+            device than the parameters.
+        TypeError: ``generator`` not a ``torch.Generator``.
+    """
+
+    def __init__(self, model: nn.Module, loss: Loss, data: Data, *, kind: str = "true", mc_samples: int = 1,
+                 generator: torch.Generator | None = None, class_dim: int | None = None,
+                 ignore_index: int | None = None, params: Params = None, batch_size: int | None = None,
+                 progress: bool = False):
         check_choice("kind", kind, KINDS)
-        self.loss = likelihood(loss_fn)
+        self.likelihood = likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
         check_positive_int("mc_samples", mc_samples)
-        super().__init__(model, data, **kw)
-        self.kind, self.mc_samples, self.seed = kind, mc_samples, seed
-        self.class_dim = class_dim
-        self.ignore_index = ignore_index_of(loss_fn) if ignore_index is None else ignore_index
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress)
+        self.kind, self.mc_samples = kind, mc_samples
+        self._labels_state = None
+        if kind == "mc":
+            if generator is None:
+                generator = torch.Generator(self.device).manual_seed(int(torch.randint(2 ** 62, ())))
+            elif generator.device.type != self.device.type:
+                raise ValueError(f"generator: is on {generator.device} but the parameters are on {self.device}")
+            self._labels_state = generator.get_state()
         self._generator = None
 
     def _matmat(self, X):
-        if self.kind == "mc":
-            self._generator = torch.Generator(self.device).manual_seed(self.seed)
+        if self._labels_state is not None:  # the same labels at every product
+            self._generator = torch.Generator(self.device)
+            self._generator.set_state(self._labels_state)
         return super()._matmat(X)
 
     def _batch(self, x, y, V, offset):
-        return fisher_batch(self.fm, self.loss, self.kind, x, y, V, mc_samples=self.mc_samples,
-                            generator=self._generator, offset=offset, class_dim=self.class_dim,
-                            ignore_index=self.ignore_index)
+        return fisher_batch(self.fm, self.likelihood, self.kind, x, y, V, mc_samples=self.mc_samples,
+                            generator=self._generator, offset=offset)
 
 
 __all__ = ["FisherOperator", "GGNOperator", "HessianOperator"]

@@ -7,26 +7,30 @@ With outputs :math:`z_n = f(x_n;\theta)` [C], per-sample loss :math:`\ell(z_n, y
   graph differentiated once more (no loop over parameters or samples).
 - Generalized Gauss-Newton: :math:`Gv = \frac1N\sum_n J_n^\top \Lambda_n J_n v` with
   :math:`J_n = \partial z_n/\partial\theta` and :math:`\Lambda_n = \nabla^2_z \ell`: a JVP gives
-  :math:`J_n v`, the loss Hessian is applied in output space, a VJP maps back. For softmax cross-entropy
-  :math:`\Lambda_n u = p\odot u - p(p^\top u)` is one fused kernel (``fisherext.ops.softmax_hvp``); any
-  other ``loss_fn`` (torch's MSE, label-smoothed or ignore_index cross-entropy, BCE with logits, NLL of
-  a log_softmax, outputs [N, T, C] flattened by the loss) by double backprop of ``loss_fn`` in z. The
+  :math:`J_n v`, the loss Hessian is applied in output space, a VJP maps back. A likelihood's name
+  (``"cross_entropy"``, ``"mse"``, ``"bce"``) applies its own :math:`\Lambda_n u`; for softmax
+  cross-entropy (the name, or ``F.cross_entropy`` / ``nn.CrossEntropyLoss()`` with every label counted)
+  :math:`\Lambda_n u = p\odot u - p(p^\top u)` is one fused kernel (``fisherext.ops.softmax_hvp``). Any
+  other torch ``loss`` (torch's MSE, label-smoothed or ignore_index cross-entropy, BCE with logits, NLL of
+  a log_softmax, outputs [N, T, C] flattened by the loss) by double backprop of ``loss`` in z. The
   split is at the model's output: a LogSoftmax inside the model with ``nn.NLLLoss`` gives Λ = 0.
   G is positive semi-definite when the loss is convex in z; it drops the second-order terms of f that
   make H indefinite.
 - Fisher: :math:`Fv = \frac1N\sum_n J_n^\top \hat\Lambda_n J_n v` with the Fisher's own output-space
-  factor (``kind="true"``: the loss Hessian of the likelihood, so F = G for cross-entropy;
+  factor (``kind="true"``: the loss Hessian of the likelihood, so F = G for mean cross-entropy on [N, C];
   ``"empirical"``: :math:`\hat\Lambda_n = \nabla_z\ell\,\nabla_z\ell^\top` at the data label, so
   :math:`Fv = \frac1N\sum_n g_n (g_n^\top v)` without forming any per-sample gradient;
   ``"mc"``: the same at labels sampled from the model). Normalization and kinds are those of
   ``fisherext.fisher``: :math:`F = \frac1N\sum_n F_n`.
-- Finite differences: :math:`Hv \approx (\nabla L(\theta + rv) - \nabla L(\theta - rv)) / 2r`, error
-  :math:`O(r^2)`, parameters moved by the perturbation kernels and restored bit for bit.
+- Finite differences: :math:`Hv \approx (\nabla L(\theta + \epsilon v) - \nabla L(\theta - \epsilon v))
+  / 2\epsilon`, error :math:`O(\epsilon^2)`, parameters moved by the perturbation kernels and restored
+  bit for bit.
 
-Data stream in batches; a batch of :math:`n_b` samples whose ``loss_fn`` returns its mean loss enters
+Data stream in batches; a batch of :math:`n_b` samples whose ``loss`` returns its mean loss enters
 with weight :math:`n_b / N`, so the result is the product for the mean loss over the whole data set
-whatever the batching. Several vectors ``V`` [K, P] share a batch's forward pass and first backward
-pass (its graph); each vector then costs one more backward.
+whatever the batching. Several vectors (the K columns of ``V`` [P, K]; the per-batch products here take
+them as rows [K, P]) share a batch's forward pass and first backward pass (its graph); each vector then
+costs one more backward.
 
 Forward passes follow ``fisherext._core.conventions``: deterministic per sample (train-mode dropout and
 batch-statistics BatchNorm refused), padding_idx lookups constant (so the dual forward of one vector,
@@ -39,19 +43,18 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from .. import ops
-from .._core.checks import check_choice, check_eps, check_loss_fn, check_positive_int
+from .._core.checks import check_choice, check_eps, check_positive_int
 from .._core.conventions import curvature_forward
-from .._core.data import stream
-from .._core.functional import FunctionalModel, grads
-from .._core.likelihood import Cotangents, output_hessian_product
-from .._core.perturbation import ParameterPerturbation
+from .._core.data import progress_bar, stream
 from .._core.entry import entry_point
+from .._core.functional import FunctionalModel, grads
+from .._core.likelihood import Cotangents, Likelihood, curvature_loss, output_hessian_product
+from .._core.perturbation import ParameterPerturbation
+from .._core.types import Data, Loss, Params
 
-METHODS = ("exact", "ggn", "fd")
-
-
-# ---- losses --------------------------------------------------------------------------------------
+CURVATURES = ("hessian", "ggn")
+METHODS = ("autograd", "fd")
+_OLD_METHODS = {"exact": "hessian", "ggn": "ggn"}  # hvp's method= of earlier versions: now curvature=
 
 
 # ---- products on one batch (each for the batch-mean loss) ------------------------------------------
@@ -63,13 +66,13 @@ METHODS = ("exact", "ggn", "fd")
 # is GEMM-bound on CPU; vmapping batches launches, not flops). The paths below are the fastest of these.
 
 
-def hessian_batch(fm: FunctionalModel, loss_fn, x, y, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def hessian_batch(fm: FunctionalModel, loss, x, y, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """H_b V for the batch-mean loss: the gradient with its graph (double backprop, Pearlmutter's
     R-operator in reverse mode), then one backward through it per vector, sharing the graph. [K, P]"""
     leaves = fm.leaves()
     with torch.enable_grad():
-        loss = loss_fn(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
-        g = grads([loss], leaves, [torch.ones_like(loss)], retain_graph=True, create_graph=True)
+        value = loss(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
+        g = grads([value], leaves, [torch.ones_like(value)], retain_graph=True, create_graph=True)
         K = V.shape[0]
         return torch.stack([torch.cat([h.reshape(-1) for h in grads(g, leaves, fm.unflat(V[k]),
                                                                            retain_graph=k < K - 1)])
@@ -98,30 +101,22 @@ def _output_space_batch(fm: FunctionalModel, x, V, apply, offset: int) -> torch.
                             for k in range(K)])
 
 
-def ggn_batch(fm: FunctionalModel, loss_fn, x, y, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def ggn_batch(fm: FunctionalModel, loss, x, y, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """G_b V = Jᵀ ∇²_z L_b J V for the batch-mean loss L_b. [K, P]"""
-    return _output_space_batch(fm, x, V, lambda out, JV: output_hessian_product(loss_fn, out, y, JV), offset)
+    return _output_space_batch(fm, x, V, lambda out, JV: output_hessian_product(loss, out, y, JV), offset)
 
 
-def fisher_batch(fm: FunctionalModel, loss: str, kind: str, x, y, V: torch.Tensor, *, mc_samples=1,
-                 generator=None, offset=0, class_dim=None, ignore_index=-100) -> torch.Tensor:
+def fisher_batch(fm: FunctionalModel, lik: Likelihood, kind: str, x, y, V: torch.Tensor, *, mc_samples=1,
+                 generator=None, offset=0) -> torch.Tensor:
     """F_b V = (1/n_b) Σ_n J_nᵀ Λ̂_n J_n V, Λ̂_n from the cotangents of ``fisherext.fisher`` (outputs
     [N, C], or with positions [N, T, C] / [N, C, H, W]: a sum over the positions that count). [K, P]"""
 
     def apply(out, JV):
         n = out.shape[0]
-        if kind == "true" and loss == "mse":  # Gaussian likelihood with unit variance: Λ = I
-            return JV / n
-        c = Cotangents(out, y, kind, loss, mc_samples=mc_samples, generator=generator, class_dim=class_dim,
-                       ignore_index=ignore_index)
-        if kind == "true":  # Λ u = p⊙u − p(pᵀu) at every position, by the fused kernel, 0 where ignored
-            N, T, C = c.rows.shape
-            U = JV.movedim(c.axis + 1, -1).reshape(-1, N * T, C)
-            U = ops.softmax_hvp(c.rows.reshape(N * T, C), U).view(-1, N, T, C)
-            if c.valid is not None:
-                U = U * c.valid[..., None].to(U.dtype)
-            return U.reshape(-1, *c.moved_shape).movedim(-1, c.axis + 1) / n
+        if kind == "true":  # the likelihood's own Λ u (softmax: the fused kernel)
+            return lik.at(out, y).hessian_product(JV) / n
         # Λ̂_n u = Σ_m w_m c_mn (c_mnᵀ u): the M labels' outer products, never a per-sample gradient
+        c = Cotangents(lik, out, y, kind, mc_samples=mc_samples, generator=generator)
         cot = c.all().reshape(c.K, n, -1)
         coef = torch.einsum("mne,kne->kmn", cot, JV.reshape(JV.shape[0], n, -1)) * c.weights[None, :, None]
         return torch.einsum("kmn,mne->kne", coef, cot).reshape(JV.shape) / n
@@ -129,70 +124,108 @@ def fisher_batch(fm: FunctionalModel, loss: str, kind: str, x, y, V: torch.Tenso
     return _output_space_batch(fm, x, V, apply, offset)
 
 
-def _mean_loss_grad(fm: FunctionalModel, loss_fn, data, batch_size) -> torch.Tensor:
+def _mean_loss_grad(fm: FunctionalModel, loss, data, batch_size) -> torch.Tensor:
     """∇L(θ) of the mean loss over the data at the model's current parameters, flat [P]."""
 
     def batch_grad(x, y, offset):
         leaves = fm.leaves()
         with torch.enable_grad():
-            loss = loss_fn(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
-            return torch.cat([t.reshape(-1) for t in grads([loss], leaves, [torch.ones_like(loss)])])[None]
+            value = loss(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
+            return torch.cat([t.reshape(-1) for t in grads([value], leaves, [torch.ones_like(value)])])[None]
 
     return stream(fm.model, data, batch_size, batch_grad)[0]
 
 
-def fd_product(fm: FunctionalModel, loss_fn, data, V: torch.Tensor, r: float, batch_size=None) -> torch.Tensor:
-    """(∇L(θ + r v) − ∇L(θ − r v)) / 2r for every row v of V, restoring θ bit for bit. [K, P]"""
+def fd_product(fm: FunctionalModel, loss, data, V: torch.Tensor, eps: float, batch_size=None,
+               progress: bool = False) -> torch.Tensor:
+    """(∇L(θ + ε v) − ∇L(θ − ε v)) / 2ε for every row v of V, restoring θ bit for bit. [K, P]"""
     state = ParameterPerturbation(list(zip(fm.names, fm.params)))
     rows = []
     try:
-        for v in V:
+        for v in progress_bar(V, progress, "hvp(method='fd')", total=V.shape[0], unit="vector"):
             v = v.contiguous()
-            state.set(v, r)
-            plus = _mean_loss_grad(fm, loss_fn, data, batch_size)
-            state.set(v, -r)
-            minus = _mean_loss_grad(fm, loss_fn, data, batch_size)
-            rows.append((plus - minus) / (2 * r))
+            state.set(v, eps)
+            plus = _mean_loss_grad(fm, loss, data, batch_size)
+            state.set(v, -eps)
+            minus = _mean_loss_grad(fm, loss, data, batch_size)
+            rows.append((plus - minus) / (2 * eps))
     finally:
         state.restore()
     return torch.stack(rows)
 
 
-@entry_point
-def hvp(model: nn.Module, loss_fn, data, v: torch.Tensor, *, method: str = "exact", r: float = 1e-3, params=None,
-        batch_size: int | None = None) -> torch.Tensor:
-    r"""Hessian-vector product of the mean loss over ``data`` (see the module docstring).
+def check_curvature_choices(curvature: str, method: str) -> None:
+    """``curvature`` and ``method`` of hvp; the values of earlier versions' ``method`` name ``curvature=``."""
+    if method in _OLD_METHODS:
+        raise ValueError(f"method: {method!r} is now curvature={_OLD_METHODS[method]!r} (method chooses how: "
+                         f"{', '.join(map(repr, METHODS))})")
+    check_choice("method", method, METHODS)
+    check_choice("curvature", curvature, CURVATURES)
+    if method == "fd" and curvature != "hessian":
+        raise ValueError("method: 'fd' differences the gradient, which gives curvature='hessian' only, not "
+                         f"{curvature!r}")
+
+
+@entry_point(renamed={"loss_fn": "loss", "r": "eps"})
+def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature: str = "hessian",
+        method: str = "autograd", eps: float = 1e-3, params: Params = None, batch_size: int | None = None,
+        progress: bool = False) -> torch.Tensor:
+    r"""Curvature-vector products of the mean loss over ``data``: :math:`Hv` or :math:`Gv`.
+
+    With :math:`L(\theta) = \frac1N\sum_n \ell(f(x_n;\theta), y_n)` the mean over all N samples
+    (whatever the batching; see the module docstring for the math):
+
+    .. math:: Hv = \nabla^2_\theta L\, v, \qquad
+              Gv = \frac1N \sum_n J_n^\top \nabla^2_z \ell_n\, J_n v .
 
     Args:
         model: maps inputs x [N, ...] to outputs (e.g. logits [N, C]).
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss (e.g. ``F.cross_entropy``).
+        loss: a likelihood's name, "cross_entropy", "mse" or "bce", standing for its torch loss with
+            reduction="mean" (``F.cross_entropy`` over the class axis, ``F.mse_loss``,
+            ``F.binary_cross_entropy_with_logits``), or a torch loss, a function or module
+            ``loss(outputs, targets)`` returning the batch's loss (e.g. ``F.cross_entropy``,
+            ``nn.MSELoss()``), used with its own reduction.
         data: a DataLoader, a Dataset, or an (x, y) tuple of tensors; streamed in batches.
-        v: one vector [P] or K vectors [K, P] over the selected parameters (flat, in
+        v: one vector [P], or K vectors as the columns of [P, K], over the selected parameters (flat, in
             ``model.named_parameters()`` order).
-        method: "exact" (Hv, double backprop), "ggn" (Gv, the Gauss-Newton matrix) or "fd"
-            (central finite differences of the gradient with step ``r``).
+        curvature: "hessian" (H) or "ggn" (G, the generalized Gauss-Newton matrix, split at the model's
+            output; PSD for a loss convex in the outputs).
+        method: "autograd" (double backprop for H, forward and reverse mode for G) or "fd" (central
+            finite differences of the gradient, :math:`(\nabla L(\theta + \epsilon v) - \nabla
+            L(\theta - \epsilon v)) / 2\epsilon`, error :math:`O(\epsilon^2)`; Hessian only).
+        eps: the finite-difference step of ``method="fd"``, a positive number.
         params: None (all parameters that require grad), or names, modules or tensors.
-        batch_size: samples per batch for tensor or Dataset data (a positive int).
-    Returns:
-        Tensor of v's shape.
+        batch_size: samples per batch for tensor or Dataset data (a positive int; a DataLoader keeps its
+            own batches).
+        progress: show a tqdm progress bar over the batches (over the vectors for ``method="fd"``).
 
-    The forward passes follow ``fisherext._core.conventions``: a model in train mode with dropout (or BatchNorm
-    on batch statistics) is refused, padding_idx lookups are constants, attention runs the math kernel.
+    Returns:
+        Tensor of v's shape: :math:`Hv` [P] or :math:`HV` [P, K] (likewise for G).
+
+    Raises:
+        ValueError: an unknown ``curvature`` or ``method`` (the earlier ``method="exact"`` and
+            ``method="ggn"`` name ``curvature=``), ``method="fd"`` with ``curvature="ggn"``, a bad ``eps``,
+            ``batch_size`` or ``v``, a model in train mode with dropout (or BatchNorm on batch
+            statistics), no samples.
+        TypeError: ``loss`` neither a name nor callable, ``v`` not a floating-point tensor.
+
+    The forward passes follow the conventions of the curvature products: padding_idx lookups are
+    constants, attention runs the math kernel, outputs must be finite.
     """
-    check_choice("method", method, METHODS)
-    check_loss_fn(loss_fn)
+    check_curvature_choices(curvature, method)
+    loss = curvature_loss(loss)
+    eps = check_eps(eps)
     check_positive_int("batch_size", batch_size, optional=True)
-    if method == "fd":
-        r = check_eps(r, name="r")
     fm = FunctionalModel(model, params)
     V, single = fm.vectors(v)
     with curvature_forward(model):  # entered before fd_product moves any parameter
         if method == "fd":
-            out = fd_product(fm, loss_fn, data, V, r, batch_size)
+            out = fd_product(fm, loss, data, V, eps, batch_size, progress)
         else:
-            batch = hessian_batch if method == "exact" else ggn_batch
-            out = stream(model, data, batch_size, lambda x, y, offset: batch(fm, loss_fn, x, y, V, offset))
-    return out[0] if single else out
+            batch = hessian_batch if curvature == "hessian" else ggn_batch
+            out = stream(model, data, batch_size, lambda x, y, offset: batch(fm, loss, x, y, V, offset),
+                         progress=progress, desc=f"hvp(curvature={curvature!r})")
+    return out[0] if single else out.T
 
 
-__all__ = ["FunctionalModel", "METHODS", "fisher_batch", "ggn_batch", "hessian_batch", "hvp"]
+__all__ = ["CURVATURES", "METHODS", "fisher_batch", "ggn_batch", "hessian_batch", "hvp"]

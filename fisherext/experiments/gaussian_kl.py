@@ -1,6 +1,10 @@
 r"""Seed 000's study: for a Gaussian, :math:`\mathrm{KL}(p_\theta\|p_{\theta+r u})` against
 :math:`\tfrac12 r^2 u^\top F u` over a range of radii r, with the exact Fisher or an empirical one from
-samples (the closed forms are ``fisherext.gaussian``)."""
+samples (the closed forms are :mod:`fisherext.gaussian`, whose θ layout this study uses).
+
+The results are report rows: lists of dicts of Python numbers, one per radius, for tables
+(:func:`format_ratio_table`) and the suite's JSON output, not tensors for further computation.
+"""
 from __future__ import annotations
 
 import math
@@ -10,13 +14,13 @@ import torch
 
 from .._core.checks import check_choice
 from .._core.entry import entry_point
-from ..gaussian import (
-    DIAGS, check_mvn, mvn_fisher_quad, mvn_kl, mvn_pack, mvn_unpack, random_mvn, split_delta, tri_solve,
-    whitened_quad_stats,
-)
+from ..gaussian import DIAGS, mvn_fisher_quad, mvn_kl, mvn_pack, mvn_sampled_fisher_quad, mvn_unpack, random_mvn
 
+#: The supports of the study's direction u: the mean coordinates, the L coordinates, or all of θ.
 WHICH = ("mean", "L", "both")
+#: The Fisher of the study: exact, or the per-sample empirical one from samples.
 KINDS = ("true", "empirical")
+#: The radii r of the steps Δ = r u.
 DEFAULT_RADII = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 __all__ = ["DEFAULT_RADII", "KINDS", "WHICH", "format_ratio_table", "kl_vs_fisher_grid", "kl_vs_fisher_study"]
@@ -41,23 +45,47 @@ def kl_vs_fisher_study(d: int, which: str = "both", kind: str = "true", *, n: in
 
     The Gaussian is :math:`\mathcal N(\mu, LL^\top)` in dimension ``d`` (d = 1 is the univariate
     normal, θ = (μ, σ) for ``diag="raw"`` or (μ, log σ) for ``diag="log"``); (μ, L) are drawn with
-    ``random_mvn`` unless given. u is one random unit direction in θ space (drawn from ``generator``),
+    :func:`fisherext.gaussian.random_mvn` unless given. u is one random unit direction in θ space,
     supported on the mean coordinates (``which="mean"``), on the L coordinates (``"L"``) or on all
     (``"both"``), and each radius r gives Δ = r u. The perturbed parameters are θ + Δ in the θ layout of
-    the module docstring (so with ``diag="log"`` the diagonal of L is multiplied by exp(Δ)).
+    :mod:`fisherext.gaussian` (so with ``diag="log"`` the diagonal of L is multiplied by exp(Δ)).
 
-    ``kind="true"`` uses the exact Fisher (``mvn_fisher_quad``); ``kind="empirical"`` draws ``n`` samples
-    :math:`x_i\sim p_\theta` once and uses :math:`\frac1n\sum_i(g_i^\top u)^2` (the per-sample mean of
-    outer products, evaluated as a quadratic form — no P×P matrix). The same direction and samples serve
-    every radius, so for the empirical Fisher the small-radius ratio converges to
-    :math:`u^\top F u / u^\top\hat F u`, whose relative Monte-Carlo error is reported as
-    ``quad_half_se / quad_half`` (:math:`\approx\sqrt{2/n}` when :math:`g^\top u` is close to Gaussian).
+    ``kind="true"`` uses the exact Fisher (:func:`fisherext.gaussian.mvn_fisher_quad`);
+    ``kind="empirical"`` draws ``n`` samples :math:`x_i\sim p_\theta` once and uses
+    :math:`u^\top\hat F u = \frac1n\sum_i(g_i^\top u)^2` (the per-sample mean of outer products,
+    evaluated as a quadratic form by :func:`fisherext.gaussian.mvn_sampled_fisher_quad`: no P×P
+    matrix). The same direction and samples serve every radius, so for the empirical Fisher the
+    small-radius ratio converges to :math:`u^\top F u / u^\top\hat F u`, whose relative Monte-Carlo error
+    is reported as ``quad_half_se / quad_half`` (:math:`\approx\sqrt{2/n}` when :math:`g^\top u` is close
+    to Gaussian).
 
-    Returns one dict per radius: ``d, which, kind, n`` (None for "true"), ``radius``, ``kl``,
-    ``quad_half`` (= ½ΔᵀFΔ), ``ratio`` (= kl / quad_half → 1 as r → 0, deviation O(r)), and
-    ``quad_half_se`` (the standard error of quad_half; 0 for "true"). A radius at which the perturbed L
-    has a non-positive diagonal (raw diagonal only) is not a Cholesky factor: its ``kl`` and ``ratio``
-    are NaN.
+    Args:
+        d: the dimension, ≥ 1.
+        which: ``"mean"``, ``"L"`` or ``"both"``: the coordinates u is supported on.
+        kind: ``"true"`` (exact Fisher) or ``"empirical"`` (from ``n`` samples).
+        n: the number of samples of ``kind="empirical"``, ≥ 2.
+        radii: the radii r > 0, in the order of the rows.
+        generator: the source of randomness, drawn in this order: (μ, L) when not given, then u, then the
+            samples (None: the global generator; a CPU generator).
+        mu: the mean [d], given together with ``L`` (any one-element tensor for d = 1).
+        L: the Cholesky factor [d, d] (any one-element tensor for d = 1).
+        diag: ``"raw"`` or ``"log"``, the layout of the diagonal coordinates of L in θ.
+        dtype: the dtype of a drawn (μ, L).
+        device: where the computation runs.
+        chunk_size: samples per chunk of ``kind="empirical"`` (default: about 4M numbers a chunk).
+
+    Returns:
+        One dict per radius (a report row of Python numbers): ``d, which, kind, n`` (None for "true"),
+        ``radius``, ``kl``, ``quad_half`` (= ½ΔᵀFΔ), ``ratio`` (= kl / quad_half → 1 as r → 0, deviation
+        O(r)), and ``quad_half_se`` (the standard error of quad_half; 0 for "true"). A radius at which the
+        perturbed L has a non-positive diagonal (raw diagonal only) is not a Cholesky factor: its ``kl``
+        and ``ratio`` are NaN.
+
+    Raises:
+        ValueError: an unknown ``which``, ``kind`` or ``diag``, ``d`` not a positive int, ``n`` < 2 for
+            "empirical", ``radii`` empty or not all finite and positive, only one of ``mu`` and ``L``,
+            or a (μ, L) that is not a valid normal of dimension d.
+        TypeError: ``mu`` or ``L`` is not a floating-point tensor.
     """
     check_choice("which", which, WHICH)
     check_choice("kind", kind, KINDS)
@@ -73,30 +101,20 @@ def kl_vs_fisher_study(d: int, which: str = "both", kind: str = "true", *, n: in
         raise ValueError("mu, L: give both or neither")
     if mu is None:
         mu, L = random_mvn(d, generator=generator, dtype=dtype)
-    else:
+    elif isinstance(mu, torch.Tensor) and isinstance(L, torch.Tensor):
         if L.dim() == 0 or (L.dim() == 1 and L.numel() == 1):
             L = L.reshape(1, 1)
         mu = mu.reshape(-1)
-        if check_mvn(mu, L) != d:
-            raise ValueError(f"L: expected shape ({d}, {d}), got {tuple(L.shape)}")
+    theta = mvn_pack(mu, L, diag).to(device)  # checks (μ, L)
+    if L.shape[0] != d:
+        raise ValueError(f"L: expected shape ({d}, {d}), got {tuple(L.shape)}")
     mu, L = mu.to(device), L.to(device)
-    theta = mvn_pack(mu, L, diag)
-    P = theta.numel()
-    u = _direction(P, d, which, generator, L.dtype, L.device)
+    u = _direction(theta.numel(), d, which, generator, L.dtype, L.device)
 
     if kind == "true":
         quad_u, se_u = mvn_fisher_quad(mu, L, u, diag), torch.zeros((), dtype=L.dtype)
     else:
-        # x_i = μ + L z_i with z_i ~ N(0, I): the whitened L⁻¹(x_i − μ) that the score needs is z_i
-        # itself, so the samples are drawn in whitened form (same formula as mvn_score_dot).
-        dmu, dL = split_delta(u, mu, L, diag)
-        a = tri_solve(L, dmu.unsqueeze(-1)).squeeze(-1)
-        A = tri_solve(L, dL)
-
-        def draw(start, stop):
-            return torch.randn(stop - start, d, generator=generator, dtype=L.dtype).to(L.device)
-
-        quad_u, se_u = whitened_quad_stats(draw, n, a, A, chunk_size or max(1024, (1 << 22) // d))
+        quad_u, se_u = mvn_sampled_fisher_quad(mu, L, u, n, diag, generator=generator, chunk_size=chunk_size)
 
     rows = []
     for r in radii:
@@ -112,24 +130,55 @@ def kl_vs_fisher_study(d: int, which: str = "both", kind: str = "true", *, n: in
     return rows
 
 
-@entry_point
+@entry_point(renamed={"seed": "generator"})
 def kl_vs_fisher_grid(ds: Sequence[int] = (1, 10, 100), whichs: Sequence[str] = WHICH,
                       kinds: Sequence[str] = KINDS, *, n: int = 200_000, radii: Sequence[float] = DEFAULT_RADII,
-                      seed: int = 0, **kwargs) -> list[dict]:
-    """All rows of ``kl_vs_fisher_study`` over ``ds`` × ``whichs`` × ``kinds``; case (d, which) uses the
-    same (μ, L) and direction for both kinds (a generator seeded with ``seed`` + 1000·d + the index of ``which``)."""
+                      generator: torch.Generator | None = None, **kwargs) -> list[dict]:
+    """All rows of :func:`kl_vs_fisher_study` over ``ds`` × ``whichs`` × ``kinds``.
+
+    One base seed is drawn from ``generator``; case (d, which) runs on a fresh generator seeded with the
+    base + 1000·d + the index of ``which`` in ``whichs``, the same for both kinds, so both kinds of a case
+    share (μ, L) and the direction u (and each case's numbers do not depend on which other cases run).
+
+    Args:
+        ds: the dimensions.
+        whichs: the supports of the direction (see :func:`kl_vs_fisher_study`).
+        kinds: the Fisher kinds.
+        n: samples of the empirical kind.
+        radii: the radii of every case.
+        generator: the source of the base seed (one draw; None: the global generator). The same seeded
+            generator gives the same rows.
+        **kwargs: passed to :func:`kl_vs_fisher_study` (``diag``, ``dtype``, ``device``, ``chunk_size``).
+
+    Returns:
+        The report rows of all cases (dicts of Python numbers), case after case in the loop order d,
+        which, kind.
+
+    Raises:
+        ValueError: as :func:`kl_vs_fisher_study`.
+        TypeError: the old keyword ``seed`` (now ``generator``).
+    """
+    base = int(torch.randint(0, 2**62, (), generator=generator))
     rows = []
     for d in ds:
         for w_idx, which in enumerate(whichs):
             for kind in kinds:
-                g = torch.Generator().manual_seed(seed + 1000 * d + w_idx)
+                g = torch.Generator().manual_seed(base + 1000 * d + w_idx)
                 rows += kl_vs_fisher_study(d, which, kind, n=n, radii=radii, generator=g, **kwargs)
     return rows
 
 
 @entry_point
 def format_ratio_table(rows: Sequence[dict]) -> str:
-    """Markdown table of KL/(½ΔᵀFΔ): one row per radius, one column per (d, which, kind) case."""
+    """A markdown table of the ratios KL / (½ΔᵀFΔ) of study rows.
+
+    Args:
+        rows: rows of :func:`kl_vs_fisher_study` or :func:`kl_vs_fisher_grid`.
+
+    Returns:
+        The table: one line per radius, one column per (d, which, kind) case, ratios to 5 decimals (an
+        empty cell where a case lacks that radius).
+    """
     cases = list(dict.fromkeys((r["d"], r["which"], r["kind"]) for r in rows))
     radii = list(dict.fromkeys(r["radius"] for r in rows))
     val = {(r["d"], r["which"], r["kind"], r["radius"]): r["ratio"] for r in rows}

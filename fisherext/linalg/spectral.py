@@ -52,7 +52,7 @@ def _probes(shape, distribution: str, generator, A) -> torch.Tensor:
     return Z.to(A.device)
 
 
-@entry_point
+@entry_point(name="spectral.power_iteration")
 def power_iteration(A, k: int = 1, *, maxiter: int = 100, tol: float = 1e-6,
                     generator: torch.Generator | None = None, progress: bool = False):
     r"""The k eigenpairs of largest magnitude, by subspace (block power) iteration with Rayleigh–Ritz.
@@ -68,10 +68,23 @@ def power_iteration(A, k: int = 1, *, maxiter: int = 100, tol: float = 1e-6,
     Eigenvalues keep their sign (a Hessian has negative ones). Eigenvalue errors are about
     :math:`\|r_j\|^2/\mathrm{gap}`, eigenvector angles about :math:`\|r_j\|/\mathrm{gap}`.
 
+    Args:
+        A: anything :func:`~fisherext.linalg.as_operator` accepts (a LinearOperator, a ``FisherMatrix``,
+            a square symmetric tensor).
+        k: the number of eigenpairs, 1 <= k <= P.
+        maxiter: at most this many iterations (products with k columns).
+        tol: the relative residual :math:`\max_j \|r_j\| / \max_j |\theta_j|` to stop at, >= 0.
+        generator: the source of the random start (None: the global generator).
+        progress: a progress bar over the iterations.
+
     Returns:
         (eigenvalues [k] by decreasing magnitude, eigenvectors [P, k] orthonormal, signs arbitrary), in
         the operator's dtype and device. Warns (RuntimeWarning) when ``maxiter`` iterations end before
         the tolerance is met, and returns the last Ritz pairs.
+
+    Raises:
+        ValueError: k not in [1, P], maxiter < 1, tol < 0; A a tensor that is not square and symmetric.
+        TypeError: A is no operator.
     """
     A = as_operator(A)
     P = A.shape[0]
@@ -145,7 +158,7 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor):
     return torch.linalg.eigh(T)
 
 
-@entry_point
+@entry_point(name="spectral.lanczos")
 def lanczos(A, k: int, *, which: str = "largest", m: int | None = None,
             generator: torch.Generator | None = None, progress: bool = False):
     r"""k extreme eigenpairs by the Lanczos method with full reorthogonalization.
@@ -160,11 +173,20 @@ def lanczos(A, k: int, *, which: str = "largest", m: int | None = None,
     (up to rounding). Cost: m products A @ v and :math:`O(P m^2)` for the reorthogonalization.
 
     Args:
+        A: anything :func:`~fisherext.linalg.as_operator` accepts.
+        k: the number of eigenpairs, 1 <= k <= P.
         which: "largest" (algebraically largest, decreasing), "smallest" (algebraically smallest,
-            increasing) or "magnitude" (largest |λ|, decreasing magnitude).
+            increasing) or "magnitude" (largest :math:`|\lambda|`, decreasing magnitude).
         m: Krylov dimension, at least k (default min(P, max(2k + 20, 40)); values above P act as P).
+        generator: the source of the random start (None: the global generator).
+        progress: a progress bar over the Lanczos steps.
+
     Returns:
         (eigenvalues [k], eigenvectors [P, k] orthonormal, signs arbitrary) in the operator's dtype and device.
+
+    Raises:
+        ValueError: k not in [1, P], m < k, an unknown ``which``; A a tensor that is not square and symmetric.
+        TypeError: A is no operator.
     """
     A = as_operator(A)
     P = A.shape[0]
@@ -182,7 +204,7 @@ def lanczos(A, k: int, *, which: str = "largest", m: int | None = None,
     return (theta[chosen].to(A.device, A.dtype), Q @ S[:, chosen].to(A.device, A.dtype))
 
 
-@entry_point
+@entry_point(name="spectral.hutchinson_trace")
 def hutchinson_trace(A, n: int = 100, *, distribution: str = "rademacher", block_size: int | None = None,
                      generator: torch.Generator | None = None, return_std: bool = False, progress: bool = False):
     r"""Hutchinson's estimate of tr(A): :math:`\hat t = \frac1n \sum_{i=1}^n z_i^\top A z_i` with
@@ -194,8 +216,22 @@ def hutchinson_trace(A, n: int = 100, *, distribution: str = "rademacher", block
     deviation of the n values :math:`z_i^\top A z_i` (nan for n = 1). Probes go through ``A @ Z`` in
     blocks of ``block_size`` columns (default: about 2²⁰ probe entries per block, at most n).
 
+    Args:
+        A: anything :func:`~fisherext.linalg.as_operator` accepts.
+        n: the number of probes.
+        distribution: "rademacher" or "gaussian".
+        block_size: probes per product ``A @ Z``.
+        generator: the source of the probes (None: the global generator).
+        return_std: also return the standard error.
+        progress: a progress bar over the blocks of probes.
+
     Returns:
-        the estimate (float), or (estimate, standard error) with ``return_std=True``.
+        the estimate, a 0-d tensor in the operator's dtype and device (no host sync), or (estimate,
+        standard error) with ``return_std=True``.
+
+    Raises:
+        ValueError: n or block_size < 1, an unknown distribution; A a tensor that is not square and symmetric.
+        TypeError: A is no operator.
     """
     A = as_operator(A)
     P = A.shape[0]
@@ -210,11 +246,11 @@ def hutchinson_trace(A, n: int = 100, *, distribution: str = "rademacher", block
     for start in progress_bar(starts, progress, "hutchinson_trace", total=len(starts)):
         Z = _probes((P, min(block_size, n - start)), distribution, generator, A)
         values.append((Z * (A @ Z)).sum(0))
-    values = torch.cat(values).to("cpu", torch.float64)
-    estimate = values.mean().item()
+    values = torch.cat(values)
+    estimate = values.mean()
     if not return_std:
         return estimate
-    std_error = (values.std() / math.sqrt(n)).item() if n > 1 else math.nan
+    std_error = values.std() / math.sqrt(n) if n > 1 else torch.full_like(estimate, math.nan)
     return estimate, std_error
 
 
@@ -235,7 +271,7 @@ class SpectralDensity:
         return iter((self.grid, self.density))
 
 
-@entry_point
+@entry_point(name="spectral.slq_density")
 def slq_density(A, *, m: int = 80, n: int = 10, grid: torch.Tensor | None = None, sigma: float | None = None,
                 points: int = 1000, generator: torch.Generator | None = None, progress: bool = False) -> SpectralDensity:
     r"""The spectral density of A by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani,
@@ -256,12 +292,23 @@ def slq_density(A, *, m: int = 80, n: int = 10, grid: torch.Tensor | None = None
     q^\top A q` is an unbiased estimate of tr(A)/P.
 
     Args:
-        m: Lanczos steps per probe (values above P act as P). n: number of probes.
+        A: anything :func:`~fisherext.linalg.as_operator` accepts.
+        m: Lanczos steps per probe (values above P act as P).
+        n: number of probes.
         grid: points [G] at which to evaluate the density (default: ``points`` equally spaced points over
             [min θ − 5σ, max θ + 5σ]).
         sigma: kernel width (default: 1% of the range of the nodes, or of their magnitude if they coincide).
+        points: the size of the default grid.
+        generator: the source of the probes (None: the global generator).
+        progress: a progress bar over the probes.
+
     Returns:
         a SpectralDensity (grid, density, nodes, weights), which unpacks as (grid, density).
+
+    Raises:
+        ValueError: m, n or points < 1, sigma <= 0, a grid that is not a non-empty 1-D floating-point
+            tensor; A a tensor that is not square and symmetric.
+        TypeError: A is no operator, grid no tensor.
     """
     A = as_operator(A)
     P = A.shape[0]

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .._version import __version__
 from .. import _C  # registers torch.ops.fisherext.* (torch must be imported first)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -24,8 +25,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def build_info() -> dict:
     """What was compiled: version, torch, whether CUDA kernels were built, arch list, and op names."""
-    from .. import __version__
-
     info = dict(_C.build_info())
     info["version"] = __version__
     info["torch"] = torch.__version__

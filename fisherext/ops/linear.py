@@ -102,6 +102,7 @@ def linear_sq_grad(a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor | 
         a: layer inputs, [N, I] or [N, T, I].
         delta: output gradients, [N, O] or [N, T, O].
         weight: optional per-sample weights [N] (default all ones).
+
     Returns:
         [O, I] tensor, dtype of ``a``.
     """
@@ -128,9 +129,21 @@ def linear_outer_accum_(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor,
 
     ``out`` is [O*I, O*I] and symmetric: only its upper triangle is read, and the result is written
     exactly symmetric. Only tiles on or above the diagonal are multiplied. Scratch: a chunk of
-    per-sample gradients of fixed size, never N x O x I. ``out`` must not share memory with ``a``,
-    ``delta`` or ``weight``, nor two of its elements one location (an expanded tensor): ValueError.
-    Returns ``out``.
+    per-sample gradients of fixed size, never N x O x I.
+
+    Args:
+        out: the accumulator [O*I, O*I], updated in place.
+        a: layer inputs, [N, I] or [N, T, I].
+        delta: output gradients, [N, O] or [N, T, O].
+        weight: optional per-sample weights [N] (default all ones).
+        alpha: the factor of the sum.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: ``out`` shares memory with ``a``, ``delta`` or ``weight``, or two of its elements share
+            one location (an expanded tensor); or a shape, dtype or device does not match.
     """
     op = "linear_outer_accum_"
     torch.ops.fisherext.linear_outer_accum_(
@@ -157,9 +170,21 @@ def sym_outer_accum_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | 
 
     ``x`` is [N, D] (e.g. a chunk of per-sample gradients G [N, P] for a dense Fisher) or [N, T, D]
     (e.g. layer inputs over positions, for a Kronecker factor). Only the upper triangle of ``out`` is
-    read; with ``beta = 0`` its old content is ignored (NaN included). ``out`` must not share memory with
-    ``x`` or ``weight``, nor two of its elements one location (an expanded tensor): ValueError.
-    Returns ``out``.
+    read; with ``beta = 0`` its old content is ignored (NaN included).
+
+    Args:
+        out: the accumulator [D, D], updated in place.
+        x: [N, D] or [N, T, D].
+        weight: optional per-sample weights [N] (default all ones).
+        alpha: the factor of the sum.
+        beta: the factor of the old ``out``.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: ``out`` shares memory with ``x`` or ``weight``, or two of its elements share one location
+            (an expanded tensor); or a shape, dtype or device does not match.
     """
     op = "sym_outer_accum_"
     torch.ops.fisherext.sym_outer_accum_(
@@ -179,11 +204,27 @@ def kfac_factor_update_(factor: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                         decay: float | None = None) -> torch.Tensor:
     r"""Update a Kronecker factor (K-FAC's A = E[a a^T] or G = E[delta delta^T]) in place.
 
-    With ``decay=None`` it accumulates the sum: ``factor += sum_n w_n sum_t x_nt x_nt^T``.
-    With ``decay=b`` in [0, 1) it keeps a running average of per-batch means:
-    ``factor <- b * factor + (1 - b) * (1/N) sum_n w_n sum_t x_nt x_nt^T``.
-    ``x`` is [N, D] or [N, T, D]. Returns ``factor``. (A composition of :func:`sym_outer_accum_`, not an op
-    of its own.)
+    With ``decay=None`` it accumulates the sum
+
+    .. math:: \text{factor} \mathrel{+}= \sum_n w_n \sum_t x_{nt} x_{nt}^\top;
+
+    with ``decay=b`` in [0, 1) it keeps a running average of per-batch means
+
+    .. math:: \text{factor} \leftarrow b\,\text{factor} + (1 - b)\,\frac1N \sum_n w_n \sum_t x_{nt} x_{nt}^\top .
+
+    A composition of :func:`sym_outer_accum_`, not an op of its own.
+
+    Args:
+        factor: the factor [D, D], updated in place.
+        x: [N, D] or [N, T, D].
+        weight: optional per-sample weights [N] (default all ones).
+        decay: None (accumulate the sum) or the running average's b, in [0, 1).
+
+    Returns:
+        ``factor``.
+
+    Raises:
+        ValueError: ``decay`` is out of range, ``x`` is empty, or as :func:`sym_outer_accum_`.
     """
     op = "kfac_factor_update_"
     if decay is None:

@@ -45,22 +45,31 @@ def unflatten_axpy_(out: Sequence[torch.Tensor], x: torch.Tensor, v: torch.Tenso
     .. math:: \text{out}_i \leftarrow x[o_i : o_i + n_i] + \varepsilon\, v[o_i : o_i + n_i],
               \qquad n_i = \text{out}_i\text{.numel()},\quad o_i = n_0 + \dots + n_{i-1}
 
-    With ``out`` the parameters, ``x`` a flat saved copy of them (``fisherext.flatten``) and ``v`` a
+    With ``out`` the parameters, ``x`` a flat saved copy of them (:func:`fisherext.flatten`) and ``v`` a
     flat direction in the same order, this sets ``theta = theta_saved + eps v`` for all parameter tensors
     at once (``eps`` may be negative), so evaluating at ``theta ± eps v`` perturbs along the whole
     direction, not one tensor at a time. With ``v=None`` it copies ``x`` back bit for bit: the restore
     step (never add ``-eps v`` back: that drifts).
 
-    Every tensor of ``out`` must be contiguous (elements pair up in memory order) and have the dtype and
-    device of ``x``, and share memory with no other tensor of the list; ``x`` and ``v`` are contiguous 1-D
-    tensors of ``sum_i n_i`` elements and must not overlap ``out`` (ValueError otherwise; ``x`` and ``v``
-    may overlap each other). Half and bfloat16 are computed in float32 and rounded once. One parallel pass
+    Half and bfloat16 are computed in float32 and rounded once. One parallel pass
     on CPU; one kernel launch on CUDA (several only when a launch's metadata fills up), in the style of
     apex's multi_tensor_apply. The list travels to the kernel once, not once per operand, which is what
     makes a perturb/restore of a model with hundreds of parameter tensors cheap. Not differentiable:
     call it under ``torch.no_grad()``.
 
-    Returns ``out``.
+    Args:
+        out: the tensors to set, each contiguous with the dtype and device of ``x``.
+        x: a contiguous 1-D tensor of :math:`\sum_i n_i` elements.
+        v: None (copy ``x`` back), or a direction like ``x``.
+        eps: the step, of any sign.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: a tensor of ``out`` is not contiguous, has another dtype or device than ``x``, or shares
+            memory with another tensor of the list; or ``x`` or ``v`` has the wrong size or overlaps ``out``
+            (``x`` and ``v`` may overlap each other).
     """
     try:
         # Straight to the op: this runs once per perturbation, and checking a long list element by

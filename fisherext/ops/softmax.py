@@ -36,6 +36,10 @@ def softmax_hvp(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     arguments (``d/du`` is the op itself since H is symmetric; ``d/dlogits`` is
     :math:`\text{out} \odot (g - p^\top g) - p\,(g^\top \text{out})` for the cotangent g).
 
+    Args:
+        logits: [N, C].
+        u: [N, C], or [K, N, C] for K directions.
+
     Returns:
         a tensor of u's shape and dtype.
     """
@@ -106,10 +110,16 @@ def softmax_hessian_sqrt(logits: torch.Tensor) -> torch.Tensor:
     (using :math:`\sum_k p_{nk} = 1`). Backpropagating the C slices ``S[k]`` as output cotangents gives
     per-sample gradients :math:`g_{nk} = J_n^\top S[k, n]` with :math:`\sum_k g_{nk} g_{nk}^\top = J_n^\top
     \Lambda_n J_n`, the true Fisher of sample n, in one batched backward (``kind="true"`` in
-    ``fisherext.fisher``). Stable softmax; half/bfloat16 computed in float32. Output dtype of ``logits``.
+    :func:`fisherext.capture.fisher`). Stable softmax; half/bfloat16 computed in float32.
 
     Not differentiable: the output never requires grad (autograd passes the op through, ``csrc/autograd.cpp``),
     since the factor is a constant cotangent for backprop, formed from detached logits.
+
+    Args:
+        logits: [N, C].
+
+    Returns:
+        S, [C, N, C] in the dtype of ``logits``.
     """
     return torch.ops.fisherext.softmax_hessian_sqrt(tensor_arg("softmax_hessian_sqrt", "logits", logits))
 

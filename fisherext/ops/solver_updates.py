@@ -102,8 +102,22 @@ def cg_update_(x: torch.Tensor, r: torch.Tensor, p: torch.Tensor, Ap: torch.Tens
     (shape of ``alpha``, compute dtype). The sums accumulate in float64 on both backends (the op is
     memory-bound) from fixed chunks combined in a fixed order, so they do not depend on the thread count.
     One parallel pass on CPU; on CUDA one update-and-partial-sum launch plus a tiny one combining the
-    partials. ``x`` and ``r`` must not overlap each other or ``p``, ``Ap``, ``alpha``, ``inv_diag``
-    (ValueError). Returns ``(rz, rr)``.
+    partials.
+
+    Args:
+        x: the iterate [P] or [P, K], updated in place.
+        r: the residual, like ``x``, updated in place.
+        p: the search direction, like ``x``.
+        Ap: the operator applied to ``p``, like ``x``.
+        alpha: the step of each column, [] or [K], compute dtype.
+        inv_diag: optional diagonal preconditioner, like ``x`` (default none).
+
+    Returns:
+        ``(rz, rr)``, each shaped like ``alpha`` in the compute dtype.
+
+    Raises:
+        ValueError: ``x`` or ``r`` overlaps the other or ``p``, ``Ap``, ``alpha``, ``inv_diag``; or a shape,
+            dtype or device does not match.
     """
     op = "cg_update_"
     return torch.ops.fisherext.cg_update_(
@@ -131,8 +145,20 @@ def cg_direction_(p: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
 
     .. math:: p \leftarrow z + \beta_k\, p, \qquad z = \mathrm{inv\_diag} \odot r \ (z = r \text{ without})
 
-    Shapes and dtypes as in :func:`cg_update_` (``beta`` [] or [K] in the compute dtype, any strides);
-    ``p`` must not overlap ``r``, ``beta`` or ``inv_diag`` (ValueError). Returns ``p``.
+    Shapes and dtypes as in :func:`cg_update_`.
+
+    Args:
+        p: the search direction [P] or [P, K], updated in place.
+        r: the residual, like ``p``.
+        beta: the coefficient of each column, [] or [K] in the compute dtype (any strides).
+        inv_diag: optional diagonal preconditioner, like ``p`` (default none).
+
+    Returns:
+        ``p``.
+
+    Raises:
+        ValueError: ``p`` overlaps ``r``, ``beta`` or ``inv_diag``; or a shape, dtype or device does not
+            match.
     """
     op = "cg_direction_"
     torch.ops.fisherext.cg_direction_(
@@ -159,8 +185,21 @@ def lissa_update_(h: torch.Tensor, v: torch.Tensor, Hh: torch.Tensor, damping: f
     .. math:: h \leftarrow v + (1 - d)\, h - \frac{H h}{s}
 
     with ``Hh`` the operator applied to the current h, damping d in [0, 1) and scale s > 0. Its fixed
-    point is :math:`h = s\,(H + d s I)^{-1} v`. Computed in the compute dtype and rounded once. ``h`` must
-    not overlap ``v`` or ``Hh`` (ValueError). Returns ``h``.
+    point is :math:`h = s\,(H + d s I)^{-1} v`. Computed in the compute dtype and rounded once.
+
+    Args:
+        h: the iterate [P] or [P, K], updated in place.
+        v: the right-hand side, like ``h``.
+        Hh: the operator applied to ``h``, like ``h``.
+        damping: the kernel's relative damping d, in [0, 1).
+        scale: the scale s, > 0.
+
+    Returns:
+        ``h``.
+
+    Raises:
+        ValueError: ``h`` overlaps ``v`` or ``Hh``, a scalar is out of range, or a shape, dtype or device
+            does not match.
     """
     op = "lissa_update_"
     damping, scale = scalar_arg(op, "damping", damping), scalar_arg(op, "scale", scale)
@@ -189,8 +228,20 @@ def neumann_update_(term: torch.Tensor, acc: torch.Tensor, Aterm: torch.Tensor,
     .. math:: \text{term} \leftarrow \text{term} - \frac{A\,\text{term}}{s}, \qquad
               \text{acc} \leftarrow \text{acc} + \text{term}
 
-    with ``Aterm`` the operator applied to the current term and scale s > 0; ``acc`` adds the rounded new
-    term. ``term`` and ``acc`` must not overlap each other or ``Aterm`` (ValueError). Returns ``(term, acc)``.
+    ``acc`` adds the rounded new term.
+
+    Args:
+        term: the current term [P] or [P, K], updated in place.
+        acc: the partial sum, like ``term``, updated in place.
+        Aterm: the operator applied to ``term``, like ``term``.
+        scale: the scale s, > 0.
+
+    Returns:
+        ``(term, acc)``.
+
+    Raises:
+        ValueError: ``term`` or ``acc`` overlaps the other or ``Aterm``, ``scale`` is out of range, or a
+            shape, dtype or device does not match.
     """
     op = "neumann_update_"
     scale = scalar_arg(op, "scale", scale)

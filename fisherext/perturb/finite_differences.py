@@ -13,6 +13,11 @@ The Fisher information sensitivity of input coordinate i (Martin & Elster) is
 .. math:: \mathrm{FIS}_i = \sum_c \partial_{x_i}\Big(\frac{d p_c}{d\varepsilon}\Big)\,
           \partial_{x_i}\Big(\frac{d \log p_c}{d\varepsilon}\Big).
 
+Vectors: one direction is a flat vector [P] over the selected parameters (in ``named_parameters()``
+order); K shared directions are the columns of [P, K] (``fd_quadratic_directions``); one direction per
+input n is a row of [N, P] and is only accepted with ``per_input=True``. Per-input results are [N] for
+one direction and [N, K] for K.
+
 All parameters move at once along the whole of v (``block=True`` reproduces the per-tensor variant that
 sums only the diagonal blocks, for comparison). Every routine restores the parameters by copying them
 back from a saved buffer, bit for bit, also when the forward pass raises.
@@ -30,9 +35,10 @@ from torch.overrides import TorchFunctionMode
 from .. import ops
 from .._core.checks import all_finite, check_choice, check_eps, check_inputs, check_vectors
 from .._core.conventions import check_deterministic, checked_output, curvature_forward
+from .._core.entry import entry_point
 from .._core.params import resolve_params
 from .._core.perturbation import ParameterPerturbation
-from .._core.entry import entry_point
+from .._core.types import Params
 
 SCHEMES = ("central", "forward")
 STRATEGIES = ("auto", "vmap", "in_place", "linear")
@@ -51,15 +57,50 @@ def moved_params(selected, v, step):
     return {n: p.detach() + step * t for (n, p), t in zip(selected, split_vector(v, selected))}
 
 
-@entry_point
-def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params=None):
-    """A context manager: inside the block the selected parameters are θ + eps·v; on exit (also on an
-    exception) they are restored bit for bit. ``v`` is a flat vector over the selected parameters,
-    checked when ``perturbed`` is called.
+def check_directions(v, selected, n: int, per_input, shared: str | None = None) -> torch.Tensor:
+    """The vector rule of the per-input measures: ``v`` is one direction [P], or with ``per_input=True``
+    one direction per input, rows [n, P]; a 2-D ``v`` without it is refused, saying how to pass each
+    case (K shared directions go as the columns [P, K] of the entry point ``shared`` where there is one)."""
+    if not isinstance(per_input, bool):
+        raise TypeError(f"per_input: expected a bool, got {type(per_input).__name__}")
+    P = sum(p.numel() for _, p in selected)
+    shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    if per_input:
+        if shape is not None and shape != (n, P):
+            raise ValueError(f"v: per_input=True takes one direction per input as the rows of [N, P] = [{n}, {P}], "
+                             f"got shape {shape}")
+        return check_vectors(v, selected, n)
+    if shape is not None and len(shape) == 2:
+        several = (f"K shared directions go as the columns [{P}, K] to fisherext.{shared}" if shared
+                   else "K shared directions take one call each")
+        raise ValueError(f"v: is 2-D, shape {shape}, without per_input=True: one direction is [{P}]; {several}; "
+                         f"one direction per input is the rows [N, P] = [{n}, {P}] with per_input=True")
+    return check_vectors(v, selected)
 
-    The block runs the user's own forward passes, so no forward-pass convention is imposed: a model in
-    train mode with dropout is allowed (a SAM-style step trains at the perturbed point), and the restore
-    does not depend on the mode."""
+
+@entry_point
+def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params: Params = None):
+    r"""A context manager in which the selected parameters are :math:`\theta + \varepsilon v`.
+
+    On exit (also on an exception) the parameters are restored bit for bit, copied back from a saved
+    buffer (never by :math:`+\varepsilon v - \varepsilon v` arithmetic). The block runs the user's own
+    forward passes, so no forward-pass convention is imposed: a model in train mode with dropout is
+    allowed (a SAM-style step trains at the perturbed point), and the restore does not depend on the mode.
+
+    Args:
+        model: the model whose parameters move.
+        v: one direction [P], flat over the selected parameters in ``named_parameters()`` order.
+        eps: the step :math:`\varepsilon` (any finite number; 0 and negative steps are allowed).
+        params: the parameters to move (default: all that require grad), as names, modules or tensors.
+
+    Returns:
+        A context manager yielding ``model``.
+
+    Raises:
+        TypeError: ``v`` is not a floating-point tensor.
+        ValueError: ``v`` has the wrong shape, device or non-finite entries, or ``eps`` is not finite;
+            checked when ``perturbed`` is called, before anything moves.
+    """
     selected = resolve_params(model, params)
     eps = check_eps(eps, positive=False)
     return _perturbed(model, ParameterPerturbation(selected), check_vectors(v, selected).contiguous(), eps)
@@ -75,8 +116,8 @@ def _perturbed(model, state, v, eps):
 
 
 def as_logits(out) -> torch.Tensor:
-    """A model's output as logits [N, C]: a tensor (else rule 4's TypeError, see ``fisherext._core.conventions``)
-    with two dimensions. Shapes only, so it also runs under vmap; finiteness is checked on the results."""
+    """A model's output as logits [N, C]: a tensor (else the TypeError of the output rule) with two
+    dimensions. Shapes only, so it also runs under vmap; finiteness is checked on the results."""
     checked_output(out, finite=False)
     if out.dim() != 2:
         raise ValueError(f"model: expected outputs of shape [N, C], got {tuple(out.shape)}")
@@ -84,8 +125,8 @@ def as_logits(out) -> torch.Tensor:
 
 
 def check_finite_logits(*outputs):
-    """Rule 4 on logits [N, C] or stacks of them [K, N, C] (K perturbed models): one pass and one host
-    sync when all are finite; otherwise the first non-finite output names its input n."""
+    """The output rule on logits [N, C] or stacks of them [K, N, C] (K perturbed models): one pass and one
+    host sync when all are finite; otherwise the first non-finite output names its input n."""
     if not all_finite(outputs):
         for out in outputs:
             checked_output(out if out.dim() == 2 else out.transpose(0, 1))
@@ -101,32 +142,62 @@ def _per_input_logits(model, selected, x, V, eps):
 
 @entry_point
 def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-3,
-                 scheme: str = "central", block: bool = False, params=None) -> torch.Tensor:
-    r"""Finite-difference estimate of :math:`v^\top F_n v` (true Fisher) for every input: Tensor [N].
+                 scheme: str = "central", block: bool = False, per_input: bool = False,
+                 params: Params = None) -> torch.Tensor:
+    r"""Finite-difference estimate of the true-Fisher quadratic form :math:`v^\top F_n v` of every input.
 
-    ``v`` is one direction [P] or one per input [N, P] (evaluated in one batched forward over stacked
-    parameters). ``scheme="central"`` (error O(ε²)) or ``"forward"`` (O(ε)). ``block=True`` perturbs
-    one parameter tensor at a time and sums the results: the block-diagonal approximation of seed 001,
-    kept for comparison only. Forward passes follow ``fisherext._core.conventions`` (no dropout in train mode;
-    padding_idx lookups keep their unperturbed value).
+    .. math:: v^\top F_n v \approx \sum_c \frac{(\log p_c^+ - \log p_c^-)(p_c^+ - p_c^-)}{(2\varepsilon)^2},
+              \qquad p^\pm = \mathrm{softmax}\, f(x_n; \theta \pm \varepsilon v),
+
+    with :math:`F_n = \mathbb E_{y\sim p(y|x_n)}[\nabla_\theta\log p(y|x_n)\,\nabla_\theta\log p(y|x_n)^\top]`
+    the Fisher of input n alone (no mean over inputs: average the result for
+    :math:`v^\top F v`, :math:`F = \frac1N\sum_n F_n`). ``scheme="forward"`` compares
+    :math:`p(\theta + \varepsilon v)` with :math:`p(\theta)` instead (the same formula with
+    :math:`2\varepsilon` replaced by :math:`\varepsilon`).
+
+    Args:
+        model: a classifier returning logits [N, C].
+        x: the inputs [N, ...].
+        v: one direction [P] shared by all inputs, flat over the selected parameters in
+            ``named_parameters()`` order; with ``per_input=True``, one direction per input as the rows
+            of [N, P] (evaluated in one batched forward over stacked parameters). K shared directions
+            go as the columns [P, K] to :func:`fd_quadratic_directions`.
+        eps: the finite-difference step :math:`\varepsilon > 0`.
+        scheme: ``"central"`` (error :math:`O(\varepsilon^2)`) or ``"forward"`` (:math:`O(\varepsilon)`).
+        block: perturb one parameter tensor at a time and sum the results: the block-diagonal
+            approximation :math:`\sum_t v_t^\top F_n[t, t]\, v_t` of seed 001, kept for comparison only.
+        per_input: whether ``v`` holds one direction per input (rows [N, P]).
+        params: the parameters v lives on (default: all that require grad), as names, modules or tensors.
+
+    Returns:
+        Tensor [N]: :math:`v^\top F_n v` (or :math:`v_n^\top F_n v_n`) for every input n.
+
+    Raises:
+        TypeError: ``v`` or ``x`` is not a tensor of a usable dtype, or the model does not return a tensor.
+        ValueError: a 2-D ``v`` without ``per_input=True`` (the message says how to pass each case), a
+            ``v`` of the wrong shape, device or with non-finite entries, a bad ``eps`` or ``scheme``, a
+            non-deterministic model, or non-finite outputs. Checked before the model runs; the
+            parameters are restored bit for bit in every case.
+
+    The forward passes follow the curvature conventions stated in :mod:`fisherext.perturb`.
     """
     check_choice("scheme", scheme, SCHEMES)
     eps = check_eps(eps)
     check_deterministic(model)
     check_inputs(model, x)
     selected = resolve_params(model, params)
-    v = check_vectors(v, selected, x.shape[0])
+    v = check_directions(v, selected, x.shape[0], per_input, shared="fd_quadratic_directions")
     if block:
         total = 0
         offset = 0
         for name, p in selected:
             part = torch.zeros_like(v)
             part[..., offset:offset + p.numel()] = v[..., offset:offset + p.numel()]
-            total = total + fd_quadratic(model, x, part, eps=eps, scheme=scheme, params=params)
+            total = total + fd_quadratic(model, x, part, eps=eps, scheme=scheme, per_input=per_input, params=params)
             offset += p.numel()
         return total
     with curvature_forward(model), torch.no_grad():  # entered before any parameter moves
-        if v.dim() == 2:
+        if per_input:
             plus = _per_input_logits(model, selected, x, v, eps)
             other = _per_input_logits(model, selected, x, v, -eps) if scheme == "central" else None
         else:
@@ -148,14 +219,40 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
     return quad
 
 
+def check_columns(V, selected) -> torch.Tensor:
+    """K directions as the columns of V [P, K] (floating point, finite), as rows [K, P] for the strategies:
+    ``V.T`` made contiguous, which copies nothing when V is itself the transpose of a contiguous [K, P]."""
+    P = sum(p.numel() for _, p in selected)
+    if not isinstance(V, torch.Tensor) or not V.is_floating_point() or V.dim() != 2 or V.shape[0] != P:
+        shape = tuple(getattr(V, "shape", ()))
+        hint = ""
+        if len(shape) == 2 and shape[1] == P:
+            hint = f" (directions as rows [K, {P}] are the earlier layout: pass V.T)"
+        elif shape == (P,):
+            hint = " (one direction goes to fisherext.fd_quadratic, or as V[:, None])"
+        raise ValueError(f"V: expected the K directions as the columns of a floating-point tensor [{P}, K], got "
+                         f"{getattr(V, 'dtype', type(V).__name__)} {shape}{hint}")
+    rows = V.T.contiguous()
+    if not all_finite([rows]):  # on the contiguous rows: flattening the columns of a transposed view would copy
+        raise ValueError("V: has non-finite entries")
+    return rows
+
+
 @entry_point
 def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, *, eps: float = 1e-3,
-                            params=None, strategy: str = "auto") -> torch.Tensor:
-    r"""Central-difference :math:`v_k^\top F_n v_k` for K directions ``V`` [K, P] over the same inputs:
-    Tensor [K, N], from one fused reduction over all K·N rows. How the 2K perturbed models run:
+                            params: Params = None, strategy: str = "auto") -> torch.Tensor:
+    r"""Central-difference true-Fisher quadratic forms :math:`v_k^\top F_n v_k` of K shared directions.
 
-    - ``"vmap"``: the K models at θ + εv_k as one forward (``functional_call`` under ``vmap`` over stacked
-      parameters, K copies of them in memory), likewise the K at θ − εv_k.
+    .. math:: v_k^\top F_n v_k \approx \sum_c \frac{(\log p_{kc}^+ - \log p_{kc}^-)(p_{kc}^+ - p_{kc}^-)}
+              {(2\varepsilon)^2}, \qquad p_k^\pm = \mathrm{softmax}\, f(x_n; \theta \pm \varepsilon v_k),
+
+    for every input n and every column :math:`v_k` of ``V``, with :math:`F_n` the Fisher of input n alone
+    (as in :func:`fd_quadratic`, which column k of the result equals), from one fused reduction over all
+    K·N rows. How the 2K perturbed models run:
+
+    - ``"vmap"``: the K models at :math:`\theta + \varepsilon v_k` as one forward (``functional_call``
+      under ``vmap`` over stacked parameters, K copies of them in memory), likewise the K at
+      :math:`\theta - \varepsilon v_k`.
     - ``"in_place"``: 2K forwards with the parameters moved in place by the multi-tensor kernel from one
       saved copy, restored bit for bit at the end (also on an exception).
     - ``"linear"``: one forward of the 2K·N replicated inputs in which every nn.Linear owning selected
@@ -175,19 +272,37 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
       85k-parameter digits MLP with K = 16, in one process: at N = 8 inputs linear 2.7 ms, vmap 4.3 ms,
       in place 5.4 ms, 16 separate ``fd_quadratic`` calls 10.4 ms; at N = 256 in place 30 ms, vmap 39 ms,
       linear 61 ms).
+
+    Args:
+        model: a classifier returning logits [N, C].
+        x: the inputs [N, ...].
+        V: the K directions as the columns of [P, K], flat over the selected parameters in
+            ``named_parameters()`` order. The strategies work on rows: ``V.T`` made contiguous, a copy
+            only when ``V`` is not already the transpose of a contiguous [K, P] tensor.
+        eps: the finite-difference step :math:`\varepsilon > 0`.
+        params: the parameters V lives on (default: all that require grad), as names, modules or tensors.
+        strategy: ``"auto"``, ``"vmap"``, ``"in_place"`` or ``"linear"`` (above); all give the same
+            values up to rounding.
+
+    Returns:
+        Tensor [N, K]: entry (n, k) is :math:`v_k^\top F_n v_k`.
+
+    Raises:
+        ValueError: ``V`` is not a finite floating-point [P, K] (directions as rows [K, P], the earlier
+            layout, are named as such), a bad ``eps`` or ``strategy``, ``"linear"`` on a model whose
+            selected parameters are not all nn.Linear weights and biases, a non-deterministic model, or
+            non-finite outputs. Checked before the model runs; the parameters are restored bit for bit in
+            every case.
+        TypeError: ``x`` is not a tensor of a usable dtype, or the model does not return a tensor.
+
+    The forward passes follow the curvature conventions stated in :mod:`fisherext.perturb`.
     """
     check_choice("strategy", strategy, STRATEGIES)
     eps = check_eps(eps)
     check_deterministic(model)
     check_inputs(model, x)
     selected = resolve_params(model, params)
-    P = sum(p.numel() for _, p in selected)
-    if not isinstance(V, torch.Tensor) or not V.is_floating_point() or V.dim() != 2 or V.shape[1] != P:
-        raise ValueError(f"V: expected a floating-point tensor of shape [K, {P}], got "
-                         f"{getattr(V, 'dtype', type(V).__name__)} {tuple(getattr(V, 'shape', ()))}")
-    if not all_finite([V]):
-        raise ValueError("V: has non-finite entries")
-    V = V.contiguous()
+    rows = check_columns(V, selected)
     owners = _linear_owners(model, selected)
     if strategy == "auto":
         if selected[0][1].device.type == "cuda":
@@ -198,14 +313,14 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
         raise ValueError("strategy: 'linear' needs every selected parameter to be the weight or bias of an "
                          "nn.Linear; use 'in_place' or 'vmap'")
     with curvature_forward(model), torch.no_grad():
-        logits = _linear_logits(model, selected, owners, x, V, eps) if strategy == "linear" else None
+        logits = _linear_logits(model, selected, owners, x, rows, eps) if strategy == "linear" else None
         if logits is None:  # not "linear", or the forward did not allow it (see the docstring)
-            logits = (_stacked_logits if strategy == "vmap" else _in_place_logits)(model, selected, x, V, eps)
+            logits = (_stacked_logits if strategy == "vmap" else _in_place_logits)(model, selected, x, rows, eps)
     plus, minus = logits
     check_finite_logits(plus, minus)
-    K, N = V.shape[0], x.shape[0]
+    K, N = rows.shape[0], x.shape[0]
     quad, _, _ = ops.fd_fisher_reduce(plus.reshape(K * N, -1), minus.reshape(K * N, -1), None, eps)
-    return quad.view(K, N)
+    return quad.view(K, N).T.contiguous()  # N·K values: the per-input axis first
 
 
 def _linear_owners(model, selected) -> dict[nn.Module, set[str]] | None:
@@ -281,9 +396,9 @@ def _batch_axis(watch: _LinearWatch, a, rows: int) -> int | None:
 
 
 def _linear_logits(model, selected, owners, x, V, eps):
-    """Logits [K, N, C] at θ ± εv_k by the "linear" strategy (see fd_quadratic_directions), or None when
-    the forward did not allow it (a Linear input without an established batch axis, or a selected
-    parameter used outside its nn.Linear): those rows would be wrong."""
+    """Logits [K, N, C] at θ ± εv_k, v_k the rows of V [K, P], by the "linear" strategy (see
+    fd_quadratic_directions), or None when the forward did not allow it (a Linear input without an
+    established batch axis, or a selected parameter used outside its nn.Linear): those rows would be wrong."""
     K, N = V.shape[0], x.shape[0]
     dtype = selected[0][1].dtype
     sizes = [p.numel() for _, p in selected]
@@ -331,7 +446,8 @@ def _linear_logits(model, selected, owners, x, V, eps):
 
 
 def _stacked_logits(model, selected, x, V, eps):
-    """Logits [K, N, C] at θ ± εv_k: one vmapped forward per sign over stacked parameters."""
+    """Logits [K, N, C] at θ ± εv_k, v_k the rows of V [K, P]: one vmapped forward per sign over stacked
+    parameters."""
     def logits_at(v, step):
         return as_logits(functional_call(model, moved_params(selected, v, step), (x,)))
 
@@ -339,7 +455,8 @@ def _stacked_logits(model, selected, x, V, eps):
 
 
 def _in_place_logits(model, selected, x, V, eps):
-    """Logits [K, N, C] at θ ± εv_k: 2K forwards, the parameters set by the kernel from one saved copy."""
+    """Logits [K, N, C] at θ ± εv_k, v_k the rows of V [K, P]: 2K forwards, the parameters set by the
+    kernel from one saved copy."""
     state = ParameterPerturbation(selected)
     plus, minus = [], []
     try:

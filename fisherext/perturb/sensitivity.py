@@ -12,19 +12,37 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
-from .._core.checks import check_choice, check_eps, check_vectors
+from .._core.checks import check_choice, check_eps
 from .._core.conventions import check_deterministic, checked_output, curvature_forward
-from .._core.params import resolve_params
-from .finite_differences import as_logits, moved_params, split_vector
 from .._core.entry import entry_point
+from .._core.params import resolve_params
+from .._core.types import Params
+from .finite_differences import as_logits, check_directions, moved_params, split_vector
 
 METHODS = ("exact", "fd")
 
 
 @entry_point
-def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params=None) -> torch.Tensor:
-    r"""Per input n, :math:`v_n = \nabla_\theta \log p(\hat y_n|x_n) / \|\cdot\|` with :math:`\hat y_n` the
-    predicted class (the default direction of seed 001): Tensor [N, P]."""
+def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params: Params = None) -> torch.Tensor:
+    r"""The normalized gradient of the predicted class's log-probability, one direction per input.
+
+    .. math:: v_n = \frac{\nabla_\theta \log p(\hat y_n|x_n)}{\|\nabla_\theta \log p(\hat y_n|x_n)\|},
+              \qquad \hat y_n = \arg\max_c p(c|x_n)
+
+    (the default direction of seed 001), computed for all inputs in one batched pass (``vmap`` over
+    ``torch.func.grad``).
+
+    Args:
+        model: a classifier returning logits [N, C].
+        x: the inputs [N, ...].
+        params: the parameters to differentiate (default: all that require grad), as names, modules or
+            tensors.
+
+    Returns:
+        Tensor [N, P]: row n is :math:`v_n`, flat over the selected parameters in ``named_parameters()``
+        order (the per-input layout that ``input_sensitivity`` and ``fd_quadratic`` take with
+        ``per_input=True``); a zero gradient gives a zero row.
+    """
     selected = resolve_params(model, params)
     names = [n for n, _ in selected]
     base = {n: p.detach() for n, p in selected}
@@ -43,13 +61,41 @@ def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params=None
 
 @entry_point
 def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None = None, *, method: str = "exact",
-                      eps: float = 1e-3, params=None) -> torch.Tensor:
-    """Fisher information sensitivity of every input coordinate (module docstring): [N, *x.shape[1:]].
+                      eps: float = 1e-3, per_input: bool = False, params: Params = None) -> torch.Tensor:
+    r"""Fisher information sensitivity of every input coordinate (Martin & Elster).
 
-    ``v``: [P] or [N, P]; default: the normalized gradient of the predicted class's log-probability,
-    per input. ``method="exact"`` uses forward mode in θ over reverse mode in x; ``"fd"`` central
-    differences in θ (each input's own perturbed parameters, in one batched pass). Forward passes follow
-    ``fisherext._core.conventions``.
+    .. math:: \mathrm{FIS}_{n,i} = \sum_c \partial_{x_{n,i}}\Big(\frac{d p_c(x_n)}{d\varepsilon}\Big)\,
+              \partial_{x_{n,i}}\Big(\frac{d \log p_c(x_n)}{d\varepsilon}\Big),
+              \qquad p(x_n) = \mathrm{softmax}\, f(x_n; \theta + \varepsilon v),
+
+    derivatives in ε at ε = 0: how strongly coordinate i of input n changes the Fisher quadratic
+    :math:`v^\top F_n v = \sum_c \frac{dp_c}{d\varepsilon}\frac{d\log p_c}{d\varepsilon}` of that input
+    alone (no mean over inputs).
+
+    Args:
+        model: a classifier returning logits [N, C].
+        x: the inputs [N, ...], floating point (the sensitivity differentiates in x).
+        v: one direction [P] shared by all inputs, flat over the selected parameters in
+            ``named_parameters()`` order; with ``per_input=True`` one direction per input as the rows of
+            [N, P]. Default (None): the per-input directions of :func:`predicted_class_directions`.
+        method: ``"exact"`` (forward mode in θ over reverse mode in x) or ``"fd"`` (central differences
+            in θ with step ``eps``, error :math:`O(\varepsilon^2)`, each input's own perturbed parameters
+            in one batched pass).
+        eps: the finite-difference step :math:`\varepsilon > 0` of ``method="fd"``.
+        per_input: whether ``v`` holds one direction per input (rows [N, P]); ignored when ``v`` is None.
+        params: the parameters v lives on (default: all that require grad), as names, modules or tensors.
+
+    Returns:
+        Tensor [N, \*x.shape[1:]]: :math:`\mathrm{FIS}_{n,i}`, shaped like the inputs.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor, ``v`` not a floating-point tensor, or the model
+            does not return a tensor.
+        ValueError: a 2-D ``v`` without ``per_input=True`` (the message says how to pass each case), a
+            ``v`` of the wrong shape, device or with non-finite entries, a bad ``method`` or ``eps``, a
+            non-deterministic model, or non-finite outputs.
+
+    The forward passes follow the curvature conventions stated in :mod:`fisherext.perturb`.
     """
     check_choice("method", method, METHODS)
     eps = check_eps(eps)
@@ -58,8 +104,8 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x: the inputs must be a floating-point tensor (sensitivity differentiates in x)")
     with curvature_forward(model):
-        V = predicted_class_directions(model, x, params=params) if v is None else check_vectors(v, selected,
-                                                                                               x.shape[0])
+        V = (predicted_class_directions(model, x, params=params) if v is None
+             else check_directions(v, selected, x.shape[0], per_input))
         return _sensitivity(model, selected, x, V, method, eps)
 
 

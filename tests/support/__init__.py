@@ -16,3 +16,14 @@ def assert_close(actual, expected, dtype=None, scale=None):
     rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}[dtype]
     scale = scale or expected.abs().max().item() or 1.0
     torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=rtol * scale)
+
+
+def to_device(obj, device):
+    """`obj` with every tensor in it (nested tuples, lists, dicts) moved to `device`; other values kept."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj

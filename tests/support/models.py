@@ -353,12 +353,28 @@ def reference_fisher(name, kind, n=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# KFAC reference (Linear layers; other parameters diagonal)
+# KFAC reference (Linear and convolution layers; other parameters diagonal)
 # --------------------------------------------------------------------------------------------------
 
 def kfac_layers(model):
-    """[(module_name, module)] of the nn.Linear layers (the layers the KFAC reference covers)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """[(module_name, module)] of the layers the KFAC reference covers: nn.Linear, and nn.Conv1d/2d with
+    integer padding and one group (a convolution is a linear map of its unfolded input windows)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1
+                                            and not isinstance(m.padding, str))]
+
+
+def _layer_rows(m, inp, out_grad):
+    """(input rows [T, I], output-gradient rows [T, O]) of one sample's layer call: for a convolution the
+    input windows by torch's own unfold (a 1-d convolution as a 2-d one of height 1)."""
+    if isinstance(m, nn.Linear):
+        return inp.reshape(-1, m.in_features), out_grad.reshape(-1, m.out_features)
+    one_d = isinstance(m, nn.Conv1d)
+    x = inp.unsqueeze(-2) if one_d else inp
+    pair = (lambda v: (1,) + tuple(v)) if one_d else tuple
+    cols = nn.functional.unfold(x, pair(m.kernel_size), dilation=pair(m.dilation), padding=(
+        (0,) + tuple(m.padding) if one_d else tuple(m.padding)), stride=pair(m.stride))
+    return cols[0].T, out_grad.reshape(m.out_channels, -1).T
 
 
 def reference_kfac_factors(model, x, y, kind, loss):
@@ -400,10 +416,10 @@ def reference_kfac_factors(model, x, y, kind, loss):
                 deltas = torch.autograd.grad(scalar, outs, retain_graph=True, allow_unused=True)
                 for (name, m), d, o in zip(layers, deltas, outs):
                     d = torch.zeros_like(o) if d is None else d
-                    d = d.reshape(-1, m.out_features)
+                    d = _layer_rows(m, captured[name][0], d)[1]
                     Gn[name] = Gn[name] + w * d.T @ d
             for name, m in layers:
-                a = captured[name][0].reshape(-1, m.in_features)
+                a = _layer_rows(m, captured[name][0], captured[name][1].detach())[0]
                 if m.bias is not None:
                     a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
                 A[name] = A[name] + a.T @ a
@@ -427,7 +443,7 @@ def kfac_dense(model, A, G, other_diag=None):
         if name not in A:
             continue
         prefix = f"{name}." if name else ""
-        O, I = m.out_features, m.in_features
+        O, I = m.weight.shape[0], m.weight[0].numel()
         has_b = m.bias is not None
         w0 = sl[prefix + "weight"].start
         idx = []
@@ -442,7 +458,7 @@ def kfac_dense(model, A, G, other_diag=None):
         rest = (~covered).nonzero().flatten()
         D[rest, rest] = other_diag[rest]
     else:
-        assert covered.all(), "model has parameters outside Linear layers: pass other_diag"
+        assert covered.all(), "model has parameters outside the KFAC layers: pass other_diag"
     return D
 
 
