@@ -10,7 +10,7 @@ import torch
 
 import fisherext.gaussian as G
 from fisherext.experiments import gaussian_kl as S
-from test_gaussian import close, f64, gen, mvn
+from support.gaussian import close, f64, gen, mvn
 
 
 # ---------------------------------------------------------------------- seed 000 study: the ratio

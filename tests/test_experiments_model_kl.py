@@ -10,7 +10,7 @@ from torch import nn
 import fisherext as fx
 from fisherext import unflatten
 from support.models import names_argument, num_params, per_sample_fishers, untouched
-from test_perturb import randn, tanh_mlp, with_grads
+from support.perturb import randn, tanh_mlp, with_grads
 
 
 def explicit_mean_kl(model, x, v, eps):

@@ -19,23 +19,7 @@ from torch.func import jacfwd
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 import fisherext.gaussian as G
-
-f64 = torch.float64
-TOL = 1e-10
-
-
-def close(actual, expected, tol=TOL):
-    """Equal to relative precision ``tol`` of the largest entry of ``expected``."""
-    scale = expected.abs().max().item() or 1.0
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def mvn(d, seed=0, device="cpu"):
-    return G.random_mvn(d, generator=gen(seed), device=device)
+from support.gaussian import close, f64, gen, mvn
 
 
 def randn(*shape, seed, device="cpu"):

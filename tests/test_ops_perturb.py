@@ -163,10 +163,10 @@ def test_fd_fisher_reduce(N, C, with_base, device, dtype):
     got = ops.fd_fisher_reduce(lp, lm, l0, eps)
     expected = fd_expected(lp, lm, l0, eps)
     twin = ref.fd_fisher_reduce(lp, lm, l0, eps)
-    for g, e, t in zip(got, expected, twin):
+    for g, e, w in zip(got, expected, twin):
         assert g.shape == (N,) and g.dtype == dtype and g.device == lp.device
         assert_close(g, e.to(dtype))
-        assert_close(t, e.to(dtype))
+        assert_close(w, e.to(dtype))
     if C == 1:
         assert all(torch.all(g == 0) for g in got), "one class: p = 1 everywhere, nothing moves"
 

@@ -55,8 +55,8 @@ def test_cg_update(P, K, precond, device, dtype):
     if inv_diag is None:
         assert torch.equal(rz, rr)
     twin = ref.cg_update(x0, r0, p, Ap, alpha, inv_diag)
-    for got, t in zip((x, r, rz, rr), twin):
-        assert_close(got, t)
+    for got, want in zip((x, r, rz, rr), twin):
+        assert_close(got, want)
 
 
 @pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
@@ -66,8 +66,8 @@ def test_cg_update_low_precision(low, device):
     x0, r0 = x.clone(), r.clone()
     rz, rr = ops.cg_update_(x, r, p, Ap, alpha)
     assert rz.dtype == torch.float32
-    for got, t in zip((x, r, rz, rr), ref.cg_update(x0, r0, p, Ap, alpha)):
-        assert_close(got, t, dtype=low)
+    for got, want in zip((x, r, rz, rr), ref.cg_update(x0, r0, p, Ap, alpha)):
+        assert_close(got, want, dtype=low)
 
 
 def test_cg_update_reduction_independent_of_threads():
@@ -185,8 +185,8 @@ def test_neumann_update(P, K, device, dtype):
     new_term = term0.double() - Aterm.double() / 3.0
     assert_close(term, new_term.to(dtype))
     assert_close(acc, (acc0.double() + new_term).to(dtype))
-    for got, t in zip((term, acc), ref.neumann_update(term0, acc0, Aterm, 3.0)):
-        assert_close(got, t)
+    for got, want in zip((term, acc), ref.neumann_update(term0, acc0, Aterm, 3.0)):
+        assert_close(got, want)
 
 
 @pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
@@ -199,8 +199,8 @@ def test_elementwise_updates_low_precision(low, device):
     ops.neumann_update_(term, acc, c, 2.0)
     assert_close(h, ref.lissa_update(a, b, c, 0.1, 2.0), dtype=low)
     assert_close(p, ref.cg_direction(a, b, beta), dtype=low)
-    for got, t in zip((term, acc), ref.neumann_update(a, b, c, 2.0)):
-        assert_close(got, t, dtype=low)
+    for got, want in zip((term, acc), ref.neumann_update(a, b, c, 2.0)):
+        assert_close(got, want, dtype=low)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from torch import nn
 
 import fisherext as fx
 from support import assert_close
+from support.perturb import randn, tanh_mlp, with_grads
 from fisherext import unflatten
 from support.models import (
-    MLP, bitwise_equal, make_data, make_model, named_trainable, names_argument, num_params,
+    bitwise_equal, make_data, make_model, named_trainable, names_argument, num_params,
     param_slices, per_sample_fishers, untouched,
 )
 
@@ -36,27 +37,8 @@ def _quiet():
         yield
 
 
-def randn(shape, seed, dtype=torch.float64, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-
-
-def tanh_mlp(dtype=torch.float64, device="cpu", seed=0):
-    """Smooth (tanh) MLP 5-7-4: the FD truncation error has a clean leading term for the order tests."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(100 + seed)
-        return MLP(5, 7, 4, act=nn.Tanh()).to(dtype=dtype, device=device).eval()
-
-
 def exact_quad(model, x, v, params=None):
     return fx.per_sample_fisher(model, x, quantity="quad", v=v, params=params)
-
-
-def with_grads(model, seed=7):
-    """Give every parameter a .grad, so that 'grad untouched' is checked on a real tensor, not on None."""
-    for i, p in enumerate(model.parameters()):
-        p.grad = randn(p.shape, seed + i, p.dtype, p.device)
-    return model
 
 
 class FailingForward(nn.Module):
@@ -593,7 +575,6 @@ def test_fd_quadratic_rejects_non_tensor_inputs_and_misplaced_v():
             fx.fd_quadratic(model, make_data("mlp", n=3)[0], randn(P, 31).to("meta"))
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # fd_quadratic_directions, "linear" strategy: the batch axis of each Linear input is established
 
@@ -627,7 +608,7 @@ class BroadcastBuffer(nn.Module):
 def explicit_directional_fisher(model, x, V):
     """[N, K]: v_kᵀ F_n v_k = (J_n v_k)ᵀ (diag p_n − p_n p_nᵀ) (J_n v_k) for the columns v_k of V [P, K],
     J by a backward per output."""
-    from test_conventions import explicit_jacobian
+    from support.explicit import explicit_jacobian
 
     J = explicit_jacobian(model, x).view(x.shape[0], -1, V.shape[0])
     p = torch.softmax(model(x), -1).detach()[:, :, None]

@@ -1,4 +1,4 @@
-"""Oracles for tests/test_hvp.py and tests/test_operators.py: explicit Hessians by double backprop and
+"""Oracles for tests/test_curvature_products.py and tests/test_curvature_operators.py: explicit Hessians by double backprop and
 Gauss-Newton matrices from per-sample output Jacobians (plain autograd loops, no torch.func, no
 fisherext), float64."""
 import torch

@@ -1,5 +1,5 @@
-"""Test models and independent references for the Fisher API (tests/test_fisher.py, test_capture.py,
-test_measures.py).
+"""Test models and independent references for the Fisher API (tests/test_capture_api.py, test_capture_engine.py,
+test_capture_measures.py).
 
 Every reference here is an explicit per-sample autograd loop in float64: for each sample n (batch of one)
 and, for the true Fisher, each class c weighted by p_c, the gradient of -log p(c | x_n) comes from
@@ -29,6 +29,8 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
+
+from support import assert_close
 
 KINDS = ["true", "empirical", "mc"]
 STRUCTURES = ["diag", "full", "block", "kfac"]
@@ -511,12 +513,8 @@ def assert_is_one_of(actual, candidates, rtol=1e-8):
 # --------------------------------------------------------------------------------------------------
 
 def assert_matches(actual, expected, rtol=1e-8):
-    """Equal up to rtol relative to the largest entry of `expected` (compared in float64 on the CPU)."""
-    actual = actual.detach().to("cpu", torch.float64)
-    expected = expected.detach().to("cpu", torch.float64)
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.abs().max().item() or 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+    """``support.assert_close`` at the references' default precision, 1e-8 of the largest entry."""
+    assert_close(actual, expected, rtol=rtol)
 
 
 def assert_symmetric_psd(D, rtol=1e-10):

@@ -1,4 +1,4 @@
-"""Test matrices with known spectra for tests/test_linop.py and tests/test_spectral.py.
+"""Test matrices with known spectra for tests/test_linalg_linop.py and tests/test_linalg_spectral.py.
 
 Nothing here calls fisherext: these are the oracles (torch.linalg.eigh and torch.func.hessian).
 """

@@ -71,7 +71,7 @@ def test_to_scipy_extreme_eigenvalues_match():
 @pytest.mark.parametrize("kind", ["true", "empirical", "mc"])
 @pytest.mark.parametrize("name", ["mlp", "mlp_reg", "cnn"])
 def test_fisher_operator_equals_full_fisher(name, kind):
-    """A @ v equals fisher(structure="full") (tested against per-sample loops in test_fisher.py): same
+    """A @ v equals fisher(structure="full") (tested against per-sample loops in test_capture_api.py): same
     kinds, normalization and MC labels (the same seeded generator)."""
     model, data, _ = setup(name)
     loss = MODELS[name]

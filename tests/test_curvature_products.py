@@ -219,7 +219,7 @@ def test_ggn_with_torch_losses_equals_explicit_jt_h_j(name, outputs):
     """hvp(method="ggn") with one vector (a dual forward) and three (the double-VJP trick) and
     GGNOperator against Jᵀ H J: J the Jacobian of all outputs, H = ∇²_z loss_fn by
     torch.autograd.functional.hessian. A loss with an ignored label must not take the fused kernel."""
-    from test_conventions import explicit_ggn
+    from support.explicit import explicit_ggn
 
     flat_loss, seq_loss, targets = TORCH_LOSSES[name]
     loss_fn = flat_loss if outputs == "[N, C]" else seq_loss
@@ -293,5 +293,5 @@ def test_name_of_a_loss_is_its_torch_loss_with_mean_reduction():
         model, data, _ = setup(name)
         V = directions(num_params(model)).T
         assert_close(fisherext.hvp(model, MODELS[name], data, V), explicit_hessian(model, loss, *data) @ V)
-        from test_conventions import explicit_ggn as ggn_of_loss
+        from support.explicit import explicit_ggn as ggn_of_loss
         assert_close(fisherext.hvp(model, MODELS[name], data, V, curvature="ggn"), ggn_of_loss(model, loss, *data) @ V)
