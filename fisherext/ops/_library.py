@@ -18,14 +18,14 @@ import math
 import torch
 
 from .._version import __version__
-from .. import _C  # registers torch.ops.fisherext.* (torch must be imported first)
+from .._C import build_info as compiled_build_info  # loading _C registers torch.ops.fisherext.* (torch first)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def build_info() -> dict:
     """What was compiled: version, torch, whether CUDA kernels were built, arch list, and op names."""
-    info = dict(_C.build_info())
+    info = dict(compiled_build_info())
     info["version"] = __version__
     info["torch"] = torch.__version__
     info["ops"] = sorted(
