@@ -54,7 +54,7 @@ _NOT_PD = ("pass a larger damping (more than -lambda_min of the Hessian) or curv
 @entry_points(renamed={"loss_fn": "loss"})
 class InfluenceFunctions:
     r"""Influence of training points on test losses, :math:`I = -G_{test}(H+\lambda I)^{-1}G_{train}^\top`
-    (see the module docstring for the math, sign and normalization).
+    (the math, sign and normalization: :mod:`fisherext.influence`).
 
     Args:
         model: maps inputs to outputs; its parameters are read at each call (the factorization of

@@ -70,7 +70,7 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
 
     :math:`F_n = J_n^\top \Lambda_n J_n` ("true"), :math:`g_n g_n^\top` ("empirical") or
     :math:`\frac1M\sum_m g_{nm} g_{nm}^\top` ("mc"), with :math:`g` the gradient of the per-sample negative
-    log-likelihood :math:`-\log p(y_n \mid x_n, \theta)` (see the module docstring for the math).
+    log-likelihood :math:`-\log p(y_n \mid x_n, \theta)` (the math: :mod:`fisherext.capture.api`).
 
     Args:
         model: a module mapping inputs x [N, ...] to outputs: logits [N, C] (or [N, T, C], [N, C, H, W]

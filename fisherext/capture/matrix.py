@@ -160,7 +160,7 @@ def _part_from_state(i: int, entry, P: int):
 @entry_points
 class FisherMatrix(LinearOperator):
     r"""The result of ``fisherext.fisher``: a P×P Fisher :math:`F = \frac1N \sum_n F_n` (mean over
-    ``num_samples`` = N samples), block-diagonal over its parts (see the module docstring).
+    ``num_samples`` = N samples), block-diagonal over its parts (see :mod:`fisherext.capture.matrix`).
 
     A LinearOperator: ``F @ v`` ([P]) and ``F @ X`` ([P, K]) are exact products (one batched product per
     part for all K columns), and it works with the algebra (``F + G``, ``c * F``, ``F.damped(λ)``), the

@@ -41,7 +41,7 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     r""":math:`\mathrm{tr}(F_n)` or :math:`v^\top F_n v` for every input n of the batch ``x``.
 
     :math:`F_n` is input n's own Fisher (not divided by N; ``fisherext.fisher`` is their mean
-    :math:`\frac1N\sum_n F_n`), of the kind and likelihood given (see the module docstring for the math).
+    :math:`\frac1N\sum_n F_n`), of the kind and likelihood given (the math: :mod:`fisherext.capture.measures`).
 
     Args:
         model: a module mapping inputs x [N, ...] to outputs (logits [N, C], [N, T, C], [N, C, H, W], or

@@ -173,7 +173,7 @@ def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature:
     r"""Curvature-vector products of the mean loss over ``data``: :math:`Hv` or :math:`Gv`.
 
     With :math:`L(\theta) = \frac1N\sum_n \ell(f(x_n;\theta), y_n)` the mean over all N samples
-    (whatever the batching; see the module docstring for the math):
+    (whatever the batching; the math: :mod:`fisherext.curvature.products`):
 
     .. math:: Hv = \nabla^2_\theta L\, v, \qquad
               Gv = \frac1N \sum_n J_n^\top \nabla^2_z \ell_n\, J_n v .
