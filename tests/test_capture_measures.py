@@ -19,8 +19,8 @@ EXACT_KINDS = ["true", "empirical"]
 MODELS = ["mlp", "mlp_reg", "cnn", "seq", "norm", "scaleshift", "bilinear", "tied"]
 
 
-def random_v(P, seed=0):
-    return torch.randn(P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def random_v(P, seed=0, device="cpu"):
+    return torch.randn(P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
 
 
 def block_diagonal_quadratic(F_n, v, model):
@@ -33,9 +33,9 @@ def block_diagonal_quadratic(F_n, v, model):
 
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_trace(name, kind):
-    model = make_model(name)
-    x, y = make_data(name)
+def test_trace(name, kind, device):
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
     out = compute_per_sample(model, x, y if kind == "empirical" else None, kind=kind, quantity="trace",
                              loss=SPECS[name].loss)
     assert out.shape == (len(x),) and out.dtype == torch.float64
@@ -44,90 +44,91 @@ def test_trace(name, kind):
 
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_quad(name, kind):
-    model = make_model(name)
-    x, y = make_data(name)
-    v = random_v(num_params(model))
+def test_quad(name, kind, device):
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
+    v = random_v(num_params(model), device=device)
     v0 = v.clone()
     out = compute_per_sample(model, x, y if kind == "empirical" else None, kind=kind, quantity="quad", v=v,
                              loss=SPECS[name].loss)
     assert torch.equal(v, v0), "per_sample_fisher modified v"
     assert out.shape == (len(x),) and out.dtype == torch.float64
-    assert_matches(out, torch.einsum("i,nij,j->n", v, reference(name, kind), v), rtol=1e-8)
+    assert_matches(out, torch.einsum("i,nij,j->n", v.cpu(), reference(name, kind), v.cpu()), rtol=1e-8)
 
 
 @pytest.mark.parametrize("kind", ["true", "empirical", "mc"])
 @pytest.mark.parametrize("name", ["mlp", "mlp_reg", "seq"])
-def test_quad_with_directions_as_columns(name, kind):
+def test_quad_with_directions_as_columns(name, kind, device):
     """V [P, K] gives [N, K]: column k the reference v_kᵀ F_n v_k (exact kinds) or, for every kind, the
     quad of column k alone (MC: the same generator seed, hence the same labels)."""
-    model = make_model(name)
-    x, y = make_data(name)
-    V = torch.stack([random_v(num_params(model), seed=k) for k in range(3)], 1)
-    run = lambda v: compute_per_sample(model, x, y, kind=kind, quantity="quad", v=v, loss=SPECS[name].loss,  # noqa: E731
-                                       mc_samples=2, generator=torch.Generator().manual_seed(4))
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
+    V = torch.stack([random_v(num_params(model), seed=k, device=device) for k in range(3)], 1)
+    run = lambda v: compute_per_sample(model, x, y, kind=kind, quantity="quad", v=v,  # noqa: E731
+                                       loss=SPECS[name].loss, mc_samples=2,
+                                       generator=torch.Generator(device=device).manual_seed(4))
     out = run(V)
     assert out.shape == (len(x), 3)
     for k in range(3):
         assert_close(out[:, k], run(V[:, k]))
     if kind != "mc":
-        assert_matches(out, torch.einsum("ik,nij,jk->nk", V, reference(name, kind), V), rtol=1e-8)
+        assert_matches(out, torch.einsum("ik,nij,jk->nk", V.cpu(), reference(name, kind), V.cpu()), rtol=1e-8)
 
 
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_quad_is_not_the_block_diagonal_sum(name, kind):
+def test_quad_is_not_the_block_diagonal_sum(name, kind, device):
     """The cross-tensor terms matter here (checked), and the exact v^T F_n v is what is returned."""
-    model = make_model(name)
-    x, y = make_data(name)
+    model = make_model(name, device=device)
+    x, y = make_data(name, device=device)
     v = random_v(num_params(model), seed=3)
     F_n = reference(name, kind)
     exact = torch.einsum("i,nij,j->n", v, F_n, v)
     seed001 = block_diagonal_quadratic(F_n, v, model)
     assert ((exact - seed001).abs() > 0.05 * exact.abs().max()).any(), "precondition: the two must differ"
-    out = compute_per_sample(model, x, y, kind=kind, quantity="quad", v=v, loss=SPECS[name].loss)
+    out = compute_per_sample(model, x, y, kind=kind, quantity="quad", v=v.to(device), loss=SPECS[name].loss)
     assert_matches(out, exact, rtol=1e-8)
-    assert not torch.allclose(out.double(), seed001, rtol=1e-3)
+    assert not torch.allclose(out.cpu().double(), seed001, rtol=1e-3)
 
 
-def test_quad_with_direction_in_one_tensor_only():
+def test_quad_with_direction_in_one_tensor_only(device):
     """v supported on a single parameter tensor: exact and block-diagonal agree (sanity of the above)."""
-    model = make_model("mlp")
-    x, _ = make_data("mlp")
+    model = make_model("mlp", device=device)
+    x, _ = make_data("mlp", device=device)
     v = torch.zeros(num_params(model), dtype=torch.float64)
     sl = param_slices(model)["fc2.weight"]
     v[sl] = random_v(sl.stop - sl.start, seed=5)
     F_n = reference("mlp", "true")
-    out = compute_per_sample(model, x, kind="true", quantity="quad", v=v, loss="cross_entropy")
+    out = compute_per_sample(model, x, kind="true", quantity="quad", v=v.to(device), loss="cross_entropy")
     assert_matches(out, torch.einsum("i,nij,j->n", v, F_n, v), rtol=1e-8)
 
 
-def test_true_kind_ignores_labels():
-    model = make_model("mlp")
-    x, y = make_data("mlp")
+def test_true_kind_ignores_labels(device):
+    model = make_model("mlp", device=device)
+    x, y = make_data("mlp", device=device)
     a = compute_per_sample(model, x, kind="true", quantity="trace", loss="cross_entropy")
     b = compute_per_sample(model, x, y, kind="true", quantity="trace", loss="cross_entropy")
     assert_matches(a, b, rtol=1e-12)
 
 
 @pytest.mark.parametrize("quantity", ["trace", "quad"])
-def test_each_value_depends_only_on_its_input(quantity):
+def test_each_value_depends_only_on_its_input(quantity, device):
     """Per-sample means per sample: permuting or sub-setting the batch permutes/sub-sets the result."""
-    model = make_model("cnn")
-    x, y = make_data("cnn")
+    model = make_model("cnn", device=device)
+    x, y = make_data("cnn", device=device)
     kw = dict(kind="empirical", quantity=quantity, loss="cross_entropy")
     if quantity == "quad":
-        kw["v"] = random_v(num_params(model), seed=8)
+        kw["v"] = random_v(num_params(model), seed=8, device=device)
     full = compute_per_sample(model, x, y, **kw)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1)).to(device)
     assert_matches(compute_per_sample(model, x[perm], y[perm], **kw), full[perm], rtol=1e-10)
     assert_matches(compute_per_sample(model, x[3:4], y[3:4], **kw), full[3:4], rtol=1e-10)
 
 
 @pytest.mark.parametrize("kind", EXACT_KINDS)
-def test_mean_of_per_sample_traces_is_the_fisher_trace(kind):
-    model = make_model("seq")
-    x, y = make_data("seq")
+def test_mean_of_per_sample_traces_is_the_fisher_trace(kind, device):
+    model = make_model("seq", device=device)
+    x, y = make_data("seq", device=device)
     traces = compute_per_sample(model, x, y, kind=kind, quantity="trace", loss="cross_entropy")
     F = compute(model, (x, y), kind=kind, structure="diag", loss="cross_entropy")
     assert traces.mean().item() == pytest.approx(F.trace().item(), rel=1e-10)
@@ -158,40 +159,41 @@ def refuses(model, x, y, exc, argument_regex, **kwargs):
 
 
 @pytest.fixture
-def mlp():
-    model = make_model("mlp")
-    return model, *make_data("mlp")
+def mlp(device):
+    model = make_model("mlp", device=device)
+    return model, *make_data("mlp", device=device)
 
 
-def test_unknown_options(mlp):
+def test_unknown_options(mlp, device):
     model, x, y = mlp
     refuses(model, x, y, ValueError, names_argument("quantity"), quantity="diag")
     refuses(model, x, y, ValueError, names_argument("kind"), kind="fisher")
     refuses(model, x, y, ValueError, names_argument("loss"), loss="nll")
 
 
-def test_bad_direction(mlp):
+def test_bad_direction(mlp, device):
     model, x, y = mlp
-    P = num_params(model)
+    P, f64 = num_params(model), dict(dtype=torch.float64, device=device)
     refuses(model, x, y, (TypeError, ValueError), names_argument("v"), quantity="quad")    # v missing
-    refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P + 1, dtype=torch.float64))
-    refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P - 1, dtype=torch.float64))
-    refuses(model, x, y, (TypeError, ValueError), names_argument("v"), quantity="quad", v=torch.ones(P, dtype=torch.long))
+    refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P + 1, **f64))
+    refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P - 1, **f64))
+    refuses(model, x, y, (TypeError, ValueError), names_argument("v"), quantity="quad",
+            v=torch.ones(P, dtype=torch.long, device=device))
     with untouched(model), pytest.raises(ValueError, match=r"argument 'v' .*vectors are columns: pass v.T"):
-        fx.per_sample_fisher(model, x, y, quantity="quad", v=torch.ones(2, P, dtype=torch.float64))
+        fx.per_sample_fisher(model, x, y, quantity="quad", v=torch.ones(2, P, **f64))
 
 
-def test_old_spelling_of_the_loss(mlp):
+def test_old_spelling_of_the_loss(mlp, device):
     model, x, y = mlp
     with pytest.raises(TypeError, match=r"fisherext.per_sample_fisher: argument 'loss_fn' is now called 'loss'"):
         fx.per_sample_fisher(model, x, y, loss_fn="cross_entropy")
 
 
-def test_bad_direction_values_and_sample_counts(mlp):
+def test_bad_direction_values_and_sample_counts(mlp, device):
     """A NaN in v, a v on another device, and mc_samples that are not positive integers are refused."""
     model, x, y = mlp
     P = num_params(model)
-    v = torch.ones(P, dtype=torch.float64)
+    v = torch.ones(P, dtype=torch.float64, device=device)
     v[3] = float("nan")
     refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=v)
     refuses(model, x, y, ValueError, names_argument("v"), quantity="quad", v=torch.ones(P, dtype=torch.float64,
@@ -200,40 +202,40 @@ def test_bad_direction_values_and_sample_counts(mlp):
         refuses(model, x, y, ValueError, names_argument("mc_samples"), kind="mc", mc_samples=bad)
 
 
-def test_empirical_needs_labels(mlp):
+def test_empirical_needs_labels(mlp, device):
     model, x, _ = mlp
     refuses(model, x, None, ValueError, names_argument("y"), kind="empirical")
 
 
-def test_integer_inputs(mlp):
+def test_integer_inputs(mlp, device):
     model, x, y = mlp
     refuses(model, (x * 3).round().long(), y, (TypeError, ValueError), names_argument("x"))
 
 
-def test_non_finite_logits_name_the_sample(mlp):
+def test_non_finite_logits_name_the_sample(mlp, device):
     model, x, y = mlp
     x[11] = 1.7e308 * torch.sign(model.fc1.weight[0].detach())
     assert not torch.isfinite(model(x)[11]).all()
     refuses(model, x, y, ValueError, r"(?<!\d)11(?!\d)")
 
 
-def test_non_finite_parameter_is_named(mlp):
+def test_non_finite_parameter_is_named(mlp, device):
     model, x, y = mlp
     with torch.no_grad():
         model.fc1.bias[0] = float("nan")
     refuses(model, x, y, ValueError, r"fc1\.bias")
 
 
-def test_batchnorm_in_train_mode_is_refused():
-    model = make_model("norm").train()
-    x, y = make_data("norm")
+def test_batchnorm_in_train_mode_is_refused(device):
+    model = make_model("norm", device=device).train()
+    x, y = make_data("norm", device=device)
     refuses(model, x, y, ValueError, r"(?i)batch\s*norm|\beval\b")
     assert model.training
 
 
-def test_fallback_model_warns():
-    model = make_model("scaleshift")
-    x, _ = make_data("scaleshift")
+def test_fallback_model_warns(device):
+    model = make_model("scaleshift", device=device)
+    x, _ = make_data("scaleshift", device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         with pytest.warns(UserWarning, match=SPECS["scaleshift"].fallback):

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fisherext as fx
 from support.explicit import explicit_ggn, explicit_hessian, explicit_influence, explicit_jacobian, explicit_output_hessian, explicit_sample_grads, flat
-from support import assert_close
+from support import assert_close, to_device
 from fisherext._core.conventions import (
     check_deterministic, checked_output, curvature_forward, padding_as_constant, second_order_attention,
 )
@@ -43,18 +43,20 @@ def _quiet():
         yield
 
 
-def seeded(build, seed=0):
+def seeded(build, seed=0, device="cpu"):
+    """The module built under torch's global generator seeded with `seed` (on the CPU), then on `device`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build().to(DT).eval()
+        return build().to(DT).eval().to(device)
 
 
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+def randn(*shape, seed=0, device="cpu"):
+    """Drawn from a seeded CPU generator, then moved to `device` (the same values on every device)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT).to(device)
 
 
-def directions(P, K=3, seed=1):
-    return randn(K, P, seed=seed)
+def directions(P, K=3, seed=1, device="cpu"):
+    return randn(K, P, seed=seed, device=device)
 
 
 # ---- rule 1: deterministic, per sample ------------------------------------------------------------------
@@ -87,38 +89,39 @@ STOCHASTIC = {
 
 
 @pytest.mark.parametrize("kind", list(STOCHASTIC))
-def test_stochastic_modules_in_train_mode_are_refused_by_name(kind):
-    model = Block(STOCHASTIC[kind]()).train()
+def test_stochastic_modules_in_train_mode_are_refused_by_name(kind, device):
+    model = Block(STOCHASTIC[kind]()).to(device).train()
     with pytest.raises(ValueError, match=r"model: module 'inner[.\w]*' \(\w+\) .*call model\.eval\(\)"):
         check_deterministic(model)
     check_deterministic(model.eval())
 
 
-@pytest.mark.parametrize("module", [nn.Dropout(0.0), nn.RReLU(0.2, 0.2), nn.MultiheadAttention(4, 2),
-                                    nn.LSTM(4, 4, num_layers=2), nn.LSTM(4, 4, dropout=0.0)],
+@pytest.mark.parametrize("module", [lambda: nn.Dropout(0.0), lambda: nn.RReLU(0.2, 0.2),
+                                    lambda: nn.MultiheadAttention(4, 2), lambda: nn.LSTM(4, 4, num_layers=2),
+                                    lambda: nn.LSTM(4, 4, dropout=0.0)],
                          ids=["p=0", "rrelu-fixed-slope", "mha-no-dropout", "lstm-no-dropout", "lstm-p0"])
-def test_deterministic_modules_in_train_mode_pass(module):
-    check_deterministic(Block(module).train())
+def test_deterministic_modules_in_train_mode_pass(module, device):
+    check_deterministic(Block(module()).to(device).train())
 
 
-def test_batch_statistics_without_running_stats_are_refused_in_eval_mode_too():
-    model = Block(nn.BatchNorm1d(4, track_running_stats=False)).eval()
+def test_batch_statistics_without_running_stats_are_refused_in_eval_mode_too(device):
+    model = Block(nn.BatchNorm1d(4, track_running_stats=False)).to(device).eval()
     with pytest.raises(ValueError, match=r"module 'inner' \(BatchNorm1d\) has no running statistics.*"
                                          r"track_running_stats=True and call model\.eval\(\)"):
         check_deterministic(model)
 
 
-def test_fractional_max_pool_is_refused_in_any_mode_unless_its_samples_are_fixed():
+def test_fractional_max_pool_is_refused_in_any_mode_unless_its_samples_are_fixed(device):
     pool = nn.FractionalMaxPool2d(2, output_size=2)
     with pytest.raises(ValueError, match=r"module 'inner' \(FractionalMaxPool2d\) draws random pooling regions"):
-        check_deterministic(Block(pool).eval())
-    fixed = nn.FractionalMaxPool2d(2, output_size=2, _random_samples=torch.rand(1, 1, 2))
-    check_deterministic(Block(fixed).train())
+        check_deterministic(Block(pool).to(device).eval())
+    fixed = nn.FractionalMaxPool2d(2, output_size=2, _random_samples=torch.rand(1, 1, 2).to(device))
+    check_deterministic(Block(fixed).to(device).train())
 
 
-def test_the_root_module_is_named_as_the_model_itself():
+def test_the_root_module_is_named_as_the_model_itself(device):
     with pytest.raises(ValueError, match=r"model: the model itself \(Dropout\)"):
-        check_deterministic(nn.Dropout(0.5).train())
+        check_deterministic(nn.Dropout(0.5).to(device).train())
 
 
 class DropNet(nn.Module):
@@ -161,15 +164,16 @@ def _entry_points():
 ENTRY_POINTS = _entry_points()
 
 
-def drop_problem():
-    model = seeded(DropNet)
-    data = (randn(6, 5, seed=2), torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(3)))
-    return model, data, directions(sum(p.numel() for p in model.parameters()), K=2)
+def drop_problem(device="cpu"):
+    model = seeded(DropNet, device=device)
+    data = (randn(6, 5, seed=2, device=device),
+            torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(3)).to(device))
+    return model, data, directions(sum(p.numel() for p in model.parameters()), K=2, device=device)
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_every_entry_point_refuses_dropout_in_train_mode_before_any_work(entry):
-    model, data, V = drop_problem()
+def test_every_entry_point_refuses_dropout_in_train_mode_before_any_work(entry, device):
+    model, data, V = drop_problem(device)
     model.train()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"argument 'model' module 'block\.drop' \(Dropout\) .*call model\.eval\(\)"):
@@ -181,8 +185,8 @@ def test_every_entry_point_refuses_dropout_in_train_mode_before_any_work(entry):
 
 
 @pytest.mark.parametrize("operator", ["HessianOperator", "GGNOperator", "FisherOperator"])
-def test_an_operator_refuses_a_model_switched_to_train_mode_after_construction(operator):
-    model, data, V = drop_problem()
+def test_an_operator_refuses_a_model_switched_to_train_mode_after_construction(operator, device):
+    model, data, V = drop_problem(device)
     A = (fx.FisherOperator(model, "cross_entropy", data) if operator == "FisherOperator"
          else getattr(fx, operator)(model, F.cross_entropy, data))
     A @ V[0]
@@ -191,18 +195,18 @@ def test_an_operator_refuses_a_model_switched_to_train_mode_after_construction(o
         A @ V[0]
 
 
-def test_influence_refuses_a_model_switched_to_train_mode_after_construction():
-    model, data, _ = drop_problem()
+def test_influence_refuses_a_model_switched_to_train_mode_after_construction(device):
+    model, data, _ = drop_problem(device)
     inf = InfluenceFunctions(model, F.cross_entropy, data, damping=1.0, solver="cg")
     model.train()
     with pytest.raises(ValueError, match=r"module 'block\.drop'.*call model\.eval\(\)"):
         inf.test_gradients(data)
 
 
-def test_perturbed_allows_train_mode():
+def test_perturbed_allows_train_mode(device):
     """perturbed() is a context for the user's own forward passes (a SAM-style step trains at θ + εv):
     it imposes no mode, and restores bit for bit whatever the mode."""
-    model, data, V = drop_problem()
+    model, data, V = drop_problem(device)
     model.train()
     before = [p.detach().clone() for p in model.parameters()]
     with fx.perturbed(model, V[0], 0.1):
@@ -233,13 +237,13 @@ class Padded(nn.Module):
         return F.linear(h, self.emb.weight) if self.head is None else self.head(h)
 
 
-def padded_problem(tied=False, n=7, seed=0):
-    model = seeded(lambda: Padded(tied), seed)
+def padded_problem(tied=False, n=7, seed=0, device="cpu"):
+    model = seeded(lambda: Padded(tied), seed, device)
     g = torch.Generator().manual_seed(10 + seed)
     x = torch.randint(0, 6, (n, 5), generator=g)
     x[:, 0] = 0  # every sample has padding
     y = torch.randint(0, 6 if tied else 3, (n,), generator=g)
-    return model, (x, y)
+    return model, (x.to(device), y.to(device))
 
 
 class Lookup:
@@ -263,18 +267,20 @@ class Lookup:
 
 def pad_columns(model):
     """Flat positions of the padding row emb.weight[0] (emb.weight comes first)."""
-    return torch.arange(model.emb.weight.shape[1])
+    return torch.arange(model.emb.weight.shape[1], device=model.emb.weight.device)
 
 
-def padding_references(tied, loss_fn=F.cross_entropy):
-    """(model, data, H, G, grads): Hessian, GGN and per-sample gradients of the padding convention.
+def padding_references(tied, device="cpu", loss_fn=F.cross_entropy):
+    """(model, data, H, G, grads): Hessian, GGN and per-sample gradients of the padding convention,
+    computed on the CPU, everything then on `device`.
     Untied: the padding row gets no derivative at all, so they are the differentiated lookup's with the
     padding row's rows and columns zeroed. Tied: the padding lookup replaced by a constant."""
     model, (x, y) = padded_problem(tied)
     if tied:
         with Lookup(model, "constant"):
-            return (model, (x, y), explicit_hessian(model, loss_fn, x, y), explicit_ggn(model, loss_fn, x, y),
+            refs = (explicit_hessian(model, loss_fn, x, y), explicit_ggn(model, loss_fn, x, y),
                     explicit_sample_grads(model, loss_fn, x, y))
+        return model.to(device), to_device((x, y), device), *to_device(refs, device)
     with Lookup(model, "differentiated"):
         J = explicit_jacobian(model, x)
         H = explicit_hessian(model, loss_fn, x, y)
@@ -285,13 +291,13 @@ def padding_references(tied, loss_fn=F.cross_entropy):
     H[cols, :] = 0
     H[:, cols] = 0
     grads[:, cols] = 0
-    return model, (x, y), H, J.T @ Hz @ J, grads
+    return model.to(device), to_device((x, y), device), *to_device((H, J.T @ Hz @ J, grads), device)
 
 
-def test_padding_references_differ_from_the_differentiated_lookup():
+def test_padding_references_differ_from_the_differentiated_lookup(device):
     """The set-up has teeth: differentiating the padding row changes the GGN by more than 1 %."""
     for tied in (False, True):
-        model, (x, y), _, G, _ = padding_references(tied)
+        model, (x, y), _, G, _ = padding_references(tied, device)
         with Lookup(model, "differentiated"):
             naive = explicit_ggn(model, F.cross_entropy, x, y)
         assert (naive - G).norm() > 1e-2 * G.norm()
@@ -303,12 +309,12 @@ def _functional(model, x):
     return [p.detach() for p in model.parameters()], lambda *ps: functional_call(model, dict(zip(names, ps)), (x,))
 
 
-def test_padding_mode_under_jvp_dual_levels_and_double_backprop():
+def test_padding_mode_under_jvp_dual_levels_and_double_backprop(device):
     """J v by torch.func.jvp and by a forward-mode dual level, and H v by double backprop, inside the
     mode, equal the constant-lookup reference (and J v differs from the differentiated lookup's)."""
-    model, (x, y), H, _, _ = padding_references(False)
+    model, (x, y), H, _, _ = padding_references(False, device)
     params, f = _functional(model, x)
-    v = directions(sum(p.numel() for p in params), K=1)[0]
+    v = directions(sum(p.numel() for p in params), K=1, device=device)[0]
     tangents = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
     with Lookup(model, "differentiated"):
         J = explicit_jacobian(model, x)
@@ -328,14 +334,14 @@ def test_padding_mode_under_jvp_dual_levels_and_double_backprop():
     assert (J @ v - expected @ v).abs().max() > 1e-3 * (expected @ v).abs().max()
 
 
-def test_padding_mode_under_vmap_uses_the_snapshot_and_keeps_other_rows():
+def test_padding_mode_under_vmap_uses_the_snapshot_and_keeps_other_rows(device):
     """Under vmap over stacked weights (the FD paths' functional models) the padding positions take the
     row snapshotted at entry, every other position its own model's row; per-sample gradients by
     vmap(grad) give the padding row nothing."""
-    model, (x, _) = padded_problem()
+    model, (x, _) = padded_problem(device=device)
     emb = model.emb
     W = emb.weight.detach()
-    stacked = W + randn(3, *W.shape, seed=4)
+    stacked = W + randn(3, *W.shape, seed=4, device=device)
     with padding_as_constant(model):
         out = vmap(lambda w: functional_call(emb, {"weight": w}, (x,)))(stacked)
         grads = vmap(grad(lambda w, xn: functional_call(emb, {"weight": w}, (xn[None],)).pow(3).sum()),
@@ -347,40 +353,40 @@ def test_padding_mode_under_vmap_uses_the_snapshot_and_keeps_other_rows():
     assert grads[:, 1:].abs().sum() > 0
 
 
-def test_padding_mode_snapshots_before_an_in_place_perturbation():
-    model, (x, _) = padded_problem()
+def test_padding_mode_snapshots_before_an_in_place_perturbation(device):
+    model, (x, _) = padded_problem(device=device)
     row = model.emb.weight.detach()[0].clone()
     with padding_as_constant(model):
-        with fx.perturbed(model, torch.ones(sum(p.numel() for p in model.parameters()), dtype=DT), 0.5):
+        with fx.perturbed(model, torch.ones(sum(p.numel() for p in model.parameters()), dtype=DT, device=device), 0.5):
             out = model.emb(x)
     assert torch.equal(out[x == 0], row.expand(int((x == 0).sum()), -1))
     assert torch.equal(out[x != 0], model.emb.weight.detach()[x[x != 0]] + 0.5)
 
 
-def test_padding_mode_covers_a_bare_embedding_call_with_negative_padding_idx():
-    w = randn(5, 3).requires_grad_()
-    idx = torch.tensor([[4, 1, 4], [0, 2, 3]])
+def test_padding_mode_covers_a_bare_embedding_call_with_negative_padding_idx(device):
+    w = randn(5, 3, device=device).requires_grad_()
+    idx = torch.tensor([[4, 1, 4], [0, 2, 3]], device=device)
     with padding_as_constant(nn.Module()), fwAD.dual_level():
         dual = fwAD.make_dual(w.detach(), torch.ones_like(w))
         tangent = fwAD.unpack_dual(F.embedding(idx, dual, padding_idx=-1)).tangent
-    assert torch.equal(tangent[idx == 4], torch.zeros(2, 3, dtype=DT))
-    assert torch.equal(tangent[idx != 4], torch.ones(4, 3, dtype=DT))
+    assert torch.equal(tangent[idx == 4], torch.zeros(2, 3, dtype=DT, device=device))
+    assert torch.equal(tangent[idx != 4], torch.ones(4, 3, dtype=DT, device=device))
 
 
-def test_curvature_forward_enters_the_padding_mode_only_for_models_that_need_it():
+def test_curvature_forward_enters_the_padding_mode_only_for_models_that_need_it(device):
     """A TorchFunctionMode costs time on every torch call; models without a padded nn.Embedding skip it."""
     active = torch.overrides._get_current_function_mode_stack
-    with curvature_forward(nn.Linear(2, 2)):
+    with curvature_forward(nn.Linear(2, 2).to(device)):
         assert not active()
-    with curvature_forward(padded_problem()[0]):
+    with curvature_forward(padded_problem(device=device)[0]):
         assert len(active()) == 1
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("curvature,method", [("hessian", "autograd"), ("ggn", "autograd"), ("hessian", "fd")])
-def test_hvp_follows_the_padding_convention(curvature, method, tied):
-    model, data, H, G, _ = padding_references(tied)
-    V = directions(H.shape[0]).T
+def test_hvp_follows_the_padding_convention(curvature, method, tied, device):
+    model, data, H, G, _ = padding_references(tied, device)
+    V = directions(H.shape[0], device=device).T
     expected = (G if curvature == "ggn" else H) @ V
     if method == "fd":
         got = fx.hvp(model, F.cross_entropy, data, V, method="fd", eps=1e-5)
@@ -391,9 +397,9 @@ def test_hvp_follows_the_padding_convention(curvature, method, tied):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_operators_follow_the_padding_convention(tied):
-    model, (x, y), H, G, grads = padding_references(tied)
-    V = directions(H.shape[0]).T
+def test_operators_follow_the_padding_convention(tied, device):
+    model, (x, y), H, G, grads = padding_references(tied, device)
+    V = directions(H.shape[0], device=device).T
     assert_close(fx.HessianOperator(model, F.cross_entropy, (x, y), batch_size=3) @ V, H @ V)
     assert_close(fx.GGNOperator(model, F.cross_entropy, (x, y)) @ V, G @ V)
     true = fx.FisherOperator(model, "cross_entropy", (x, y))
@@ -405,20 +411,20 @@ def test_operators_follow_the_padding_convention(tied):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_influence_follows_the_padding_convention(curvature, tied):
-    model, (x, y), H, G, grads = padding_references(tied)
+def test_influence_follows_the_padding_convention(curvature, tied, device):
+    model, (x, y), H, G, grads = padding_references(tied, device)
     damping = 1.0
     expected = explicit_influence(H if curvature == "hessian" else G, grads, grads[:4], damping)
     inf = InfluenceFunctions(model, F.cross_entropy, (x, y), damping=damping, curvature=curvature)
     assert_close(inf.influence((x[:4], y[:4])), expected)
 
 
-def test_fd_quadratic_keeps_the_unperturbed_padding_row():
+def test_fd_quadratic_keeps_the_unperturbed_padding_row(device):
     """vᵀF_nv by central differences with the padding positions at their unperturbed value: the true
     Fisher of the constant-lookup model (J_n with the padding row's columns zeroed)."""
-    model, (x, _) = padded_problem()
+    model, (x, _) = padded_problem(device=device)
     P = sum(p.numel() for p in model.parameters())
-    V = directions(P, K=2)
+    V = directions(P, K=2, device=device)
     with Lookup(model, "differentiated"):
         J = explicit_jacobian(model, x).view(x.shape[0], 3, P)
         p = torch.softmax(model(x), -1).detach()
@@ -469,29 +475,30 @@ class CrossAttention(nn.Module):
 ATTENTION = {"encoder": Encoder, "cross_attention": CrossAttention}
 
 
-def attention_problem(name):
-    model = seeded(ATTENTION[name])
-    x = randn(6, 5, 3, seed=5)
-    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(6))
+def attention_problem(name, device="cpu"):
+    model = seeded(ATTENTION[name], device=device)
+    x = randn(6, 5, 3, seed=5, device=device)
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(6)).to(device)
     return model, (x, y)
 
 
 _attention_cache = {}
 
 
-def attention_references(name):
-    """Dense Hessian, GGN and per-sample gradients by plain autograd under the math kernel."""
+def attention_references(name, device="cpu"):
+    """Dense Hessian, GGN and per-sample gradients by plain autograd under the math kernel, computed on the
+    CPU once; the problem and the references on `device`."""
     if name not in _attention_cache:
         model, (x, y) = attention_problem(name)
         with sdpa_kernel(SDPBackend.MATH):
             _attention_cache[name] = (explicit_hessian(model, F.cross_entropy, x, y),
                                       explicit_ggn(model, F.cross_entropy, x, y),
                                       explicit_sample_grads(model, F.cross_entropy, x, y))
-    return (*attention_problem(name), *_attention_cache[name])
+    return (*attention_problem(name, device), *to_device(_attention_cache[name], device))
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))
-def test_the_fused_attention_kernel_has_no_second_derivatives(name):
+def test_the_fused_attention_kernel_has_no_second_derivatives(name):  # CPU only: it is about the CPU kernel
     """Why rule 3 exists: torch's default CPU attention kernel has neither a double backward nor forward
     AD, so a plain double backprop fails outside second_order_attention and works inside it."""
     model, (x, y) = attention_problem(name)
@@ -511,11 +518,11 @@ def test_the_fused_attention_kernel_has_no_second_derivatives(name):
         hv()
 
 
-def test_the_native_attention_fast_path_has_no_forward_mode_ad():
+def test_the_native_attention_fast_path_has_no_forward_mode_ad(device):
     """In eval mode with no gradient recorded (a forward-mode JVP under no_grad, as per-sample quadratic
     forms run it) TransformerEncoderLayer takes a native fast path without forward AD: rule 3 turns it
     off, and restores the setting on exit."""
-    model, (x, _) = attention_problem("encoder")
+    model, (x, _) = attention_problem("encoder", device)
     params, f = _functional(model, x)
     tangents = tuple(torch.ones_like(p) for p in params)
     with torch.no_grad():
@@ -530,14 +537,14 @@ def test_the_native_attention_fast_path_has_no_forward_mode_ad():
             _, Jv = jvp(f, tuple(params), tangents)
     assert torch.backends.mha.get_fastpath_enabled()
     with sdpa_kernel(SDPBackend.MATH):
-        expected = explicit_jacobian(model, x) @ torch.ones(sum(p.numel() for p in params), dtype=DT)
+        expected = explicit_jacobian(model, x) @ torch.ones(sum(p.numel() for p in params), dtype=DT, device=device)
     assert_close(Jv.reshape(-1), expected)
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))
-def test_hvp_on_attention_models(name):
-    model, data, H, G, _ = attention_references(name)
-    V = directions(H.shape[0]).T
+def test_hvp_on_attention_models(name, device):
+    model, data, H, G, _ = attention_references(name, device)
+    V = directions(H.shape[0], device=device).T
     assert_close(fx.hvp(model, F.cross_entropy, data, V), H @ V)
     assert_close(fx.hvp(model, F.cross_entropy, data, V[:, 0]), H @ V[:, 0])
     assert_close(fx.hvp(model, F.cross_entropy, data, V, curvature="ggn"), G @ V)
@@ -545,16 +552,16 @@ def test_hvp_on_attention_models(name):
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))
-def test_operators_on_attention_models(name):
-    model, data, H, G, _ = attention_references(name)
+def test_operators_on_attention_models(name, device):
+    model, data, H, G, _ = attention_references(name, device)
     assert_close(fx.HessianOperator(model, F.cross_entropy, data, batch_size=4).dense(), H)
     assert_close(fx.GGNOperator(model, F.cross_entropy, data).dense(), G)
     assert_close(fx.FisherOperator(model, "cross_entropy", data).dense(), G)
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))
-def test_influence_on_attention_models(name):
-    model, (x, y), H, _, grads = attention_references(name)
+def test_influence_on_attention_models(name, device):
+    model, (x, y), H, _, grads = attention_references(name, device)
     damping = 0.5 - min(0.0, torch.linalg.eigvalsh(H)[0].item())  # H is indefinite here
     expected = explicit_influence(H, grads, grads[:3], damping)
     for solver in ("exact", "cg"):
@@ -583,8 +590,8 @@ class Returns(nn.Module):
         return torch.where(x[:, :1] > 100, torch.full_like(out, math.inf), out)
 
 
-def test_checked_output():
-    out = randn(4, 2)
+def test_checked_output(device):
+    out = randn(4, 2, device=device)
     assert checked_output(out) is out
     with pytest.raises(TypeError, match=r"model: returned a tuple of 2 \(Tensor, Tensor\), not a tensor.*wrap"):
         checked_output((out, out))
@@ -596,7 +603,7 @@ def test_checked_output():
     with pytest.raises(ValueError, match=r"model: the output for sample 12 is not finite"):
         checked_output(out, offset=10)
     with pytest.raises(ValueError, match=r"model: the output for sample 1 is not finite"):
-        checked_output(torch.tensor([[[0.0], [1.0]], [[-math.inf], [1.0]]]))
+        checked_output(torch.tensor([[[0.0], [1.0]], [[-math.inf], [1.0]]], device=device))
 
 
 OUTPUT_ENTRY_POINTS = {k: ENTRY_POINTS[k] for k in ENTRY_POINTS if k != "InfluenceFunctions"} | {
@@ -613,19 +620,19 @@ OUTPUT_ENTRY_POINTS = {k: ENTRY_POINTS[k] for k in ENTRY_POINTS if k != "Influen
 }
 
 
-def output_problem(how):
-    model = seeded(lambda: Returns(how))
-    x = randn(5, 5, seed=7)
+def output_problem(how, device="cpu"):
+    model = seeded(lambda: Returns(how), device=device)
+    x = randn(5, 5, seed=7, device=device)
     x[3, 0] = 1000.0
-    return model, (x, torch.arange(5) % 3), directions(18, K=2)
+    return model, (x, torch.arange(5, device=device) % 3), directions(18, K=2, device=device)
 
 
 @pytest.mark.parametrize("entry", list(OUTPUT_ENTRY_POINTS))
-def test_every_entry_point_refuses_non_tensor_and_non_finite_outputs(entry):
+def test_every_entry_point_refuses_non_tensor_and_non_finite_outputs(entry, device):
     for how, exc, msg in [("tuple", TypeError, r"argument 'model' returned a tuple of 2"),
                           ("dict", TypeError, r"argument 'model' returned a dict with keys 'logits'"),
                           ("inf", ValueError, r"argument 'model' the output for sample 3 is not finite")]:
-        model, data, V = output_problem(how)
+        model, data, V = output_problem(how, device)
         before = [p.detach().clone() for p in model.parameters()]
         with pytest.raises(exc, match=msg):
             OUTPUT_ENTRY_POINTS[entry](model, data, V)
@@ -633,8 +640,8 @@ def test_every_entry_point_refuses_non_tensor_and_non_finite_outputs(entry):
 
 
 @pytest.mark.parametrize("operator", ["HessianOperator", "GGNOperator", "FisherOperator"])
-def test_operators_refuse_non_finite_outputs_naming_the_sample_across_batches(operator):
-    model, data, V = output_problem("inf")
+def test_operators_refuse_non_finite_outputs_naming_the_sample_across_batches(operator, device):
+    model, data, V = output_problem("inf", device)
     A = (fx.FisherOperator(model, "cross_entropy", data, batch_size=2) if operator == "FisherOperator"
          else getattr(fx, operator)(model, F.cross_entropy, data, batch_size=2))
     with pytest.raises(ValueError, match=r"argument 'model' the output for sample 3 is not finite"):

@@ -10,24 +10,26 @@ from torch import nn
 
 import fisherext as fx
 from fisherext._core.likelihood import Cotangents, class_axis, likelihood
-from support import assert_close
+from support import assert_close, to_device
 
 D64 = torch.float64
 
 
-def test_class_axis():
-    assert class_axis(torch.zeros(4, 3), None, None) == 1
-    assert class_axis(torch.zeros(4, 5, 3), torch.zeros(4, 5, dtype=torch.long), None) == 2     # [N, T, C]
-    assert class_axis(torch.zeros(4, 3, 6, 7), torch.zeros(4, 6, 7, dtype=torch.long), None) == 1  # [N, C, H, W]
-    assert class_axis(torch.zeros(4, 5, 3), None, -1) == 2
+def test_class_axis(device):
+    def zeros(*shape, dtype=None):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+    assert class_axis(zeros(4, 3), None, None) == 1
+    assert class_axis(zeros(4, 5, 3), zeros(4, 5, dtype=torch.long), None) == 2     # [N, T, C]
+    assert class_axis(zeros(4, 3, 6, 7), zeros(4, 6, 7, dtype=torch.long), None) == 1  # [N, C, H, W]
+    assert class_axis(zeros(4, 5, 3), None, -1) == 2
     with pytest.raises(ValueError, match="class_dim"):
-        class_axis(torch.zeros(4, 5, 3), None, None)              # no labels: ambiguous
+        class_axis(zeros(4, 5, 3), None, None)              # no labels: ambiguous
     with pytest.raises(ValueError, match="class_dim"):
-        class_axis(torch.zeros(4, 3, 3), torch.zeros(4, 3, dtype=torch.long), None)   # both fit
+        class_axis(zeros(4, 3, 3), zeros(4, 3, dtype=torch.long), None)   # both fit
     with pytest.raises(ValueError, match="labels"):
-        class_axis(torch.zeros(4, 5, 3), torch.zeros(4, 2, dtype=torch.long), None)
+        class_axis(zeros(4, 5, 3), zeros(4, 2, dtype=torch.long), None)
     with pytest.raises(ValueError, match="class_dim"):
-        class_axis(torch.zeros(4, 5, 3), None, 0)                 # the batch axis is no class axis
+        class_axis(zeros(4, 5, 3), None, 0)                 # the batch axis is no class axis
 
 
 # ---- every likelihood against autograd of its negative log-likelihood ------------------------------------
@@ -81,9 +83,9 @@ def reference_residual(name, out, y, axis):
 
 
 @pytest.mark.parametrize("id", list(CASES))
-def test_square_root_times_its_transpose_is_lambda(id):
+def test_square_root_times_its_transpose_is_lambda(id, device):
     name, out, y, axis = case(id)
-    bound = likelihood(name).at(out, y)
+    bound = likelihood(name).at(*to_device((out, y), device))
     S = torch.cat([bound.sqrt_columns(k0, min(bound.num_columns, k0 + 3))
                    for k0 in range(0, bound.num_columns, 3)])                   # chunks of 3
     S = S.flatten(2)                                                            # [K, N, E]
@@ -91,34 +93,36 @@ def test_square_root_times_its_transpose_is_lambda(id):
 
 
 @pytest.mark.parametrize("id", list(CASES))
-def test_hessian_product_is_lambda_times_u(id):
+def test_hessian_product_is_lambda_times_u(id, device):
     name, out, y, axis = case(id)
     U = torch.randn(2, *out.shape, generator=torch.Generator().manual_seed(1), dtype=D64)
-    got = likelihood(name).at(out, y).hessian_product(U).flatten(2)
+    got = likelihood(name).at(*to_device((out, y), device)).hessian_product(U.to(device)).flatten(2)
     assert_close(got, torch.einsum("nef,knf->kne", reference_lambda(name, out, y, axis), U.flatten(2)))
 
 
 @pytest.mark.parametrize("id", list(CASES))
-def test_residual_at_the_data_label_is_the_nll_gradient(id):
+def test_residual_at_the_data_label_is_the_nll_gradient(id, device):
     name, out, y, axis = case(id)
-    cot = Cotangents(likelihood(name), out, y, "empirical")
+    cot = Cotangents(likelihood(name), *to_device((out, y), device), "empirical")
     assert cot.K == 1
     assert_close(cot.chunk(0, 1)[0], reference_residual(name, out, y, axis))
 
 
 @pytest.mark.parametrize("id", ["ce-[N,C]", "mse", "bce"])
-def test_sampled_labels_follow_the_model(id):
+def test_sampled_labels_follow_the_model(id, device):
     """The MC cotangents are NLL gradients at labels drawn from p(y|z): their mean over M draws is 0
     (the expected score), within 5 standard errors; the same generator seed draws the same labels."""
     name, out, y, axis = case(id)
+    out, y = to_device((out, y), device)
+    gen = lambda: torch.Generator(device=device).manual_seed(2)  # noqa: E731
     lik = likelihood(name)
     M = 4000
-    c = Cotangents(lik, out, y, "mc", mc_samples=M, generator=torch.Generator().manual_seed(2)).all()
-    assert torch.allclose(Cotangents(lik, out, y, "mc", mc_samples=4, generator=torch.Generator().manual_seed(2)
-                                     ).weights, torch.full((4,), 0.25, dtype=D64))
+    c = Cotangents(lik, out, y, "mc", mc_samples=M, generator=gen()).all()
+    assert torch.allclose(Cotangents(lik, out, y, "mc", mc_samples=4, generator=gen()).weights,
+                          torch.full((4,), 0.25, dtype=D64, device=device))
     se = c.std(0) / M ** 0.5
     assert (c.mean(0).abs() <= 5 * se + 1e-12).all()
-    again = Cotangents(lik, out, y, "mc", mc_samples=M, generator=torch.Generator().manual_seed(2)).all()
+    again = Cotangents(lik, out, y, "mc", mc_samples=M, generator=gen()).all()
     assert torch.equal(c, again)
     if name == "cross_entropy":  # each draw is p − e_c for a class c
         residual = torch.softmax(out, -1)[None] - c
@@ -128,23 +132,24 @@ def test_sampled_labels_follow_the_model(id):
         assert torch.all((labels.round(decimals=12) == 0) | (labels.round(decimals=12) == 1))
 
 
-def test_mc_cross_entropy_leaves_ignored_positions_out():
+def test_mc_cross_entropy_leaves_ignored_positions_out(device):
     out = torch.randn(3, 5, 4, dtype=D64)
     y = torch.randint(0, 4, (3, 5))
     y[0, 0] = -100
-    mc = Cotangents(likelihood("cross_entropy"), out, y, "mc", mc_samples=3, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(mc.all()[:, 0, 0], torch.zeros(3, 4, dtype=D64))
+    mc = Cotangents(likelihood("cross_entropy"), *to_device((out, y), device), "mc", mc_samples=3,
+                    generator=torch.Generator(device=device).manual_seed(0))
+    assert torch.equal(mc.all()[:, 0, 0], torch.zeros(3, 4, dtype=D64, device=device))
     assert mc.all()[:, 0, 1].abs().sum() > 0
 
 
-def test_empirical_needs_labels_of_the_right_shape():
-    out = torch.randn(3, 5, 4, dtype=D64)
+def test_empirical_needs_labels_of_the_right_shape(device):
+    out = torch.randn(3, 5, 4, dtype=D64).to(device)
     with pytest.raises(ValueError, match="labels"):
         Cotangents(likelihood("cross_entropy", class_dim=-1), out, None, "empirical")
     with pytest.raises(ValueError, match="labels"):
-        Cotangents(likelihood("cross_entropy"), out, torch.full((3, 5), 7), "empirical")
+        Cotangents(likelihood("cross_entropy"), out, torch.full((3, 5), 7, device=device), "empirical")
     with pytest.raises(ValueError, match="targets y of shape"):
-        Cotangents(likelihood("mse"), out, torch.zeros(3, 5), "empirical")
+        Cotangents(likelihood("mse"), out, torch.zeros(3, 5, device=device), "empirical")
 
 
 # ---- the constructor ----------------------------------------------------------------------------------------
@@ -154,11 +159,11 @@ def test_empirical_needs_labels_of_the_right_shape():
     (nn.CrossEntropyLoss(reduction="sum"), "cross_entropy"), ("mse", "mse"), (F.mse_loss, "mse"),
     (nn.MSELoss(), "mse"), ("bce", "bce"), (F.binary_cross_entropy_with_logits, "bce"), (nn.BCEWithLogitsLoss(), "bce"),
 ])
-def test_likelihood_of_names_functions_and_modules(loss, name):
+def test_likelihood_of_names_functions_and_modules(loss, name):  # CPU only: no tensors, a name lookup
     assert likelihood(loss).name == name
 
 
-def test_ignore_index_of_a_module_and_conflicts():
+def test_ignore_index_of_a_module_and_conflicts():  # CPU only: no tensors, argument checks
     assert likelihood(nn.CrossEntropyLoss(ignore_index=3)).ignore_index == 3
     assert likelihood(F.cross_entropy).ignore_index == -100
     assert likelihood("cross_entropy", ignore_index=5).ignore_index == 5
@@ -177,6 +182,7 @@ def test_ignore_index_of_a_module_and_conflicts():
     (lambda z, y: z.sum(), "a Fisher needs a likelihood"),
 ])
 def test_torch_losses_that_are_no_likelihood_are_refused_for_a_fisher(loss, what):
+    # CPU only: the parametrize table holds CPU tensors (weight, pos_weight)
     model = nn.Linear(2, 3).double().eval()
     x, y = torch.randn(4, 2, dtype=D64), torch.tensor([0, 1, 2, 0])
     for call in (lambda: fx.fisher(model, (x, y), loss=loss), lambda: fx.per_sample_fisher(model, x, y, loss=loss),
@@ -198,27 +204,27 @@ FORMS = {  # likelihood: (name, function, module)
 }
 
 
-def forms_problem(name):
+def forms_problem(name, device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double().eval()
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double().eval().to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 3, generator=g, dtype=D64)
     y = (torch.randint(0, 4, (7,), generator=g) if name == "cross_entropy"
          else (torch.rand(7, 4, generator=g, dtype=D64) > 0.5).to(D64) if name == "bce"
          else torch.randn(7, 4, generator=g, dtype=D64))
     V = torch.randn(sum(p.numel() for p in model.parameters()), 2, generator=g, dtype=D64)
-    return model, (x, y), V
+    return model, to_device((x, y), device), V.to(device)
 
 
 @pytest.mark.parametrize("name", list(FORMS))
-def test_every_form_of_a_loss_gives_the_same_result(name):
+def test_every_form_of_a_loss_gives_the_same_result(name, device):
     """fisher, per_sample_fisher, FisherOperator: the same likelihood from all three forms (bitwise);
     hvp, the Hessian and GGN operators and influence: a name is its torch loss with reduction='mean'
     (the fused output-space kernel or the likelihood's own Λ·u against double backprop of the torch
     loss: equal to rounding)."""
-    model, (x, y), V = forms_problem(name)
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    model, (x, y), V = forms_problem(name, device)
+    gen = lambda: torch.Generator(device=device).manual_seed(3)  # noqa: E731
     results = []
     for loss in FORMS[name]:
         results.append({

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherext
-from support import assert_close
+from support import assert_close, to_device
 from fisherext import InfluenceFunctions
 from support.models import make_data, make_model, named_trainable
 from support.curvature import LOSS, MODELS, directions, explicit_ggn, explicit_hessian
@@ -30,16 +30,16 @@ def explicit_influence(model, loss_fn, train, test, damping, params=None, curvat
         H = explicit_hessian(model, loss_fn, *train, params=params)
     else:
         H = explicit_ggn(model, "cross_entropy" if loss_fn is F.cross_entropy else "mse", *train)
-    M = H + damping * torch.eye(H.shape[0], dtype=H.dtype)
+    M = H + damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     assert torch.linalg.eigvalsh(M)[0] > 1e-3, "test set-up: H + damping*I must be positive definite"
     G_train = per_sample_grads_loop(model, loss_fn, *train, params)
     G_test = per_sample_grads_loop(model, loss_fn, *test, params)
     return -G_test @ torch.linalg.solve(M, G_train.T)
 
 
-def setup(name="mlp"):
-    model = make_model(name)
-    return model, make_data(name), make_data(name, 6, seed=1), LOSS[MODELS[name]]
+def setup(name="mlp", device="cpu"):
+    model = make_model(name, device=device)
+    return model, make_data(name, device=device), make_data(name, 6, seed=1, device=device), LOSS[MODELS[name]]
 
 
 CG_TIGHT = dict(tol=1e-13, maxiter=500)
@@ -50,8 +50,8 @@ CG_TIGHT = dict(tol=1e-13, maxiter=500)
 
 @pytest.mark.parametrize("name", ["mlp", "mlp_reg"])
 @pytest.mark.parametrize("solver", ["exact", "cg"])
-def test_influence_equals_explicit(name, solver):
-    model, train, test, loss_fn = setup(name)
+def test_influence_equals_explicit(name, solver, device):
+    model, train, test, loss_fn = setup(name, device)
     damping = DAMPING if name == "mlp" else 1.5  # mlp_reg's Hessian goes down to about -0.9
     expected = explicit_influence(model, loss_fn, train, test, damping)
     inf = InfluenceFunctions(model, loss_fn, train, damping=damping, solver=solver, solver_kwargs=CG_TIGHT
@@ -61,15 +61,15 @@ def test_influence_equals_explicit(name, solver):
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())
 
 
-def test_ggn_curvature_equals_explicit():
-    model, train, test, loss_fn = setup("mlp")
+def test_ggn_curvature_equals_explicit(device):
+    model, train, test, loss_fn = setup("mlp", device)
     expected = explicit_influence(model, loss_fn, train, test, 1e-2, curvature="ggn")
     got = InfluenceFunctions(model, loss_fn, train, damping=1e-2, curvature="ggn").influence(test)
     assert_close(got, expected, scale=expected.abs().max().item())
 
 
-def test_lissa_within_one_percent():
-    model, train, test, loss_fn = setup("mlp")
+def test_lissa_within_one_percent(device):
+    model, train, test, loss_fn = setup("mlp", device)
     expected = explicit_influence(model, loss_fn, train, test, DAMPING)
     # scale from power iteration (the default), depth enough for the rate 1 - λ_min(H + λI)/scale
     got = InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver="lissa",
@@ -77,13 +77,15 @@ def test_lissa_within_one_percent():
     assert ((got - expected).norm() / expected.norm()).item() < 1e-2
 
 
-def test_stochastic_lissa_with_full_minibatches_equals_deterministic():
+def test_stochastic_lissa_with_full_minibatches_equals_deterministic(device):
     """A 'minibatch' of all N samples is the full operator, so the stochastic path must give the same."""
-    model, train, test, loss_fn = setup("mlp")
+    model, train, test, loss_fn = setup("mlp", device)
     kw = dict(scale=5.0, depth=300)
     full = InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver="lissa", solver_kwargs=kw)
     sampled = InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver="lissa",
                                  solver_kwargs=dict(kw, sample_size=train[0].shape[0],
+                                                    # a CPU generator on every device: fisherext draws
+                                                    # the minibatch indices on the CPU
                                                     generator=torch.Generator().manual_seed(3)))
     assert_close(sampled.influence(test), full.influence(test))
     with pytest.raises(ValueError, match=r"argument 'solver_kwargs' 'seed' is now 'generator'"):
@@ -91,8 +93,8 @@ def test_stochastic_lissa_with_full_minibatches_equals_deterministic():
                            solver_kwargs=dict(kw, sample_size=4, seed=3)).influence(test)
 
 
-def test_params_subset_equals_explicit_subproblem():
-    model, train, test, loss_fn = setup("mlp")
+def test_params_subset_equals_explicit_subproblem(device):
+    model, train, test, loss_fn = setup("mlp", device)
     last = [model.fc2.weight, model.fc2.bias]
     expected = explicit_influence(model, loss_fn, train, test, 1e-2, params=last)
     for solver in ("exact", "cg"):
@@ -102,8 +104,8 @@ def test_params_subset_equals_explicit_subproblem():
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg"])
-def test_self_influence_is_diagonal_of_influence_on_train(solver):
-    model, train, _, loss_fn = setup("mlp")
+def test_self_influence_is_diagonal_of_influence_on_train(solver, device):
+    model, train, _, loss_fn = setup("mlp", device)
     inf = InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver=solver, batch_size=4,
                              solver_kwargs=CG_TIGHT if solver == "cg" else None)
     full = inf.influence(train)
@@ -113,8 +115,8 @@ def test_self_influence_is_diagonal_of_influence_on_train(solver):
     assert (self_inf < 0).all()  # −gᵀ(H + λI)⁻¹g with H + λI PD
 
 
-def test_streaming_small_batches_and_chunks_equal_whole(monkeypatch):
-    model, train, test, loss_fn = setup("mlp")
+def test_streaming_small_batches_and_chunks_equal_whole(monkeypatch, device):
+    model, train, test, loss_fn = setup("mlp", device)
     whole = InfluenceFunctions(model, loss_fn, train, damping=DAMPING).influence(test)
     # chunks of 2 rows inside batches of 5 (the last batch ragged): same numbers in the same order
     monkeypatch.setattr(fisherext.influence, "CHUNK_ELEMENTS", 2 * sum(p.numel() for p in model.parameters()))
@@ -124,18 +126,19 @@ def test_streaming_small_batches_and_chunks_equal_whole(monkeypatch):
     assert_close(InfluenceFunctions(model, loss_fn, loader, damping=DAMPING).influence(test), whole)
 
 
-def test_test_gradients_and_s_test():
-    model, train, test, loss_fn = setup("mlp")
+def test_test_gradients_and_s_test(device):
+    model, train, test, loss_fn = setup("mlp", device)
     params = [p for _, p in named_trainable(model)]
     inf = InfluenceFunctions(model, loss_fn, train, damping=DAMPING)
     G = per_sample_grads_loop(model, loss_fn, *test, params)
     assert_close(inf.test_gradients(test), G)
     H = explicit_hessian(model, loss_fn, *train)
-    assert_close(inf.s_test(test), torch.linalg.solve(H + DAMPING * torch.eye(H.shape[0], dtype=H.dtype), G.T))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=device)
+    assert_close(inf.s_test(test), torch.linalg.solve(H + DAMPING * eye, G.T))
 
 
-def test_exact_factorization_follows_the_parameters():
-    model, train, test, loss_fn = setup("mlp")
+def test_exact_factorization_follows_the_parameters(device):
+    model, train, test, loss_fn = setup("mlp", device)
     inf = InfluenceFunctions(model, loss_fn, train, damping=DAMPING)
     inf.influence(test)
     with torch.no_grad():
@@ -143,8 +146,8 @@ def test_exact_factorization_follows_the_parameters():
     assert_close(inf.influence(test), explicit_influence(model, loss_fn, train, test, DAMPING))
 
 
-def test_progress_bar(capsys):
-    model, train, test, loss_fn = setup("mlp")
+def test_progress_bar(capsys, device):
+    model, train, test, loss_fn = setup("mlp", device)
     InfluenceFunctions(model, loss_fn, train, damping=DAMPING, progress=True).influence(test)
     assert "influence" in capsys.readouterr().err
     InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver="cg", progress=True).influence(test)
@@ -154,12 +157,12 @@ def test_progress_bar(capsys):
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg"])
-def test_solve_takes_one_vector_or_columns(solver):
-    model, train, _, loss_fn = setup("mlp")
+def test_solve_takes_one_vector_or_columns(solver, device):
+    model, train, _, loss_fn = setup("mlp", device)
     inf = InfluenceFunctions(model, loss_fn, train, damping=DAMPING, solver=solver, solver_kwargs=CG_TIGHT
                              if solver == "cg" else None)
-    B = directions(inf.fm.P, K=2).T
-    A = explicit_hessian(model, loss_fn, *train) + DAMPING * torch.eye(inf.fm.P, dtype=B.dtype)
+    B = directions(inf.fm.P, K=2, device=device).T
+    A = explicit_hessian(model, loss_fn, *train) + DAMPING * torch.eye(inf.fm.P, dtype=B.dtype, device=device)
     assert_close(inf.solve(B), torch.linalg.solve(A, B))
     assert_close(inf.solve(B[:, 0]), torch.linalg.solve(A, B[:, 0]))
     with pytest.raises(ValueError, match=r"argument 'B' expected shape"):
@@ -196,7 +199,7 @@ def _test_loss(theta, x1, y):
     return F.cross_entropy(x1 @ theta.T, y, reduction="sum")
 
 
-def test_influence_predicts_leave_one_out_retraining():
+def test_influence_predicts_leave_one_out_retraining():  # CPU only: numpy data and a CPU Newton reference
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -244,56 +247,59 @@ def test_influence_predicts_leave_one_out_retraining():
 # ---- bad input -----------------------------------------------------------------------------------------
 
 
-def _raises(exc, name, **kw):
-    model, train, _, loss_fn = setup("mlp")
+def _raises(exc, name, device, **kw):
+    model, train, _, loss_fn = setup("mlp", device)
     args = dict(model=model, loss=loss_fn, train_data=train)
     args.update(kw)
     with pytest.raises(exc, match=rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])"):
         InfluenceFunctions(**args)
 
 
-def test_bad_arguments():
-    _raises(ValueError, "solver", solver="newton")
-    _raises(ValueError, "curvature", curvature="fisher")
-    _raises(ValueError, "damping", damping=-1.0)
-    _raises(ValueError, "damping", damping=float("nan"))
-    _raises(TypeError, "loss", loss=3)
-    _raises(ValueError, "loss", loss="nll")
+def test_bad_arguments(device):
+    def zeros(*shape, dtype=torch.float64):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+    _raises(ValueError, "solver", device, solver="newton")
+    _raises(ValueError, "curvature", device, curvature="fisher")
+    _raises(ValueError, "damping", device, damping=-1.0)
+    _raises(ValueError, "damping", device, damping=float("nan"))
+    _raises(TypeError, "loss", device, loss=3)
+    _raises(ValueError, "loss", device, loss="nll")
     with pytest.raises(TypeError, match=r"fisherext.InfluenceFunctions: argument 'loss_fn' is now called 'loss'"):
-        InfluenceFunctions(nn.Linear(2, 2), loss_fn=F.cross_entropy, train_data=(torch.zeros(2, 2), torch.zeros(2)))
-    _raises(ValueError, "train_data", train_data=(torch.zeros(0, 5, dtype=torch.float64),
-                                                  torch.zeros(0, dtype=torch.long)))
-    _raises(ValueError, "train_data", train_data=(torch.zeros(3, 5, dtype=torch.float64), None))
-    _raises(TypeError, "train_data", train_data=[1, 2, 3])
-    _raises(TypeError, "solver_kwargs", solver_kwargs=[("tol", 1e-3)])
-    _raises(ValueError, "batch_size", batch_size=0)
+        InfluenceFunctions(nn.Linear(2, 2).to(device), loss_fn=F.cross_entropy,
+                           train_data=(torch.zeros(2, 2, device=device), torch.zeros(2, device=device)))
+    _raises(ValueError, "train_data", device, train_data=(zeros(0, 5), zeros(0, dtype=torch.long)))
+    _raises(ValueError, "train_data", device, train_data=(zeros(3, 5), None))
+    _raises(TypeError, "train_data", device, train_data=[1, 2, 3])
+    _raises(TypeError, "solver_kwargs", device, solver_kwargs=[("tol", 1e-3)])
+    _raises(ValueError, "batch_size", device, batch_size=0)
 
 
-def test_exact_refuses_large_P():
-    model = nn.Linear(100, 100).double()
-    data = (torch.randn(4, 100, dtype=torch.float64), torch.randint(0, 100, (4,)))
+def test_exact_refuses_large_P(device):
+    model = nn.Linear(100, 100).double().to(device)
+    data = to_device((torch.randn(4, 100, dtype=torch.float64), torch.randint(0, 100, (4,))), device)
     with pytest.raises(ValueError, match=r"argument 'solver' 'exact' needs the dense 10100 x 10100"):
         InfluenceFunctions(model, F.cross_entropy, data, solver="exact")
     InfluenceFunctions(model, F.cross_entropy, data, solver="cg")  # fine matrix-free
 
 
-def test_empty_test_data():
-    model, train, _, loss_fn = setup("mlp")
+def test_empty_test_data(device):
+    model, train, _, loss_fn = setup("mlp", device)
     inf = InfluenceFunctions(model, loss_fn, train, damping=DAMPING)
     with pytest.raises(ValueError, match="argument 'test_data' no samples"):
-        inf.influence((torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)))
+        inf.influence((torch.zeros(0, 5, dtype=torch.float64, device=device),
+                       torch.zeros(0, dtype=torch.long, device=device)))
 
 
-def _indefinite():
+def _indefinite(device):
     """An untrained tanh MLP without damping: its Hessian has negative eigenvalues."""
-    model, train, test, loss_fn = setup("mlp_reg")
+    model, train, test, loss_fn = setup("mlp_reg", device)
     H = explicit_hessian(model, loss_fn, *train)
     assert torch.linalg.eigvalsh(H)[0] < -1e-3, "test set-up: the Hessian must be indefinite"
     return model, train, test, loss_fn
 
 
-def test_non_positive_definite_exact():
-    model, train, test, loss_fn = _indefinite()
+def test_non_positive_definite_exact(device):
+    model, train, test, loss_fn = _indefinite(device)
     inf = InfluenceFunctions(model, loss_fn, train, solver="exact")
     with pytest.raises(ValueError, match=r"damping.*not positive definite.*curvature='ggn'"):
         inf.influence(test)
@@ -301,8 +307,8 @@ def test_non_positive_definite_exact():
     InfluenceFunctions(model, loss_fn, train, curvature="ggn", damping=1e-3).influence(test)
 
 
-def test_non_positive_definite_cg():
-    model, train, test, loss_fn = _indefinite()
+def test_non_positive_definite_cg(device):
+    model, train, test, loss_fn = _indefinite(device)
     inf = InfluenceFunctions(model, loss_fn, train, solver="cg", solver_kwargs=CG_TIGHT)
     with pytest.raises(ValueError, match=r"not positive definite.*damping.*(GGN|ggn)"):
         inf.influence(test)
@@ -312,10 +318,10 @@ def _loader(data, **kw):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=4, **kw)
 
 
-def test_a_data_loader_that_is_not_in_order_is_refused():
+def test_a_data_loader_that_is_not_in_order_is_refused(device):
     """The influence matrix's columns (rows) follow the training (test) data's order, and the gradients
     are streamed again at every call: a shuffled order would be random and change between calls."""
-    model, train, test, loss_fn = setup("mlp")
+    model, train, test, loss_fn = setup("mlp", device)
     n = train[0].shape[0]
     unordered = {
         "shuffle": _loader(train, shuffle=True),
@@ -336,8 +342,8 @@ def test_a_data_loader_that_is_not_in_order_is_refused():
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
-def test_batch_size_is_validated_before_any_work(batch_size):
-    model, train, _, loss_fn = setup("mlp")
+def test_batch_size_is_validated_before_any_work(batch_size, device):
+    model, train, _, loss_fn = setup("mlp", device)
     with pytest.raises(ValueError, match="argument 'batch_size' must be a positive integer"):
         InfluenceFunctions(model, loss_fn, train, batch_size=batch_size)
     assert model.forward_calls == 0

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import fisherext as fx
-from support import assert_close
+from support import assert_close, to_device
 from support.perturb import randn, tanh_mlp, with_grads
 from fisherext import unflatten
 from support.models import (
@@ -79,9 +79,9 @@ def test_perturbed_sets_theta_plus_eps_v_and_restores_bitwise(eps, device, dtype
                     assert not torch.equal(p, before[name]), f"{name} did not move"
 
 
-def test_perturbed_restores_after_an_exception_in_the_block():
-    model = with_grads(make_model("mlp"))
-    v = randn(num_params(model), 2)
+def test_perturbed_restores_after_an_exception_in_the_block(device):
+    model = with_grads(make_model("mlp", device=device))
+    v = randn(num_params(model), 2, device=device)
     weight = model.fc1.weight.detach().clone()
     with untouched(model), pytest.raises(KeyError, match="raised in the block"):
         with fx.perturbed(model, v, 0.5):
@@ -89,18 +89,18 @@ def test_perturbed_restores_after_an_exception_in_the_block():
             raise KeyError("raised in the block")
 
 
-def test_perturbed_restores_after_the_forward_raises():
-    inner = with_grads(make_model("mlp"))
+def test_perturbed_restores_after_the_forward_raises(device):
+    inner = with_grads(make_model("mlp", device=device))
     model = FailingForward(inner, fail_at=1)
-    x, _ = make_data("mlp")
+    x, _ = make_data("mlp", device=device)
     with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
-        with fx.perturbed(model, randn(num_params(model), 3), 1e-2):
+        with fx.perturbed(model, randn(num_params(model), 3, device=device), 1e-2):
             model(x)
 
 
-def test_perturbed_nested_restores_each_level_bitwise():
-    model = make_model("mlp")
-    v1, v2 = randn(num_params(model), 4), randn(num_params(model), 5)
+def test_perturbed_nested_restores_each_level_bitwise(device):
+    model = make_model("mlp", device=device)
+    v1, v2 = randn(num_params(model), 4, device=device), randn(num_params(model), 5, device=device)
     level0 = [p.detach().clone() for p in model.parameters()]
     with fx.perturbed(model, v1, 0.3):
         level1 = [p.detach().clone() for p in model.parameters()]
@@ -112,14 +112,14 @@ def test_perturbed_nested_restores_each_level_bitwise():
 
 
 @pytest.mark.parametrize("subset", ["names", "module", "tensor"])
-def test_perturbed_moves_only_the_selected_parameters(subset):
-    model = with_grads(make_model("mlp"))
+def test_perturbed_moves_only_the_selected_parameters(subset, device):
+    model = with_grads(make_model("mlp", device=device))
     params = {"names": ["fc2.weight", "fc1.bias"], "module": [model.fc2],
               "tensor": [model.fc1.bias, model.fc2.weight]}[subset]
     chosen = {"names": ["fc1.bias", "fc2.weight"], "module": ["fc2.weight", "fc2.bias"],
               "tensor": ["fc1.bias", "fc2.weight"]}[subset]  # in named_parameters() order
     sizes = [dict(model.named_parameters())[n].numel() for n in chosen]
-    v = randn(sum(sizes), 6)
+    v = randn(sum(sizes), 6, device=device)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with untouched(model):
         with fx.perturbed(model, v, 0.25, params=params):
@@ -146,9 +146,9 @@ BAD_PERTURBED = [
 
 @pytest.mark.parametrize("arg, error, make", BAD_PERTURBED,
                          ids=["v-long", "v-2d", "v-nan", "v-inf", "v-list", "v-int", "eps-nan", "eps-inf", "eps-str"])
-def test_perturbed_bad_input_is_named_and_leaves_the_model_alone(arg, error, make):
-    model = with_grads(make_model("mlp"))
-    v, eps = make(num_params(model))
+def test_perturbed_bad_input_is_named_and_leaves_the_model_alone(arg, error, make, device):
+    model = with_grads(make_model("mlp", device=device))
+    v, eps = to_device(make(num_params(model)), device)
     ran = False
     with untouched(model), pytest.raises(error, match=names_argument(arg)):
         with fx.perturbed(model, v, eps):
@@ -156,21 +156,21 @@ def test_perturbed_bad_input_is_named_and_leaves_the_model_alone(arg, error, mak
     assert not ran
 
 
-def test_perturbed_channels_last_and_non_contiguous_direction():
+def test_perturbed_channels_last_and_non_contiguous_direction(device):
     """A channels_last Conv2d weight and v a column of a matrix: both non-contiguous, both must work
     (the multi-tensor kernel pairs elements in memory order; v's logical order must win)."""
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)).double().eval()
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device=device, memory_format=torch.channels_last)
     assert not model[0].weight.is_contiguous()
     P = num_params(model)
-    v = randn((P, 3), 8)[:, 1]
+    v = randn((P, 3), 8, device=device)[:, 1]
     assert not v.is_contiguous()
     before = [p.detach().clone() for p in model.parameters()]
     with untouched(model):
         with fx.perturbed(model, v, 0.5):
             for p, b, piece in zip(model.parameters(), before, unflatten(v.contiguous(), before)):
                 assert_close(p.detach(), b + 0.5 * piece)
-        x = randn((5, 2, 6, 6), 9)
+        x = randn((5, 2, 6, 6), 9, device=device)
         assert_close(fx.fd_quadratic(model, x, v, eps=1e-4), exact_quad(model, x, v.contiguous()),
                      torch.float32)  # FD tolerance, not float64 round-off
 
@@ -195,10 +195,10 @@ def test_fd_quadratic_central_matches_the_exact_quadratic(device, dtype):
 
 
 @pytest.mark.parametrize("scheme, order", [("central", 2), ("forward", 1)])
-def test_fd_quadratic_convergence_order(scheme, order):
-    model = tanh_mlp()
-    x = randn((9, 5), 12)
-    v = randn(num_params(model), 13)
+def test_fd_quadratic_convergence_order(scheme, order, device):
+    model = tanh_mlp(device=device)
+    x = randn((9, 5), 12, device=device)
+    v = randn(num_params(model), 13, device=device)
     exact = exact_quad(model, x, v)
     errs = [(fx.fd_quadratic(model, x, v, eps=eps, scheme=scheme) - exact).norm().item() for eps in (1e-2, 5e-3)]
     ratio = errs[0] / errs[1]
@@ -207,10 +207,10 @@ def test_fd_quadratic_convergence_order(scheme, order):
 
 
 @pytest.mark.parametrize("scheme", ["central", "forward"])
-def test_fd_quadratic_per_input_directions(scheme):
-    model = tanh_mlp()
-    x = randn((6, 5), 14)
-    V = randn((6, num_params(model)), 15)
+def test_fd_quadratic_per_input_directions(scheme, device):
+    model = tanh_mlp(device=device)
+    x = randn((6, 5), 14, device=device)
+    V = randn((6, num_params(model)), 15, device=device)
     with untouched(model):
         batched = fx.fd_quadratic(model, x, V, eps=1e-3, scheme=scheme, per_input=True)
     one_at_a_time = torch.cat([fx.fd_quadratic(model, x[n:n + 1], V[n], eps=1e-3, scheme=scheme) for n in range(6)])
@@ -227,12 +227,12 @@ def per_tensor_sum(fn, model, v):
 
 
 @pytest.mark.parametrize("directions", ["shared", "per_input"])
-def test_block_equals_the_explicit_sum_over_tensors(directions):
-    model = tanh_mlp()
-    x = randn((7, 5), 16)
+def test_block_equals_the_explicit_sum_over_tensors(directions, device):
+    model = tanh_mlp(device=device)
+    x = randn((7, 5), 16, device=device)
     P = num_params(model)
     per_input = directions == "per_input"
-    v = randn((7, P), 17) if per_input else randn(P, 17)
+    v = randn((7, P), 17, device=device) if per_input else randn(P, 17, device=device)
     with untouched(model):
         block = fx.fd_quadratic(model, x, v, eps=1e-4, block=True, per_input=per_input)
     by_hand = per_tensor_sum(lambda vt, names: fx.fd_quadratic(model, x, vt, eps=1e-4, per_input=per_input,
@@ -245,12 +245,12 @@ def test_block_equals_the_explicit_sum_over_tensors(directions):
         assert rel_err(block, full) > 0.05, "block-diagonal sum and full quadratic should differ here"
 
 
-def test_block_is_not_the_full_quadratic():
+def test_block_is_not_the_full_quadratic(device):
     """z = Wx + b with per-input v_n = (V_n, -V_n x_n): J_n v_n = V_n x_n - V_n x_n = 0, so the full
     v_nᵀF_nv_n is 0, while the per-tensor blocks ‖V_n x_n‖²_Λ + ‖V_n x_n‖²_Λ are not."""
-    model = make_model("linear1")  # nn.Linear(5, 4), float64
-    x = randn((5, 5), 18)
-    Vw = randn((5, 4, 5), 19)
+    model = make_model("linear1", device=device)  # nn.Linear(5, 4), float64
+    x = randn((5, 5), 18, device=device)
+    Vw = randn((5, 4, 5), 19, device=device)
     V = torch.cat([Vw.flatten(1), -torch.einsum("noi,ni->no", Vw, x)], 1)
     full = fx.fd_quadratic(model, x, V, eps=1e-3, per_input=True)
     block = fx.fd_quadratic(model, x, V, eps=1e-3, block=True, per_input=True)
@@ -263,13 +263,13 @@ def test_block_is_not_the_full_quadratic():
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed_rows"])
 @pytest.mark.parametrize("strategy", ["vmap", "in_place", "linear", "auto"])
-def test_fd_quadratic_directions_columns_equal_k_calls_and_the_exact_values(strategy, layout):
+def test_fd_quadratic_directions_columns_equal_k_calls_and_the_exact_values(strategy, layout, device):
     """V [P, K]: column k of the [N, K] result is fd_quadratic of column k, and the explicit autograd
     value; V contiguous, or the transpose of a contiguous [K, P] (the layout the strategies use)."""
-    model = with_grads(tanh_mlp())
-    x = randn((8, 5), 20)
+    model = with_grads(tanh_mlp(device=device))
+    x = randn((8, 5), 20, device=device)
     P = num_params(model)
-    V = randn((P, 3), 21) if layout == "contiguous" else randn((3, P), 21).T
+    V = randn((P, 3), 21, device=device) if layout == "contiguous" else randn((3, P), 21, device=device).T
     with untouched(model):
         out = fx.fd_quadratic_directions(model, x, V, eps=1e-4, strategy=strategy)
     assert out.shape == (8, 3)
@@ -291,27 +291,27 @@ class ReusedWeight(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["tied", "seq", "subset", "reused", "float32"])
-def test_fd_quadratic_directions_linear_strategy_equals_in_place(case):
+def test_fd_quadratic_directions_linear_strategy_equals_in_place(case, device):
     """The "linear" strategy (±ε V_k h added to each nn.Linear's output) against moving the parameters:
     a Linear applied twice, a Linear over sequence positions [N, T, I] (Embedding left out by params=),
     only some weights and biases selected, a weight also used outside its module (falls back), and
     float32 parameters with a float64 V."""
     params, dtype = None, torch.float64
     if case == "tied":
-        model = make_model("tied")
+        model = make_model("tied", device=device)
     elif case == "seq":
-        model, params = make_model("seq"), ["proj.weight", "proj.bias", "head.weight"]
+        model, params = make_model("seq", device=device), ["proj.weight", "proj.bias", "head.weight"]
     elif case == "subset":
-        model, params = tanh_mlp(), ["fc1.weight", "fc2.bias"]
+        model, params = tanh_mlp(device=device), ["fc1.weight", "fc2.bias"]
     elif case == "reused":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(7)
-            model = ReusedWeight().double().eval()
+            model = ReusedWeight().double().eval().to(device)
     else:
-        model, dtype = tanh_mlp(dtype=torch.float32), torch.float32
-    x = make_data(case, n=6)[0] if case in ("tied", "seq") else randn((6, 5), 30, dtype)
+        model, dtype = tanh_mlp(dtype=torch.float32, device=device), torch.float32
+    x = make_data(case, n=6, device=device)[0] if case in ("tied", "seq") else randn((6, 5), 30, dtype, device)
     P = sum(p.numel() for _, p in fx._core.params.resolve_params(model, params))
-    V = randn((P, 4), 31)
+    V = randn((P, 4), 31, device=device)
     with untouched(model):
         linear = fx.fd_quadratic_directions(model, x, V, eps=1e-4, params=params, strategy="linear")
         in_place = fx.fd_quadratic_directions(model, x, V, eps=1e-4, params=params, strategy="in_place")
@@ -321,22 +321,22 @@ def test_fd_quadratic_directions_linear_strategy_equals_in_place(case):
     assert rel_err(linear, exact) < (1e-2 if dtype == torch.float32 else 1e-6)
 
 
-def test_fd_quadratic_directions_linear_strategy_needs_linear_parameters():
-    model = make_model("cnn")
-    x, _ = make_data("cnn", n=3)
+def test_fd_quadratic_directions_linear_strategy_needs_linear_parameters(device):
+    model = make_model("cnn", device=device)
+    x, _ = make_data("cnn", n=3, device=device)
     with pytest.raises(ValueError, match="argument 'strategy' 'linear' needs"):
-        fx.fd_quadratic_directions(model, x, randn((num_params(model), 2), 32), strategy="linear")
+        fx.fd_quadratic_directions(model, x, randn((num_params(model), 2), 32, device=device), strategy="linear")
     with pytest.raises(ValueError, match="argument 'strategy' must be one of"):
-        fx.fd_quadratic_directions(model, x, randn((num_params(model), 2), 32), strategy="batched")
+        fx.fd_quadratic_directions(model, x, randn((num_params(model), 2), 32, device=device), strategy="batched")
 
 
 @pytest.mark.parametrize("name", ["cnn", "norm"])
-def test_fd_quadratic_conv_and_norm_models(name):
+def test_fd_quadratic_conv_and_norm_models(name, device):
     """Conv2d + LayerNorm (cnn); Conv1d + GroupNorm + BatchNorm in eval mode (norm)."""
-    model = with_grads(make_model(name))
-    x, _ = make_data(name, n=5)
+    model = with_grads(make_model(name, device=device))
+    x, _ = make_data(name, n=5, device=device)
     P = num_params(model)
-    v, V = randn(P, 22), randn((5, P), 23)
+    v, V = randn(P, 22, device=device), randn((5, P), 23, device=device)
     with untouched(model):
         shared = fx.fd_quadratic(model, x, v, eps=1e-4)
         per_input = fx.fd_quadratic(model, x, V, eps=1e-4, per_input=True)
@@ -351,10 +351,10 @@ def test_fd_quadratic_conv_and_norm_models(name):
     assert rel_err(directions, torch.stack([exact_quad(model, x, V[k]) for k in range(2)], dim=1)) < 1e-5
 
 
-def test_fd_quadratic_params_subset():
-    model = tanh_mlp()
-    x = randn((6, 5), 24)
-    v = randn(7 * 5 + 7, 25)  # fc1.weight + fc1.bias
+def test_fd_quadratic_params_subset(device):
+    model = tanh_mlp(device=device)
+    x = randn((6, 5), 24, device=device)
+    v = randn(7 * 5 + 7, 25, device=device)  # fc1.weight + fc1.bias
     with untouched(model):
         out = fx.fd_quadratic(model, x, v, eps=1e-4, params=[model.fc1])
     assert rel_err(out, exact_quad(model, x, v, params=[model.fc1])) < 1e-6
@@ -362,21 +362,22 @@ def test_fd_quadratic_params_subset():
 
 @pytest.mark.parametrize("scheme", ["central", "forward"])
 @pytest.mark.parametrize("fail_at", [1, 2])
-def test_fd_quadratic_restores_when_the_forward_raises(scheme, fail_at):
-    model = FailingForward(with_grads(tanh_mlp()), fail_at)
-    x = randn((4, 5), 26)
+def test_fd_quadratic_restores_when_the_forward_raises(scheme, fail_at, device):
+    model = FailingForward(with_grads(tanh_mlp(device=device)), fail_at)
+    x = randn((4, 5), 26, device=device)
     with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
-        fx.fd_quadratic(model, x, randn(num_params(model), 27), eps=1e-2, scheme=scheme)
+        fx.fd_quadratic(model, x, randn(num_params(model), 27, device=device), eps=1e-2, scheme=scheme)
     assert model.calls == fail_at
 
 
 @pytest.mark.parametrize("fail_at", [1, 4])
-def test_fd_quadratic_directions_restores_when_the_forward_raises(fail_at):
+def test_fd_quadratic_directions_restores_when_the_forward_raises(fail_at, device):
     """The in-place path moves the model's own parameters: a forward that raises at θ + εv_1 (call 1) or
     at θ − εv_2 (call 4) leaves them bit for bit as they were."""
-    model = FailingForward(with_grads(tanh_mlp()), fail_at)
+    model = FailingForward(with_grads(tanh_mlp(device=device)), fail_at)
     with untouched(model), pytest.raises(RuntimeError, match="on purpose"):
-        fx.fd_quadratic_directions(model, randn((4, 5), 28), randn((num_params(model), 3), 29), strategy="in_place")
+        fx.fd_quadratic_directions(model, randn((4, 5), 28, device=device),
+                                   randn((num_params(model), 3), 29, device=device), strategy="in_place")
     assert model.calls == fail_at
 
 
@@ -388,47 +389,48 @@ BAD_FD = [
 
 
 @pytest.mark.parametrize("arg, kwargs", BAD_FD, ids=[f"{a}-{list(k.values())[0]}" for a, k in BAD_FD])
-def test_fd_quadratic_bad_input(arg, kwargs):
-    model = with_grads(make_model("mlp"))
-    x, _ = make_data("mlp", n=5)
+def test_fd_quadratic_bad_input(arg, kwargs, device):
+    model = with_grads(make_model("mlp", device=device))
+    x, _ = make_data("mlp", n=5, device=device)
     P = num_params(model)
     kwargs = dict(kwargs)
     v = {"long": randn(P + 1, 0), "rows": randn((6, P), 0), "3d": randn((5, P, 1), 0),
-         "nan": torch.full((P,), math.nan, dtype=torch.float64)}.get(kwargs.pop("v", None), randn(P, 0))
+         "nan": torch.full((P,), math.nan, dtype=torch.float64)}.get(kwargs.pop("v", None), randn(P, 0)).to(device)
     calls = model.forward_calls
     with untouched(model), pytest.raises(ValueError, match=names_argument(arg)):
         fx.fd_quadratic(model, x, v, **kwargs)
     assert model.forward_calls == calls, "refused only after running the model"
 
 
-def test_fd_quadratic_refuses_a_2d_v_without_per_input():
+def test_fd_quadratic_refuses_a_2d_v_without_per_input(device):
     """A 2-D v is not read as per-input directions unless asked, also when its rows happen to number N
     (the earlier silent reading of K = N shared directions) or N == P; the message says how to pass each
     case. With per_input=True, v must be exactly [N, P]. Refused before the model runs (any forward raises)."""
-    model = FailingForward(make_model("linear1"), fail_at=1)  # nn.Linear(5, 4): P = 24
+    model = FailingForward(make_model("linear1", device=device), fail_at=1)  # nn.Linear(5, 4): P = 24
     P = num_params(model)
-    x = randn((P, 5), 40)  # N == P
+    x = randn((P, 5), 40, device=device)  # N == P
     layout = (r"argument 'v' is 2-D, shape \({}, {}\), without per_input=True: one direction is \[24\]; "
               r"K shared directions go as the columns \[24, K\] to fisherext.fd_quadratic_directions; "
               r"one direction per input is the rows \[N, P\] = \[{}, 24\] with per_input=True")
     with untouched(model):
-        for n, v in [(P, randn((P, P), 41)), (6, randn((6, P), 42)), (6, randn((P, 3), 43))]:
+        for n, v in [(P, randn((P, P), 41, device=device)), (6, randn((6, P), 42, device=device)),
+                     (6, randn((P, 3), 43, device=device))]:
             with pytest.raises(ValueError, match=layout.format(*v.shape, n)):
                 fx.fd_quadratic(model, x[:n], v)
-        for v in [randn(P, 44), randn((5, P), 44)]:
+        for v in [randn(P, 44, device=device), randn((5, P), 44, device=device)]:
             with pytest.raises(ValueError, match=rf"argument 'v' per_input=True takes one direction per input as "
                                                  rf"the rows of \[N, P\] = \[6, {P}\], got shape"):
                 fx.fd_quadratic(model, x[:6], v, per_input=True)
         with pytest.raises(TypeError, match="argument 'per_input' expected a bool"):
-            fx.fd_quadratic(model, x[:6], randn((6, P), 45), per_input=1)
+            fx.fd_quadratic(model, x[:6], randn((6, P), 45, device=device), per_input=1)
     assert model.calls == 0
 
 
-def test_per_input_equals_the_loop_over_inputs_for_n_equal_p():
+def test_per_input_equals_the_loop_over_inputs_for_n_equal_p(device):
     """N == P: per_input=True reads row n as input n's direction, like one call per input."""
-    model = make_model("linear1")
+    model = make_model("linear1", device=device)
     P = num_params(model)
-    x, V = randn((P, 5), 46), randn((P, P), 47)
+    x, V = randn((P, 5), 46, device=device), randn((P, P), 47, device=device)
     batched = fx.fd_quadratic(model, x, V, eps=1e-4, per_input=True)
     loop = torch.cat([fx.fd_quadratic(model, x[n:n + 1], V[n], eps=1e-4) for n in range(P)])
     assert rel_err(batched, loop) < 1e-9
@@ -439,29 +441,29 @@ def test_per_input_equals_the_loop_over_inputs_for_n_equal_p():
 
 
 @pytest.mark.parametrize("case", ["1d", "width", "rows", "int", "nan", "eps"])
-def test_fd_quadratic_directions_bad_input(case):
-    model = make_model("mlp")
-    x, _ = make_data("mlp", n=5)
+def test_fd_quadratic_directions_bad_input(case, device):
+    model = make_model("mlp", device=device)
+    x, _ = make_data("mlp", n=5, device=device)
     P = num_params(model)
     V = {"1d": randn(P, 0), "width": randn((P - 1, 2), 0), "rows": randn((2, P), 0),
          "int": torch.ones(P, 2, dtype=torch.long),
-         "nan": torch.full((P, 2), math.nan, dtype=torch.float64)}.get(case, randn((P, 2), 0))
+         "nan": torch.full((P, 2), math.nan, dtype=torch.float64)}.get(case, randn((P, 2), 0)).to(device)
     with untouched(model), pytest.raises(ValueError, match=names_argument("eps" if case == "eps" else "V")):
         fx.fd_quadratic_directions(model, x, V, eps=0.0 if case == "eps" else 1e-3)
     assert model.forward_calls == 0
 
 
-def test_fd_quadratic_directions_names_the_column_layout():
+def test_fd_quadratic_directions_names_the_column_layout(device):
     """Directions as rows [K, P] (the earlier layout) or one direction [P]: the error names [P, K]."""
-    model = make_model("mlp")
-    x, _ = make_data("mlp", n=5)
+    model = make_model("mlp", device=device)
+    x, _ = make_data("mlp", n=5, device=device)
     P = num_params(model)
     expected = rf"argument 'V' expected the K directions as the columns of a floating-point tensor \[{P}, K\]"
     with pytest.raises(ValueError, match=expected + rf".*\(2, {P}\) \(directions as rows \[K, {P}\] are the "
                                          r"earlier layout: pass V.T\)"):
-        fx.fd_quadratic_directions(model, x, randn((2, P), 0))
+        fx.fd_quadratic_directions(model, x, randn((2, P), 0, device=device))
     with pytest.raises(ValueError, match=expected + r".*one direction goes to fisherext.fd_quadratic"):
-        fx.fd_quadratic_directions(model, x, randn(P, 0))
+        fx.fd_quadratic_directions(model, x, randn(P, 0, device=device))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -502,12 +504,12 @@ def predicted_class_reference(model, x):
 
 @pytest.mark.parametrize("name", ["tanh_mlp", "cnn"])
 @pytest.mark.parametrize("directions", ["shared", "per_input"])
-def test_input_sensitivity_exact_matches_the_autograd_loop(name, directions):
-    model = with_grads(tanh_mlp() if name == "tanh_mlp" else make_model("cnn"))
-    x = randn((4, 5), 28) if name == "tanh_mlp" else make_data("cnn", n=4)[0]
+def test_input_sensitivity_exact_matches_the_autograd_loop(name, directions, device):
+    model = with_grads(tanh_mlp(device=device) if name == "tanh_mlp" else make_model("cnn", device=device))
+    x = randn((4, 5), 28, device=device) if name == "tanh_mlp" else make_data("cnn", n=4, device=device)[0]
     P = num_params(model)
     per_input = directions == "per_input"
-    V = randn((4, P), 29) if per_input else randn(P, 29)
+    V = randn((4, P), 29, device=device) if per_input else randn(P, 29, device=device)
     with untouched(model):
         out = fx.input_sensitivity(model, x, V, per_input=per_input)
     assert out.shape == x.shape
@@ -517,10 +519,10 @@ def test_input_sensitivity_exact_matches_the_autograd_loop(name, directions):
 
 
 @pytest.mark.parametrize("name", ["tanh_mlp", "cnn"])
-def test_input_sensitivity_fd_matches_exact(name):
-    model = tanh_mlp() if name == "tanh_mlp" else make_model("cnn")
-    x = randn((4, 5), 30) if name == "tanh_mlp" else make_data("cnn", n=4)[0]
-    V = randn((4, num_params(model)), 31)
+def test_input_sensitivity_fd_matches_exact(name, device):
+    model = tanh_mlp(device=device) if name == "tanh_mlp" else make_model("cnn", device=device)
+    x = randn((4, 5), 30, device=device) if name == "tanh_mlp" else make_data("cnn", n=4, device=device)[0]
+    V = randn((4, num_params(model)), 31, device=device)
     exact = fx.input_sensitivity(model, x, V, method="exact", per_input=True)
     with untouched(model):
         fd = [fx.input_sensitivity(model, x, V, method="fd", eps=eps, per_input=True) for eps in (1e-3, 5e-4)]
@@ -530,9 +532,9 @@ def test_input_sensitivity_fd_matches_exact(name):
         assert 3.0 < errs[0] / errs[1] < 5.0
 
 
-def test_default_direction_is_the_normalized_predicted_class_gradient():
-    model = with_grads(make_model("cnn"))
-    x, _ = make_data("cnn", n=5)
+def test_default_direction_is_the_normalized_predicted_class_gradient(device):
+    model = with_grads(make_model("cnn", device=device))
+    x, _ = make_data("cnn", n=5, device=device)
     with untouched(model):
         V = fx.perturb.predicted_class_directions(model, x)
         default = fx.input_sensitivity(model, x)
@@ -543,14 +545,14 @@ def test_default_direction_is_the_normalized_predicted_class_gradient():
     assert default.shape == (5, 2, 6, 6)
 
 
-def test_input_sensitivity_bad_input():
-    model = make_model("cnn")
-    x, _ = make_data("cnn", n=3)
+def test_input_sensitivity_bad_input(device):
+    model = make_model("cnn", device=device)
+    x, _ = make_data("cnn", n=3, device=device)
     with untouched(model):
         with pytest.raises(ValueError, match=names_argument("method")):
             fx.input_sensitivity(model, x, method="backprop")
         with pytest.raises(ValueError, match=names_argument("v")):
-            fx.input_sensitivity(model, x, randn(num_params(model) + 1, 0))
+            fx.input_sensitivity(model, x, randn(num_params(model) + 1, 0, device=device))
         with pytest.raises(TypeError, match=names_argument("x")):
             fx.input_sensitivity(model, x.long())
         with pytest.raises(ValueError, match=names_argument("eps")):
@@ -560,19 +562,19 @@ def test_input_sensitivity_bad_input():
                                              r"one direction is \[\d+\]; K shared directions take one call each; "
                                              r"one direction per input is the rows \[N, P\] = \[3, \d+\] with "
                                              r"per_input=True"):
-            fx.input_sensitivity(model, x, randn((3, P), 0))
+            fx.input_sensitivity(model, x, randn((3, P), 0, device=device))
         with pytest.raises(ValueError, match=r"argument 'v' per_input=True takes one direction per input"):
-            fx.input_sensitivity(model, x, randn(P, 0), per_input=True)
+            fx.input_sensitivity(model, x, randn(P, 0, device=device), per_input=True)
 
 
-def test_fd_quadratic_rejects_non_tensor_inputs_and_misplaced_v():
-    model = make_model("mlp")
+def test_fd_quadratic_rejects_non_tensor_inputs_and_misplaced_v(device):
+    model = make_model("mlp", device=device)
     P = num_params(model)
     with untouched(model):
         with pytest.raises(TypeError, match="argument 'data' inputs x must be a tensor"):
-            fx.fd_quadratic(model, [[0.0] * 5], randn(P, 31))
+            fx.fd_quadratic(model, [[0.0] * 5], randn(P, 31, device=device))
         with pytest.raises(ValueError, match="argument 'v' is on meta"):
-            fx.fd_quadratic(model, make_data("mlp", n=3)[0], randn(P, 31).to("meta"))
+            fx.fd_quadratic(model, make_data("mlp", n=3, device=device)[0], randn(P, 31).to("meta"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -619,6 +621,7 @@ def explicit_directional_fisher(model, x, V):
 @pytest.mark.parametrize("T", [3, 8], ids=["T=3", "T=2KN"])
 @pytest.mark.parametrize("build", [SequenceFirst, BroadcastBuffer], ids=["sequence_first", "broadcast_buffer"])
 def test_linear_strategy_establishes_the_batch_axis_or_falls_back(build, T, monkeypatch):
+    # CPU only: it counts calls of a CPU path by monkeypatching, and "auto" chooses by device
     """With K = 2 directions and N = 2 inputs the replicated batch has 2KN = 8 rows. A sequence-first
     Linear input [T, 8, 4] has its batch on axis 1 (used); with T = 8 two axes qualify (ambiguous: in
     place). A Linear applied to a buffer has no batch axis at all, whatever T (in place). Either way the

@@ -55,6 +55,7 @@ def explicit_ggn(model, loss, x, y):
     return torch.einsum("ncp,ncd,ndq->pq", J, Lam, J) / x.shape[0]
 
 
-def directions(P, K=3, seed=0, dtype=torch.float64):
+def directions(P, K=3, seed=0, dtype=torch.float64, device="cpu"):
+    """K seeded directions [K, P], drawn on the CPU (the same values on every device), then on `device`."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(K, P, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(K, P, generator=g, dtype=torch.float64).to(device, dtype)

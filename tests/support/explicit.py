@@ -43,6 +43,6 @@ def explicit_sample_grads(model, loss_fn, x, y, params=None):
 
 
 def explicit_influence(H, G_train, G_test, damping):
-    M = H + damping * torch.eye(H.shape[0], dtype=H.dtype)
+    M = H + damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     assert torch.linalg.eigvalsh(M)[0] > 1e-4, "test set-up: H + damping*I must be positive definite"
     return -G_test @ torch.linalg.solve(M, G_train.T)
