@@ -27,10 +27,10 @@ import numbers
 import torch
 from .._core.entry import entry_point, entry_points
 
-DEFAULT_MAX_ELEMENTS = 1 << 26   # dense(): 64 Mi entries, 512 MiB in float64
+#: The largest P² that ``LinearOperator.dense`` assembles by default: 64 Mi entries, 512 MiB in float64.
+DEFAULT_MAX_ELEMENTS = 1 << 26
 
 
-@entry_point
 def check_columns(name: str, X, A, ndims: tuple[int, ...] = (1, 2)) -> torch.Tensor:
     """``X`` as columns for the operator ``A``: a floating-point tensor of ``ndims`` dimensions ([P] and/or
     [P, K]) on A's device, returned in A's dtype; TypeError/ValueError naming ``name`` otherwise."""
@@ -50,7 +50,6 @@ def check_columns(name: str, X, A, ndims: tuple[int, ...] = (1, 2)) -> torch.Ten
     return X.to(A.dtype)
 
 
-@entry_point
 def check_damping(damping) -> float:
     """The absolute damping λ of :math:`A + \\lambda I`: a finite real number ≥ 0 (ValueError otherwise)."""
     if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not (
@@ -117,10 +116,13 @@ class LinearOperator:
             TypeError: X is no floating-point tensor.
             ValueError: X has another shape, or is on another device.
         """
-        X = check_columns("X", X, self, (2,))
+        return self._product(check_columns("X", X, self, (2,)))
+
+    def _product(self, X: torch.Tensor) -> torch.Tensor:
+        """``_matmat`` of a checked X [P, K], its result's shape checked: a broken subclass would otherwise
+        surface as a confusing error far from its cause."""
         Y = self._matmat(X)
         if tuple(Y.shape) != tuple(X.shape):
-            # a broken subclass would otherwise surface as a confusing error far from its cause
             raise RuntimeError(f"{type(self).__name__}._matmat returned shape {tuple(Y.shape)} "
                                f"for an input of shape {tuple(X.shape)}")
         return Y
@@ -138,8 +140,7 @@ class LinearOperator:
             TypeError: v is no floating-point tensor.
             ValueError: v has another shape, or is on another device.
         """
-        v = check_columns("v", v, self, (1,))
-        return self.matmat(v[:, None])[:, 0]
+        return self._product(check_columns("v", v, self, (1,))[:, None])[:, 0]
 
     def __matmul__(self, X: torch.Tensor) -> torch.Tensor:
         if isinstance(X, torch.Tensor) and X.dim() == 2:
@@ -415,3 +416,7 @@ def as_operator(A) -> LinearOperator:
     if isinstance(A, torch.Tensor):
         return DenseOperator(_check_matrix("A", A))
     raise TypeError(f"A: expected a LinearOperator, a square tensor or a FisherMatrix, got {type(A).__name__}")
+
+
+__all__ = ["DEFAULT_MAX_ELEMENTS", "DampedOperator", "DenseOperator", "LinearOperator", "ScaledOperator", "SumOperator",
+           "as_operator"]

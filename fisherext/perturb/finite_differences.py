@@ -219,7 +219,7 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
     return quad
 
 
-def check_columns(V, selected) -> torch.Tensor:
+def _direction_rows(V, selected) -> torch.Tensor:
     """K directions as the columns of V [P, K] (floating point, finite), as rows [K, P] for the strategies:
     ``V.T`` made contiguous, which copies nothing when V is itself the transpose of a contiguous [K, P]."""
     P = sum(p.numel() for _, p in selected)
@@ -302,7 +302,7 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
     check_deterministic(model)
     check_inputs(model, x)
     selected = resolve_params(model, params)
-    rows = check_columns(V, selected)
+    rows = _direction_rows(V, selected)
     owners = _linear_owners(model, selected)
     if strategy == "auto":
         if selected[0][1].device.type == "cuda":
