@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherext as fx
-from fisherext._core.likelihood import Cotangents, class_axis, likelihood
+from fisherext._core.likelihood import Cotangents, as_likelihood, class_axis
 from support import assert_close, to_device
 
 D64 = torch.float64
@@ -85,7 +85,7 @@ def reference_residual(name, out, y, axis):
 @pytest.mark.parametrize("id", list(CASES))
 def test_square_root_times_its_transpose_is_lambda(id, device):
     name, out, y, axis = case(id)
-    bound = likelihood(name).at(*to_device((out, y), device))
+    bound = as_likelihood(name).at(*to_device((out, y), device))
     S = torch.cat([bound.sqrt_columns(k0, min(bound.num_columns, k0 + 3))
                    for k0 in range(0, bound.num_columns, 3)])                   # chunks of 3
     S = S.flatten(2)                                                            # [K, N, E]
@@ -96,14 +96,14 @@ def test_square_root_times_its_transpose_is_lambda(id, device):
 def test_hessian_product_is_lambda_times_u(id, device):
     name, out, y, axis = case(id)
     U = torch.randn(2, *out.shape, generator=torch.Generator().manual_seed(1), dtype=D64)
-    got = likelihood(name).at(*to_device((out, y), device)).hessian_product(U.to(device)).flatten(2)
+    got = as_likelihood(name).at(*to_device((out, y), device)).hessian_product(U.to(device)).flatten(2)
     assert_close(got, torch.einsum("nef,knf->kne", reference_lambda(name, out, y, axis), U.flatten(2)))
 
 
 @pytest.mark.parametrize("id", list(CASES))
 def test_residual_at_the_data_label_is_the_nll_gradient(id, device):
     name, out, y, axis = case(id)
-    cot = Cotangents(likelihood(name), *to_device((out, y), device), "empirical")
+    cot = Cotangents(as_likelihood(name), *to_device((out, y), device), "empirical")
     assert cot.K == 1
     assert_close(cot.chunk(0, 1)[0], reference_residual(name, out, y, axis))
 
@@ -115,7 +115,7 @@ def test_sampled_labels_follow_the_model(id, device):
     name, out, y, axis = case(id)
     out, y = to_device((out, y), device)
     gen = lambda: torch.Generator(device=device).manual_seed(2)  # noqa: E731
-    lik = likelihood(name)
+    lik = as_likelihood(name)
     M = 4000
     c = Cotangents(lik, out, y, "mc", mc_samples=M, generator=gen()).all()
     assert torch.allclose(Cotangents(lik, out, y, "mc", mc_samples=4, generator=gen()).weights,
@@ -136,7 +136,7 @@ def test_mc_cross_entropy_leaves_ignored_positions_out(device):
     out = torch.randn(3, 5, 4, dtype=D64)
     y = torch.randint(0, 4, (3, 5))
     y[0, 0] = -100
-    mc = Cotangents(likelihood("cross_entropy"), *to_device((out, y), device), "mc", mc_samples=3,
+    mc = Cotangents(as_likelihood("cross_entropy"), *to_device((out, y), device), "mc", mc_samples=3,
                     generator=torch.Generator(device=device).manual_seed(0))
     assert torch.equal(mc.all()[:, 0, 0], torch.zeros(3, 4, dtype=D64, device=device))
     assert mc.all()[:, 0, 1].abs().sum() > 0
@@ -145,11 +145,11 @@ def test_mc_cross_entropy_leaves_ignored_positions_out(device):
 def test_empirical_needs_labels_of_the_right_shape(device):
     out = torch.randn(3, 5, 4, dtype=D64).to(device)
     with pytest.raises(ValueError, match="labels"):
-        Cotangents(likelihood("cross_entropy", class_dim=-1), out, None, "empirical")
+        Cotangents(as_likelihood("cross_entropy", class_dim=-1), out, None, "empirical")
     with pytest.raises(ValueError, match="labels"):
-        Cotangents(likelihood("cross_entropy"), out, torch.full((3, 5), 7, device=device), "empirical")
+        Cotangents(as_likelihood("cross_entropy"), out, torch.full((3, 5), 7, device=device), "empirical")
     with pytest.raises(ValueError, match="targets y of shape"):
-        Cotangents(likelihood("mse"), out, torch.zeros(3, 5, device=device), "empirical")
+        Cotangents(as_likelihood("mse"), out, torch.zeros(3, 5, device=device), "empirical")
 
 
 # ---- the constructor ----------------------------------------------------------------------------------------
@@ -160,17 +160,17 @@ def test_empirical_needs_labels_of_the_right_shape(device):
     (nn.MSELoss(), "mse"), ("bce", "bce"), (F.binary_cross_entropy_with_logits, "bce"), (nn.BCEWithLogitsLoss(), "bce"),
 ])
 def test_likelihood_of_names_functions_and_modules(loss, name):  # CPU only: no tensors, a name lookup
-    assert likelihood(loss).name == name
+    assert as_likelihood(loss).name == name
 
 
 def test_ignore_index_of_a_module_and_conflicts():  # CPU only: no tensors, argument checks
-    assert likelihood(nn.CrossEntropyLoss(ignore_index=3)).ignore_index == 3
-    assert likelihood(F.cross_entropy).ignore_index == -100
-    assert likelihood("cross_entropy", ignore_index=5).ignore_index == 5
+    assert as_likelihood(nn.CrossEntropyLoss(ignore_index=3)).ignore_index == 3
+    assert as_likelihood(F.cross_entropy).ignore_index == -100
+    assert as_likelihood("cross_entropy", ignore_index=5).ignore_index == 5
     with pytest.raises(ValueError, match="ignore_index: 5 differs"):
-        likelihood(nn.CrossEntropyLoss(ignore_index=3), ignore_index=5)
+        as_likelihood(nn.CrossEntropyLoss(ignore_index=3), ignore_index=5)
     with pytest.raises(ValueError, match="ignore_index: applies to loss='cross_entropy' only"):
-        likelihood("mse", ignore_index=0)
+        as_likelihood("mse", ignore_index=0)
 
 
 @pytest.mark.parametrize("loss,what", [

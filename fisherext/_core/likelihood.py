@@ -342,7 +342,7 @@ _NEEDS = ("a Fisher needs a likelihood: a name ('cross_entropy', 'mse', 'bce') o
           "nn.BCEWithLogitsLoss()")
 
 
-def likelihood(loss, *, class_dim: int | None = None, ignore_index: int | None = None) -> Likelihood:
+def as_likelihood(loss, *, class_dim: int | None = None, ignore_index: int | None = None) -> Likelihood:
     """The likelihood of a name or a torch loss (function or module; its reduction does not change the
     likelihood). Torch losses that are no likelihood of the outputs (class weights, label smoothing,
     ``pos_weight``, any other callable) are refused, naming ``loss``. ``class_dim`` and ``ignore_index``
@@ -377,7 +377,7 @@ def curvature_loss(loss):
     """The loss whose Hessian or Gauss-Newton matrix is taken: a name gives its likelihood (which computes
     its torch loss with reduction="mean"), a torch loss is used as it is, with its reduction."""
     if isinstance(loss, str):
-        return likelihood(loss)
+        return as_likelihood(loss)
     if not callable(loss):
         raise TypeError("loss: expected a likelihood's name or a torch loss loss(outputs, targets) -> batch-mean "
                         f"loss (a function or module), got {loss!r}")

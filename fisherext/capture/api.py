@@ -31,7 +31,7 @@ from torch import nn
 from .._core.checks import check_choice, check_inputs, check_positive_int
 from .._core.conventions import checked_output
 from .._core.data import iter_batches, progress_bar
-from .._core.likelihood import KINDS, Cotangents, likelihood
+from .._core.likelihood import KINDS, Cotangents, as_likelihood
 from .._core.types import Data, Loss, Params
 from .._core.memory import require, resolve_budget
 from .accumulate import Accumulator, batch_plan, blocks, cotangent_step, footprint
@@ -107,7 +107,7 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
     """
     check_choice("kind", kind, KINDS)
     check_choice("structure", structure, STRUCTURES)
-    lik = likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
+    lik = as_likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
     check_positive_int("mc_samples", mc_samples)
     check_positive_int("batch_size", batch_size, optional=True)
     cap = Capture(model, params)

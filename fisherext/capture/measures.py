@@ -24,7 +24,7 @@ from .._core.checks import check_choice, check_inputs, check_positive_int
 from .._core.conventions import checked_output, curvature_forward
 from .._core.entry import entry_point
 from .._core.functional import FunctionalModel
-from .._core.likelihood import KINDS, Cotangents, likelihood
+from .._core.likelihood import KINDS, Cotangents, as_likelihood
 from .._core.types import Loss, Params
 from .accumulate import cotangent_step, footprint
 from .engine import Capture
@@ -73,7 +73,7 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     """
     check_choice("kind", kind, KINDS)
     check_choice("quantity", quantity, QUANTITIES)
-    lik = likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
+    lik = as_likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
     check_positive_int("mc_samples", mc_samples)
     check_inputs(model, x)
     if x.shape[0] == 0:

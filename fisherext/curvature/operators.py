@@ -20,7 +20,7 @@ from .._core.conventions import check_deterministic, curvature_forward
 from .._core.data import stream
 from .._core.entry import entry_points
 from .._core.functional import FunctionalModel
-from .._core.likelihood import KINDS, curvature_loss, likelihood
+from .._core.likelihood import KINDS, as_likelihood, curvature_loss
 from .._core.types import Data, Loss, Params
 from ..linalg.linop import LinearOperator
 from .products import fisher_batch, ggn_batch, hessian_batch
@@ -134,7 +134,7 @@ class FisherOperator(_CurvatureOperator):
                  ignore_index: int | None = None, params: Params = None, batch_size: int | None = None,
                  progress: bool = False):
         check_choice("kind", kind, KINDS)
-        self.likelihood = likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
+        self.likelihood = as_likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
         check_positive_int("mc_samples", mc_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
