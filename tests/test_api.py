@@ -43,11 +43,11 @@ def _imports(rel, tree):
             target = base + (node.module.split(".") if node.module else [])
             if not target:  # "from . import x" at the package root
                 for alias in node.names:
-                    yield alias.name, [], True
+                    yield alias.name, []
             else:
-                yield target[0], [a.name for a in node.names], len(target) == 1 and not node.module
+                yield target[0], [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fisherext."):
-            yield node.module.split(".")[1], [a.name for a in node.names], False
+            yield node.module.split(".")[1], [a.name for a in node.names]
 
 
 def _private(name):
@@ -57,7 +57,7 @@ def _private(name):
 @pytest.mark.parametrize("rel,tree", list(_modules()), ids=lambda v: str(v) if isinstance(v, pathlib.Path) else "")
 def test_imports_never_run_up_and_take_no_private_names(rel, tree):
     own = rel.parts[0].removesuffix(".py")
-    for target, names, _ in _imports(rel, tree):
+    for target, names in _imports(rel, tree):
         if target == own:
             continue
         assert LAYER_OF[target] >= LAYER_OF[own], f"{rel} imports {target}, a higher layer"
@@ -179,9 +179,8 @@ def test_errors_carry_the_prefix_and_name_the_argument(entry):
 def test_old_spellings_name_the_new_one(name, obj):
     fn = obj.__init__ if inspect.isclass(obj) else obj
     for old, new in fn.__fisherext_renamed__.items():
-        call = (lambda **kw: obj(**kw)) if inspect.isclass(obj) else (lambda **kw: obj(**kw))
         with pytest.raises(TypeError, match=rf"^fisherext\.{name}: argument '{old}' is now called '{new}'"):
-            call(**{old: None})
+            obj(**{old: None})
 
 
 def test_removed_modules_say_where_their_contents_went():
