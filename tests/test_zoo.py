@@ -29,6 +29,7 @@ import fisherext as fx
 from support import to_device
 from support.curvature import directions
 from fisherext import InfluenceFunctions
+from fisherext.capture.layers.conv import ConvTerm
 from support.models import assert_matches, block_mask, flat_indices, named_trainable, num_params, slow, submatrix, untouched
 from support.zoo import IGNORE, ZOO, DropoutNet, zoo_data, zoo_model
 from support.oracles import (
@@ -208,6 +209,35 @@ def test_fisher_kfac(name, kind, device):
     model, x, y, kw = setup(name, device)
     compare(name, f"fisher kfac {kind}", model,
             lambda: fx.fisher(model, (x, y), kind=kind, structure="kfac", **kw).dense(), kfac_reference(name, kind))
+
+
+CONV_MODELS = ["inplace_cnn", "residual_inplace", "conv3d", "conv2d_same_circular", "conv_frames",
+               "conv_frames_minor", "segmentation"]
+
+
+@pytest.mark.parametrize("chunk", ["whole", "one_sample"])
+@pytest.mark.parametrize("form", ["grouped", "unfolded"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", CONV_MODELS)
+def test_convolution_forms(name, kind, form, chunk, device, monkeypatch):
+    """A convolution's per-sample gradients have two exact forms (ConvTerm): a grouped convolution
+    backward over the samples of a chunk, and the linear form over unfolded patches. Each, forced on every
+    convolution, with chunks of the whole batch or of one sample, gives the diagonal, the full matrix and
+    the per-sample traces."""
+    monkeypatch.setattr(ConvTerm, "use_grouped", staticmethod(lambda *_: form == "grouped"))
+    if chunk == "one_sample":
+        monkeypatch.setattr(ConvTerm, "chunk_bytes", 1)
+    model, x, y, kw = setup(name, device)
+    ref = fisher_reference(name, kind)
+    subset = dense_names(name)
+    params = None if len(subset) == len(named_trainable(model)) else list(subset)
+    tag = f"{kind} {form} {chunk}"
+    compare(name, f"conv diag {tag}", model,
+            lambda: fx.fisher(model, (x, y), kind=kind, structure="diag", **kw).diag(), ref.diag)
+    compare(name, f"conv full {tag}", model,
+            lambda: fx.fisher(model, (x, y), kind=kind, structure="full", params=params, **kw).dense(), ref.dense())
+    compare(name, f"conv trace {tag}", model,
+            lambda: fx.per_sample_fisher(model, x, y, kind=kind, quantity="trace", **kw), ref.trace)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -413,6 +413,27 @@ class ConvClassifier(nn.Module):
         return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
+class FramesCNN(nn.Module):
+    """A clip of F frames [N, F, C, H, W] through one Conv2d over all N·F frames at once, the frames folded
+    into the batch sample by sample (rows n·F + f, ``frame_major=False``) or frame by frame (rows f·N + n),
+    then pooled over the frames: a convolution whose batch axis holds m = F rows per sample."""
+
+    FRAMES = 3
+
+    def __init__(self, frame_major=False):
+        super().__init__()
+        self.frame_major = frame_major
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, stride=(1, 2))
+        self.head = nn.Linear(4 * 4 * 2, 3)
+
+    def forward(self, x):
+        N = x.shape[0]
+        frames = x.transpose(0, 1).flatten(0, 1) if self.frame_major else x.flatten(0, 1)
+        h = torch.tanh(self.conv(frames))                        # [N·F, 4, 4, 2]
+        h = h.unflatten(0, (self.FRAMES, N)).mean(0) if self.frame_major else h.unflatten(0, (N, self.FRAMES)).mean(1)
+        return self.head(h.flatten(1))
+
+
 class TinySegNet(nn.Module):
     """Conv2d -> BatchNorm2d (eval) -> ReLU(inplace) -> 1x1 Conv2d to C classes: outputs [N, C, H, W]
     (class axis 1) for labels [N, H, W]."""
@@ -625,6 +646,8 @@ ZOO: dict[str, ZooModel] = {
                               (4, 5), 7),
     "conv_transpose2d": _conv(lambda: nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2,
                                                          dilation=2), (2, 3, 4), 5),
+    "conv_frames": ZooModel(FramesCNN, floats(FramesCNN.FRAMES, 2, 4, 4), 5, 3),
+    "conv_frames_minor": ZooModel(lambda: FramesCNN(frame_major=True), floats(FramesCNN.FRAMES, 2, 4, 4), 5, 3),
     "conv2d_same_circular": _conv(lambda: nn.Conv2d(2, 4, (3, 4), padding="same", padding_mode="circular",
                                                     dilation=(2, 1)), (2, 5, 6), 5),
     # 9-11. real architectures

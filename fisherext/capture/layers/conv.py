@@ -1,13 +1,14 @@
 """Convolutions and transposed convolutions (1-d, 2-d, 3-d): linear maps over unfolded windows."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ..layout import to_samples
-from ..terms import BiasTerm, LinearTerm
+from ..layout import Layout, to_samples
+from ..terms import BiasTerm, LinearTerm, chunks
 from .base import Rule
 
 
@@ -36,6 +37,109 @@ def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
             x = x[..., :: dilation[i]]
     B, C = x.shape[:2]
     return x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)).reshape(B, -1, C * math.prod(kernel))
+
+
+def _by_sample(t: torch.Tensor, layout: Layout, n: int, lead: int = 0) -> torch.Tensor:
+    """``t`` [*lead, B, ...] as [*lead, m, n, ...]: the m rows of each of the n samples on their own axis."""
+    if layout.axis is None:  # one sample (n = 1), all its rows on dim 0
+        return t.unsqueeze(lead + 1)
+    if layout.m == 1:
+        return t.unsqueeze(lead)
+    if layout.sample_major:
+        return t.unflatten(lead, (n, layout.m)).transpose(lead, lead + 1)
+    return t.unflatten(lead, (layout.m, n))
+
+
+class ConvTerm(LinearTerm):
+    r"""The weight of a convolution: :math:`g_{nk} = \sum_t \delta_{nkt}\, u_{nt}^\top` with
+    :math:`u_{nt}` the input patch at output position t (channel-major, like ``weight.flatten(1)``).
+
+    Two exact ways to form it; the cheaper is chosen per layer:
+
+    - *grouped*: the per-sample gradients of a chunk of samples are the weight gradient of one grouped
+      convolution with the samples as groups (input ``[m, n·C, ...]``, output gradient ``[m, n·O, ...]``,
+      ``n·G`` groups). The backend reads the input through its own implicit im2col, so no patch matrix
+      is formed; the chunk's gradients, n × numel, are bounded by ``chunk_bytes``. Used for the
+      diagonal, squared norms, Grams and per-sample gradients when a sample's gradient
+      (:math:`O \cdot C/G \cdot \prod k`) is no larger than its patches (:math:`T \cdot C \prod k`),
+      i.e. :math:`O \le G\,T` — the early, wide-image layers, where unfolding costs the most.
+    - *unfolded*: the :class:`LinearTerm` over explicitly unfolded patches (``pairs``, formed on first
+      use): for the late layers with many channels and few positions, and always for K-FAC factors
+      (whose input factor is the patches' Gram).
+    """
+
+    def __init__(self, saved: dict, dz: torch.Tensor, layout: Layout, n: int, d: torch.Tensor):
+        self.saved, self.dz, self.layout, self.d = saved, dz, layout, d
+        x, G = saved["input"], saved["groups"]
+        self.K, self.batch = dz.shape[0], n
+        self.rows = dz.shape[2]
+        self.cols = x.shape[1] // G * math.prod(saved["kernel"])
+        self.numel = self.rows * self.cols
+        self.dtype, self.device = dz.dtype, dz.device
+        self.reduced = None
+        self.grouped = self.use_grouped(self.rows, G, d.shape[2])
+
+    @staticmethod
+    def use_grouped(out_channels: int, groups: int, positions: int) -> bool:
+        """O ≤ G·T: a sample's gradient is no larger than its patches (measured on CPU: the grouped form is
+        1.5-10× faster below this line, the unfolded one 1.3-5× faster above it)."""
+        return out_channels <= groups * positions
+
+    @functools.cached_property
+    def pairs(self):
+        s = self.saved
+        patches = unfold(s["input"], s["kernel"], s["stride"], s["padding"], s["dilation"])  # [B, L, C·Πk]
+        a = to_samples(patches, self.layout, self.batch)
+        G = s["groups"]
+        return list(zip(self.d.chunk(G, -1), (p[None] for p in a.chunk(G, -1))))
+
+    def _grads(self, k: int, s: int, e: int) -> torch.Tensor:
+        """Per-sample gradients [e - s, numel] of cotangent k, samples [s, e): one grouped convolution backward."""
+        sv = self.saved
+        x = sv["input"]
+        padding = [p for p, _ in sv["padding"]]
+        if any(p != q for p, q in sv["padding"]):  # padding="same" with an odd total: pad, then convolve unpadded
+            x = F.pad(x, [p for pair in reversed(sv["padding"]) for p in pair])
+            padding = [0] * len(padding)
+        x = _by_sample(x, self.layout, self.batch)[:, s:e]              # [m, n, C, *spatial]
+        dz = _by_sample(self.dz[k], self.layout, self.batch)[:, s:e]    # [m, n, O, *spatial_out]
+        n, G = e - s, sv["groups"]
+        weight_shape = (n * self.rows, x.shape[2] // G, *sv["kernel"])
+        grad = torch.ops.aten.convolution_backward(
+            dz.flatten(1, 2), x.flatten(1, 2), x.new_zeros(()).expand(weight_shape), None, list(sv["stride"]),
+            padding, list(sv["dilation"]), False, [0] * len(padding), n * G, [False, True, False])[1]
+        return grad.view(n, self.numel)
+
+    def rows_per_chunk(self) -> int:
+        return max(1, self.chunk_bytes // max(1, self.numel * self.dz.element_size()))
+
+    def per_sample_grads(self, s, e):
+        if not self.grouped:
+            return super().per_sample_grads(s, e)
+        return torch.stack([self._grads(k, s, e) for k in range(self.K)])
+
+    def diag(self, wk):
+        if not self.grouped:
+            return super().diag(wk)
+        total = None
+        for s, e in chunks(self.batch, self.rows_per_chunk()):
+            for k in range(self.K):
+                part = wk[k] * self._grads(k, s, e).square_().sum(0)
+                total = part if total is None else total + part
+        return total
+
+    def sq_norms(self, wk):
+        if not self.grouped:
+            return super().sq_norms(wk)
+        return torch.cat([sum(wk[k] * self._grads(k, s, e).square_().sum(1) for k in range(self.K))
+                          for s, e in chunks(self.batch, self.rows_per_chunk())])
+
+    def gram(self):
+        if not self.grouped:
+            return super().gram()
+        step = max(1, self.rows_per_chunk() // self.K)
+        return torch.cat([torch.einsum("knp,lnp->nkl", g, g)
+                          for g in (self.per_sample_grads(s, e) for s, e in chunks(self.batch, step))])
 
 
 class ConvRule(Rule):
@@ -69,14 +173,9 @@ class ConvRule(Rule):
         return use.probe.dim() == self.nd + 2 and layout.axis in (0, None)
 
     def terms(self, use, dz, layout, n):
-        s = use.saved
-        patches = unfold(s["input"], s["kernel"], s["stride"], s["padding"], s["dilation"])  # [B, L, C·Πk]
-        a = to_samples(patches, layout, n)
         d = to_samples(dz.flatten(3).transpose(2, 3), layout, n, lead=1)   # [K, B, O, L] -> [K, N, T, O]
-        G = s["groups"]
-        pairs = list(zip(d.chunk(G, -1), (p[None] for p in a.chunk(G, -1))))
-        weight = LinearTerm(pairs)
-        return {"weight": weight, "bias": BiasTerm(d, weight if G == 1 else None)}
+        weight = ConvTerm(use.saved, dz, layout, n, d)
+        return {"weight": weight, "bias": BiasTerm(d, None if weight.grouped or use.saved["groups"] > 1 else weight)}
 
 
 class ConvTransposeRule(ConvRule):
