@@ -43,6 +43,16 @@ def chunks(n: int, step: int):
         yield s, min(n, s + step)
 
 
+def _sq_grad_over_cotangents(a: torch.Tensor, d: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k Σ_n (d_nkᵀ a_n)² [O, I] for a [N, T, I] and d [K, N, T, O], in one kernel call: the K
+    cotangents side by side as K·O outputs of one linear map, whose per-sample gradients are the K stacked."""
+    K, N, T, O = d.shape
+    if K == 1:
+        return wk[0] * ops.linear_sq_grad(a, d[0])
+    stacked = ops.linear_sq_grad(a, d.permute(1, 2, 0, 3).reshape(N, T, K * O))
+    return torch.einsum("k,koi->oi", wk, stacked.view(K, O, a.shape[-1]))
+
+
 class Term:
     """Per-sample gradients of one parameter view; ``numel`` entries, ``batch`` samples, K cotangents."""
 
@@ -174,9 +184,9 @@ class LinearTerm(Term):
                 else:
                     rows.append(l2[0].T @ torch.einsum("k,kni->ni", wk, r2))
             elif KR == 1:
-                rows.append(sum(wk[k] * ops.linear_sq_grad(R[0], L[k]) for k in range(KL)))
+                rows.append(_sq_grad_over_cotangents(R[0], L, wk))
             elif KL == 1:
-                rows.append(sum(wk[k] * ops.linear_sq_grad(L[0], R[k]) for k in range(KR)).T)
+                rows.append(_sq_grad_over_cotangents(L[0], R, wk).T)
             else:
                 rows.append(sum(wk[k] * ops.linear_sq_grad(R[k], L[k]) for k in range(self.K)))
         return (rows[0] if len(rows) == 1 else torch.cat(rows)).reshape(-1)
@@ -217,7 +227,6 @@ class LinearTerm(Term):
         """Per group: (A_sum [c(+1), c(+1)] or None without ``inputs``, G_sum [r, r], rows N·T): A from
         the input side (a 1 appended for a bias), G = Σ_k w_k Σ δδᵀ from the output side, all cotangents
         in one rank-(K·N·T) update. Only for ``standard`` terms."""
-        uniform = wk.shape[0] == 1 or bool((wk == wk[0]).all())   # true and MC Fishers: one weight for all
         out = []
         for L, R in self.pairs:
             A = None
@@ -229,11 +238,7 @@ class LinearTerm(Term):
                 ops.sym_outer_accum_(A, a)
             K, N, T, r = L.shape
             G = L.new_zeros(r, r)
-            rows = L.reshape(K * N, T, r)
-            if uniform:
-                ops.sym_outer_accum_(G, rows, alpha=float(wk[0]))
-            else:
-                ops.sym_outer_accum_(G, rows, wk.repeat_interleave(N))
+            ops.sym_outer_accum_(G, L.reshape(K * N, T, r), wk.repeat_interleave(N))  # weights as a tensor: no host sync
             out.append((A, G, a.shape[0] * a.shape[1]))
         return out
 
@@ -281,11 +286,10 @@ class EmbeddingTerm(Term):
         N, D = self.batch, self.d.shape[-1]
         keys = (torch.arange(N, device=self.idx.device)[:, None] * self.V + self.idx)[self.valid]
         uniq, inverse = torch.unique(keys, return_inverse=True)
+        # per (sample, row) sums of every cotangent at once: [K, distinct (sample, row) pairs, D]
+        summed = self.d.new_zeros(self.K, uniq.numel(), D).index_add_(1, inverse, self.d[:, self.valid])
         out = self.d.new_zeros(self.V, D)
-        for k in range(self.K):
-            summed = self.d.new_zeros(uniq.numel(), D).index_add_(0, inverse, self.d[k][self.valid])
-            out.index_add_(0, uniq % self.V, wk[k] * summed**2)
-        return out.reshape(-1)
+        return out.index_add_(0, uniq % self.V, torch.einsum("k,kud->ud", wk, summed.square_())).reshape(-1)
 
     def _same(self):
         v = self.valid

@@ -93,53 +93,51 @@ class ConvTerm(LinearTerm):
         G = s["groups"]
         return list(zip(self.d.chunk(G, -1), (p[None] for p in a.chunk(G, -1))))
 
-    def _grads(self, k: int, s: int, e: int) -> torch.Tensor:
-        """Per-sample gradients [e - s, numel] of cotangent k, samples [s, e): one grouped convolution backward."""
+    def _grads(self, s: int, e: int) -> torch.Tensor:
+        """Per-sample gradients [e - s, K, numel] of samples [s, e), every cotangent at once: one grouped
+        convolution backward with the K cotangents side by side as K·O output channels per sample."""
         sv = self.saved
         x = sv["input"]
         padding = [p for p, _ in sv["padding"]]
         if any(p != q for p, q in sv["padding"]):  # padding="same" with an odd total: pad, then convolve unpadded
             x = F.pad(x, [p for pair in reversed(sv["padding"]) for p in pair])
             padding = [0] * len(padding)
-        x = _by_sample(x, self.layout, self.batch)[:, s:e]              # [m, n, C, *spatial]
-        dz = _by_sample(self.dz[k], self.layout, self.batch)[:, s:e]    # [m, n, O, *spatial_out]
-        n, G = e - s, sv["groups"]
-        weight_shape = (n * self.rows, x.shape[2] // G, *sv["kernel"])
+        n, G, K, O = e - s, sv["groups"], self.K, self.rows
+        x = _by_sample(x, self.layout, self.batch)[:, s:e]                    # [m, n, C, *spatial]
+        dz = _by_sample(self.dz, self.layout, self.batch, lead=1)[:, :, s:e]  # [K, m, n, O, *spatial_out]
+        spatial = dz.shape[4:]
+        # output channels of sample n, group g, cotangent k: block (n, g, k) of O/G each
+        dz = dz.unflatten(3, (G, O // G)).permute(1, 2, 3, 0, 4, *range(5, 5 + len(spatial)))
+        weight_shape = (n * K * O, x.shape[2] // G, *sv["kernel"])
         grad = torch.ops.aten.convolution_backward(
-            dz.flatten(1, 2), x.flatten(1, 2), x.new_zeros(()).expand(weight_shape), None, list(sv["stride"]),
-            padding, list(sv["dilation"]), False, [0] * len(padding), n * G, [False, True, False])[1]
-        return grad.view(n, self.numel)
+            dz.reshape(dz.shape[0], n * K * O, *spatial), x.flatten(1, 2), x.new_zeros(()).expand(weight_shape), None,
+            list(sv["stride"]), padding, list(sv["dilation"]), False, [0] * len(padding), n * G, [False, True, False])[1]
+        grad = grad.view(n, G, K, O // G, self.cols)
+        return (grad[:, 0] if G == 1 else grad.transpose(1, 2)).reshape(n, K, self.numel)
 
     def rows_per_chunk(self) -> int:
-        return max(1, self.chunk_bytes // max(1, self.numel * self.dz.element_size()))
+        return max(1, self.chunk_bytes // max(1, self.K * self.numel * self.dz.element_size()))
 
     def per_sample_grads(self, s, e):
-        if not self.grouped:
-            return super().per_sample_grads(s, e)
-        return torch.stack([self._grads(k, s, e) for k in range(self.K)])
+        return self._grads(s, e).transpose(0, 1) if self.grouped else super().per_sample_grads(s, e)
 
     def diag(self, wk):
         if not self.grouped:
             return super().diag(wk)
-        total = None
+        total = 0
         for s, e in chunks(self.batch, self.rows_per_chunk()):
-            for k in range(self.K):
-                part = wk[k] * self._grads(k, s, e).square_().sum(0)
-                total = part if total is None else total + part
+            total = total + wk @ self._grads(s, e).square_().sum(0)
         return total
 
     def sq_norms(self, wk):
         if not self.grouped:
             return super().sq_norms(wk)
-        return torch.cat([sum(wk[k] * self._grads(k, s, e).square_().sum(1) for k in range(self.K))
-                          for s, e in chunks(self.batch, self.rows_per_chunk())])
+        return torch.cat([self._grads(s, e).square_().sum(-1) @ wk for s, e in chunks(self.batch, self.rows_per_chunk())])
 
     def gram(self):
         if not self.grouped:
             return super().gram()
-        step = max(1, self.rows_per_chunk() // self.K)
-        return torch.cat([torch.einsum("knp,lnp->nkl", g, g)
-                          for g in (self.per_sample_grads(s, e) for s, e in chunks(self.batch, step))])
+        return torch.cat([g @ g.transpose(1, 2) for g in (self._grads(s, e) for s, e in chunks(self.batch, self.rows_per_chunk()))])
 
 
 class ConvRule(Rule):
