@@ -11,7 +11,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test docs run bench clean
+.PHONY: install test docs run bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(VENV)/.deps: pyproject.toml | $(PY)
 
 # Rebuilds the extension only when a source or build file changed.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,docs]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,docs,bench]'
 	touch $@
 
 install: $(VENV)/.built
@@ -38,8 +38,17 @@ docs: install
 run: install
 	$(PY) -m fisherext.experiments.demo
 
+# The full benchmark into bench/RESULTS.md, with the peers of the `bench` extra (installed with the others, so
+# that tests/test_bench_peers.py checks every adapter; a peer missing shows as "not installed" in the tables).
 bench: install
-	$(PY) -m bench.run
+	$(PY) -m bench.run --md bench/RESULTS.md
+
+# On a machine with a CUDA GPU: rebuild for the local torch (PYTHON's when it is a CUDA build, else the venv's;
+# nothing is downloaded), then the CUDA tests, the cases past 2^31 elements, compute-sanitizer and bench --quick,
+# in under 9 minutes (scripts/gpu_check.sh). Logs in GPU_CHECK_LOGS (default $OUT/gpu-check-logs when OUT is set,
+# else gpu-check-logs/); exit status 2 without a CUDA device.
+gpu-check:
+	PYTHON='$(PYTHON)' VENV='$(VENV)' bash scripts/gpu_check.sh $(GPU_CHECK_LOGS)
 
 clean:
 	rm -rf build docs/_build fisherext/_C*.so *.egg-info $(VENV)/.built
