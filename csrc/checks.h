@@ -23,6 +23,11 @@ inline bool is_supported_float(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Compute dtype: half/bfloat16 inputs accumulate in float32.
+inline c10::ScalarType opmath_type(c10::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.defined(), "fisherext.", op, ": argument '", name, "' is undefined");
   TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), "fisherext.", op, ": argument '", name,
@@ -106,11 +111,16 @@ inline bool has_distinct_elements(const at::Tensor& t) {
   return true;
 }
 
-// A square accumulator out [D, D] matching `ref`'s dtype and device, one memory location per element (an
-// element written twice would keep whichever write lands last).
+// A square accumulator out [D, D] on `ref`'s device, in `ref`'s dtype or its compute dtype (a float32
+// accumulator for half/bfloat16 inputs, so that the sum is never rounded to half precision), with one memory
+// location per element (an element written twice would keep whichever write lands last).
 inline void check_square_out(const char* op, const at::Tensor& out, const char* ref_name,
                              const at::Tensor& ref, int64_t D) {
-  check_like(op, "out", out, ref_name, ref);
+  check_float(op, "out", out);
+  TORCH_CHECK_TYPE(out.scalar_type() == ref.scalar_type() || out.scalar_type() == opmath_type(ref.scalar_type()),
+                   "fisherext.", op, ": argument 'out' has dtype ", out.scalar_type(), " but '", ref_name, "' has ",
+                   ref.scalar_type(), " (out must have its dtype, or float32 for float16/bfloat16)");
+  check_same_device(op, "out", out, ref_name, ref);
   TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == D && out.size(1) == D, "fisherext.", op,
                     ": argument 'out' must have shape [", D, ", ", D, "], got ", out.sizes());
   TORCH_CHECK_VALUE(has_distinct_elements(out), "fisherext.", op,
@@ -180,11 +190,6 @@ inline void check_logits_like(const char* op, const char* name, const at::Tensor
   check_like(op, name, t, ref_name, ref);
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "fisherext.", op, ": argument '", name, "' must have the shape ",
                     ref.sizes(), " of '", ref_name, "', got ", t.sizes());
-}
-
-// Compute dtype: half/bfloat16 inputs accumulate in float32.
-inline c10::ScalarType opmath_type(c10::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
 }  // namespace fisherext

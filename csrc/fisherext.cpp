@@ -8,8 +8,8 @@
 // Kernel family K1 (fisher_accum): per-sample outer-product accumulation for linear maps.
 // Notation: a linear layer maps a [N, (T,) I] to outputs whose gradient is delta [N, (T,) O];
 // the per-sample weight gradient is g_n = sum_t delta_nt a_nt^T (O x I, row-major vec index o*I + i).
-//   csrc/cpu/fisher_accum_cpu.cpp, csrc/cuda/fisher_accum_cuda.cu, csrc/fisher_accum_common.h
-//   fisherext/ops/linear.py
+//   csrc/fisher_accum_gemm.cpp (ATen GEMM compositions for any device), csrc/cpu/fisher_accum_cpu.cpp,
+//   csrc/cuda/fisher_accum_cuda.cu, csrc/fisher_accum_common.h, fisherext/ops/linear.py
 //
 // Kernel family K2 (perturb): finite differences in parameter space. Parameters are set to
 // theta_saved ± eps v for all tensors at once (and restored by a bitwise copy), and the logits at
@@ -31,27 +31,30 @@
 #include <atomic>
 
 #include "fisher_accum_common.h"
+#include "fisher_accum_gemm.h"
 
 TORCH_LIBRARY(fisherext, m) {
   // sum_n w_n (g_n ⊙ g_n) -> [O, I], never writing the N x O x I per-sample gradients.
-  // CPU: T = 1 as one GEMM per chunk, (w ⊙ delta²)ᵀ a²; T > 1 a register-tiled micro-kernel per thread.
-  // CUDA: for every T a shared-memory tiled per-sample product whose tiles are squared in registers.
+  // Both: T = 1 as one GEMM per chunk, (w ⊙ delta²)ᵀ a². T > 1: CPU a register-tiled micro-kernel per
+  // thread; CUDA a shared-memory tiled per-sample product whose tiles are squared in registers, or for long
+  // sequences (T >= 64 for half/bfloat16, >= 128 otherwise) batched GEMMs writing a chunk of g_n.
   m.def("linear_sq_grad(Tensor a, Tensor delta, Tensor? weight=None) -> Tensor");
   // out[OI, OI] += alpha * sum_n w_n vec(g_n) vec(g_n)^T; reads out's upper triangle, writes it symmetric.
-  // Both: a chunk of per-sample gradients, then a symmetric rank-k update. CPU: batched ATen GEMMs and
-  // GEMMs on 512-wide tile rows; CUDA: tiled kernels on 64 x 64 tile pairs.
+  // out has a's dtype, or float32 for half/bfloat16 a.
+  // Both: a chunk of per-sample gradients by a batched GEMM, then a symmetric rank-k update by GEMMs on
+  // the 512-wide tile rows of the upper triangle.
   m.def(
       "linear_outer_accum_(Tensor(a!) out, Tensor a, Tensor delta, Tensor? weight=None, "
       "float alpha=1.0) -> ()");
-  // out[D, D] <- beta * out + alpha * sum_n w_n sum_t x_nt x_nt^T, x [N, D] or [N, T, D].
-  // Serves full/block Fisher from a per-sample gradient chunk G [N, P] and the KFAC factors.
-  // CPU: GEMMs on 512-wide tile rows; CUDA: a tiled kernel on 64 x 64 tile pairs.
+  // out[D, D] <- beta * out + alpha * sum_n w_n sum_t x_nt x_nt^T, x [N, D] or [N, T, D]; out has x's
+  // dtype, or float32 for half/bfloat16 x. Serves full/block Fisher from a per-sample gradient chunk
+  // G [N, P] and the KFAC factors. Both: GEMMs on the 512-wide tile rows of the upper triangle.
   m.def(
       "sym_outer_accum_(Tensor(a!) out, Tensor x, Tensor? weight=None, float alpha=1.0, "
       "float beta=1.0) -> ()");
   // K_n = J_n J_n^T [N, C, C] with J_n[c] = vec(sum_t delta_nct a_nt^T); delta [N, C, (T,) O].
-  // CPU: from the position Gram a_n a_nᵀ or from the materialized g_nc, whichever needs fewer flops;
-  // CUDA: always from the position Gram (tiled kernels).
+  // Both: batched GEMMs from the position Gram a_n a_nᵀ or from the materialized g_nc, whichever needs
+  // fewer flops (csrc/fisher_accum_gemm.h); CPU chunks in parallel, CUDA one chunk after another.
   m.def("class_gram(Tensor a, Tensor delta) -> Tensor");
   // out[i] <- x[o_i : o_i + n_i] + eps * v[o_i : o_i + n_i] for every tensor i of the list, where x and v
   // are flat [sum_i n_i], n_i = out[i].numel() and o_i = n_0 + ... + n_{i-1} (elements in memory order);
@@ -89,11 +92,14 @@ namespace fisherext {
 
 // 0: the default budget.
 std::atomic<int64_t> scratch_elems_set{0};
+std::atomic<bool> gemm_kernels_on_cpu_set{false};
 
 int64_t scratch_elems() {
   const int64_t set = scratch_elems_set.load(std::memory_order_relaxed);
   return set > 0 ? set : kScratchElems;
 }
+
+bool gemm_kernels_on_cpu() { return gemm_kernels_on_cpu_set.load(std::memory_order_relaxed); }
 
 }  // namespace fisherext
 
@@ -116,4 +122,7 @@ PYBIND11_MODULE(_C, m) {
     TORCH_CHECK_VALUE(elems >= 0, "fisherext._C._set_scratch_elems: elems must be >= 0, got ", elems);
     return fisherext::scratch_elems_set.exchange(elems);
   });
+  // Test hook: the CPU kernels of class_gram and linear_sq_grad run the device-generic GEMM compositions
+  // that CUDA runs (csrc/fisher_accum_gemm.h), so CPU tests check them; returns the previous setting.
+  m.def("_set_gemm_kernels_on_cpu", [](bool enabled) { return fisherext::gemm_kernels_on_cpu_set.exchange(enabled); });
 }

@@ -1,5 +1,8 @@
+import glob
 import os
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -38,6 +41,41 @@ def test_cuda_kernels_compiled_when_toolchain_present():
     assert info["cuda_compiled"], "CUDA torch and nvcc are present but the CUDA kernels were not built"
     for op in EXPECTED_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fisherext::{op}", "CUDA"), op
+
+
+def _cuobjdump():
+    """cuobjdump from PATH, CUDA_HOME, or the copy triton ships (minimal CUDA toolkits lack one); None without."""
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidates = [shutil.which("cuobjdump"), os.path.join(home, "bin", "cuobjdump")]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def test_cuda_binary_holds_the_reported_arch_list():
+    """Every entry X.Y of build_info()['cuda_arch_list'] is in the library as sm_XY code, and an X.Y+PTX entry
+    also as compute_XY PTX, which the driver compiles for GPUs newer than any listed (and only those)."""
+    info = fisherext.build_info()
+    if not info["cuda_compiled"]:
+        pytest.skip("CUDA kernels not compiled")
+    entries = re.split(r"[;\s]+", info["cuda_arch_list"].strip())
+    parsed = [re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", e) for e in entries]
+    if not all(parsed):
+        pytest.skip(f"arch list {info['cuda_arch_list']!r} is not numeric (detected or named architectures)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    (lib,) = glob.glob(os.path.join(os.path.dirname(fisherext.__file__), "_C*.so"))
+    elf, ptx = (subprocess.run([tool, f"--list-{kind}", lib], capture_output=True, text=True).stdout
+                for kind in ("elf", "ptx"))
+    for m in parsed:
+        arch = m[1] + m[2] + m[3]
+        assert f".sm_{arch}." in elf, f"no sm_{arch} code for {m[0]!r}:\n{elf}"
+        assert (f".sm_{arch}." in ptx) == bool(m[4]), f"PTX for {m[0]!r}: {'missing' if m[4] else 'unexpected'}\n{ptx}"
 
 
 @pytest.mark.parametrize("op", sorted(EXPECTED_OPS))

@@ -4,8 +4,11 @@ and bad input rejected with a clear error naming the argument, by the Python wra
 and the fake kernel alike.
 
 Sizes are chosen to cross the kernels' chunk and tile boundaries (see the comments on each case); the chunk
-boundaries are crossed with small inputs under a small scratch budget (support.opcheck.scratch_elems).
+boundaries are crossed with small inputs under a small scratch budget (support.opcheck.scratch_elems). The
+GEMM compositions that CUDA runs (csrc/fisher_accum_gemm.cpp) are also run on CPU tensors, through a test
+hook (gemm_kernels_on_cpu below), so that they are checked where no GPU is.
 """
+import contextlib
 import warnings
 
 import pytest
@@ -13,9 +16,10 @@ import torch
 from torch.func import grad, vmap
 
 import fisherext.reference as ref
-from fisherext import ops
+from fisherext import _C, ops
 from support import assert_close
 from support.opcheck import (
+    LOW,
     OVERLAP_PATHS,
     bad_input_test,
     opcheck_test,
@@ -24,6 +28,17 @@ from support.opcheck import (
     t,
     views_of,
 )
+
+
+@contextlib.contextmanager
+def gemm_kernels_on_cpu():
+    """Within the block the CPU kernels of class_gram and linear_sq_grad run the device-generic GEMM
+    compositions that the CUDA kernels run (sym_outer_accum_ and linear_outer_accum_ always run them)."""
+    previous = _C._set_gemm_kernels_on_cpu(True)
+    try:
+        yield
+    finally:
+        _C._set_gemm_kernels_on_cpu(previous)
 
 
 def _with_t(t, pos_axis):
@@ -71,6 +86,7 @@ LINEAR_CASES = [
     (33, 5, 129, 129),    # full and ragged CPU sq-grad register tiles in both O and I
     (9, 4, 64, 24),       # I, O multiples of every CPU sq-grad tile width: a and delta read in place
     (1000, 2, 17, 3),
+    (6, 130, 9, 7),       # T >= 128: batched GEMMs on CUDA instead of the fused kernel
 ]
 
 
@@ -205,8 +221,8 @@ GRAM_CASES = [
     (7, 10, None, 13, 5),     # T absent: K_n = |a_n|^2 delta_n delta_n^T
     (7, 3, 1, 13, 5),
     (33, 10, 9, 60, 40),
-    (129, 10, 50, 60, 40),    # position-Gram path on CPU; a chunk holds at most 98 samples
-    (700, 2, 200, 50, 64),    # materializing path on CPU (T large); a chunk holds at most 655 samples
+    (129, 10, 50, 60, 40),    # position-Gram form; a chunk holds at most 98 samples
+    (700, 2, 200, 50, 64),    # materialized-gradient form (T large); a chunk holds at most 131 samples
 ]
 
 
@@ -242,16 +258,111 @@ def test_class_gram_gives_per_input_fisher_trace(dtype):
         assert traces[n].item() == pytest.approx(expected, rel=1e-4 if dtype == torch.float32 else 1e-10)
 
 
-@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_low_precision_inputs_accumulate_in_float(low, device):
-    a, delta, w = linear_inputs(64, 4, 9, 6, torch.float32, device, True)
+@pytest.mark.parametrize("T", [4, 70], ids=["T4", "T70"])  # T >= 64: batched GEMMs on CUDA for half/bfloat16
+@pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
+def test_low_precision_inputs_accumulate_in_float(low, T, device):
+    a, delta, w = linear_inputs(64, T, 9, 6, torch.float32, device, True)
     a, delta, w = a.to(low), delta.to(low), w.to(low)
     out = ops.linear_sq_grad(a, delta, w)
     assert out.dtype == low
     exact = ref.linear_sq_grad(a.double(), delta.double(), w.double())
     assert_close(out, exact, dtype=low)
-    K = ops.class_gram(a, delta.unsqueeze(1).expand(64, 3, 4, 6).contiguous())
+    d3 = delta.unsqueeze(1).expand(64, 3, T, 6).contiguous()
+    K = ops.class_gram(a, d3)
     assert K.dtype == low
+    assert_close(K, ref.class_gram(a.double(), d3.double()), dtype=low)
+
+
+@pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
+def test_half_precision_into_a_float32_accumulator(low, device):
+    """out may be float32 for half/bfloat16 inputs: the sum is then never rounded to half precision."""
+    a, delta, w = (v.to(low) for v in linear_inputs(40, 3, 5, 4, torch.float32, device, True))
+    out0 = sym_matrix(20, torch.float32, device)
+    out = out0.clone()
+    ops.linear_outer_accum_(out, a, delta, w, alpha=0.5)
+    assert out.dtype == torch.float32 and torch.equal(out, out.T)
+    assert_close(out, ref.linear_outer_accum(out0.double(), a.double(), delta.double(), w.double(), alpha=0.5),
+                 dtype=low)
+    factor = torch.zeros(5, 5, device=device)
+    ops.kfac_factor_update_(factor, a, decay=0.5)
+    assert_close(factor, ref.kfac_factor_update(torch.zeros(5, 5, dtype=torch.float64, device=device), a.double(),
+                                                decay=0.5), dtype=low)
+
+
+def test_float16_weights_far_from_one(device):
+    """Weighted float16 rows are split as (sign(w) √|w| x)(√|w| x)^T, each side rounded once: with w = 2^-14
+    and rows of size 2^-9, w x on one side would be a float16 subnormal of a few ulps (about 3 % off);
+    √w x stays within 1e-3."""
+    x = randn((64, 16), torch.float16, device, 1, scale=2.0**-9)
+    w = torch.full((64,), 2.0**-14, dtype=torch.float16, device=device)
+    out = torch.zeros(16, 16, device=device)
+    ops.sym_outer_accum_(out, x, w)
+    assert_close(out, ref.sym_outer_accum(torch.zeros(16, 16, dtype=torch.float64), x.double(), w.double()),
+                 rtol=1e-3)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_sym_outer_accum_chunks_apply_beta_once(weighted, device, dtype):
+    """Weighted rows are taken in chunks (under a budget of 140 elements, 20 of the 123 rows of D = 7, the last
+    chunk ragged): beta scales the old out once, not once per chunk. Unweighted, all rows at once."""
+    x = randn((41, 3, 7), dtype, device, 13)
+    w = randn((41,), dtype, device, 14).abs() if weighted else None
+    out0 = sym_matrix(7, dtype, device)
+    out = out0.clone()
+    with scratch_elems(2 * 7 * 10):
+        ops.sym_outer_accum_(out, x, w, alpha=0.5, beta=0.25)
+    rows = x.reshape(-1, 7)
+    wv = (torch.ones(41, dtype=dtype, device=device) if w is None else w).repeat_interleave(3)
+    assert_close(out, 0.25 * out0 + 0.5 * (rows * wv[:, None]).T @ rows)
+    assert torch.equal(out, out.T)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GEMM compositions of csrc/fisher_accum_gemm.cpp that CUDA runs for class_gram and linear_sq_grad,
+# on CPU tensors: each case once in one chunk and once under a scratch budget of 64 elements, which puts
+# every sample (three for T = 1 in linear_sq_grad) in its own chunk.
+
+
+@pytest.mark.parametrize("scratch", [0, 64], ids=["budget", "tiny-chunks"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("N,T,I,O", LINEAR_CASES)
+def test_linear_sq_grad_gemm_composition(N, T, I, O, weighted, scratch, dtype):
+    a, delta, w = linear_inputs(N, T, I, O, dtype, "cpu", weighted)
+    g = func_grads(a, delta)
+    wv = torch.ones(N, dtype=dtype) if w is None else w
+    with gemm_kernels_on_cpu(), scratch_elems(scratch):
+        out = ops.linear_sq_grad(a, delta, w)
+    assert out.shape == (O, I) and out.dtype == dtype
+    assert_close(out, torch.einsum("n,noi->oi", wv, g * g))
+
+
+@pytest.mark.parametrize("scratch", [0, 64], ids=["budget", "tiny-chunks"])
+@pytest.mark.parametrize("N,C,T,I,O", GRAM_CASES + [(41, 3, 20, 3, 2)])  # + a small materialized-gradient case
+def test_class_gram_gemm_composition(N, C, T, I, O, scratch, dtype):
+    a, delta, _ = linear_inputs(N, T, I, O, dtype, "cpu", False, classes=C)
+    J = func_grads(a, delta).reshape(N, C, O * I)
+    with gemm_kernels_on_cpu(), scratch_elems(scratch):
+        K = ops.class_gram(a, delta)
+    assert K.shape == (N, C, C) and K.dtype == dtype
+    assert_close(K, J @ J.transpose(1, 2))
+    assert torch.equal(K, K.transpose(1, 2))
+
+
+@pytest.mark.parametrize("low", LOW, ids=["f16", "bf16"])
+def test_gemm_compositions_low_precision(low):
+    """Half/bfloat16 through the compositions (on the CPU their GEMMs multiply float32 copies), in chunks:
+    linear_sq_grad for T = 1 and T > 1, class_gram in each of its three forms."""
+    with gemm_kernels_on_cpu(), scratch_elems(200):
+        for T in (None, 6):
+            a, delta, w = (v.to(low) for v in linear_inputs(30, T, 9, 5, torch.float32, "cpu", True))
+            out = ops.linear_sq_grad(a, delta, w)
+            assert out.dtype == low
+            assert_close(out, ref.linear_sq_grad(a.double(), delta.double(), w.double()), dtype=low)
+        for T, I, O in ((None, 7, 5), (4, 7, 5), (20, 3, 2)):  # norms, position Gram, materialized gradients
+            a, delta = (v.to(low) for v in linear_inputs(30, T, I, O, torch.float32, "cpu", False, classes=3)[:2])
+            K = ops.class_gram(a, delta)
+            assert K.dtype == low
+            assert_close(K, ref.class_gram(a.double(), delta.double()), dtype=low)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,6 +397,8 @@ OPCHECK_CASES = {
         _f32(5, 3, 4, device=dev, seed=0), _f32(5, 2, 3, 6, device=dev, seed=3))),
     "class_gram-2d": lambda dev: (_f.class_gram.default, (
         _f32(5, 4, device=dev, seed=0), _f32(5, 2, 6, device=dev, seed=3))),
+    "sym_outer_accum_-half-into-float32": lambda dev: (_f.sym_outer_accum_.default, (
+        _sym(4, dev), _f32(5, 3, 4, device=dev, seed=0).half(), _f32(5, device=dev, seed=2).abs().half(), 1.0, 0.5)),
 }
 
 
@@ -360,6 +473,9 @@ BAD = [
     ("linear_sq_grad", lambda: (t(5, 4), t(5, 6), t(5, dtype=torch.float64)), TypeError, "'weight'"),
     ("linear_outer_accum_", lambda: (t(23, 24), t(5, 4), t(5, 6), None, 1.0), ValueError, "'out'"),
     ("linear_outer_accum_", lambda: (t(24, 24, dtype=torch.float64), t(5, 4), t(5, 6), None, 1.0), TypeError, "'out'"),
+    ("sym_outer_accum_", lambda: (t(4, 4, dtype=torch.float64), t(5, 4, dtype=torch.float16), None, 1.0, 1.0),
+     TypeError, "'out'"),
+    ("sym_outer_accum_", lambda: (t(4, 4, dtype=torch.float16), t(5, 4), None, 1.0, 1.0), TypeError, "'out'"),
     ("sym_outer_accum_", lambda: (t(4, 4), t(5, 2, 3, 4), None, 1.0, 1.0), ValueError, "'x'"),
     ("sym_outer_accum_", lambda: (t(3, 3), t(5, 4), None, 1.0, 1.0), ValueError, "'out'"),
     ("sym_outer_accum_", lambda: (t(4, 4), t(5, 4), t(5, 1), 1.0, 1.0), ValueError, "'weight'"),

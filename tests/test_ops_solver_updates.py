@@ -3,7 +3,7 @@ independent computation, opcheck, and bad input rejected with a clear error nami
 (wrapper, compiled op, fake kernel).
 
 Sizes cross the kernels' boundaries: CPU work items of 32768 elements (P = 100003 spans several cg_update_
-chunks); CUDA blocks of 256 threads.
+chunks); CUDA blocks of 256 threads, which cg_update_ lays over min(K, 256) columns times 256 // that many rows.
 """
 import pytest
 import torch
@@ -55,6 +55,19 @@ def test_cg_update(P, K, precond, device, dtype):
     if inv_diag is None:
         assert torch.equal(rz, rr)
     twin = ref.cg_update(x0, r0, p, Ap, alpha, inv_diag)
+    for got, want in zip((x, r, rz, rr), twin):
+        assert_close(got, want)
+
+
+# (P, K) around cg_update_'s CUDA block shapes: 3 columns x 85 rows (255 of 256 threads), one block row of
+# 256 columns, 300 columns over two column tiles (the second ragged), 257 columns with fewer rows than blocks.
+@pytest.mark.parametrize("P,K", [(1000, 3), (999, 256), (700, 300), (5, 257)])
+def test_cg_update_column_tiles(P, K, device, dtype):
+    x, r, p, Ap = (flat(P, K, dtype, device, s) for s in range(4))
+    alpha = column_scalar(K, dtype, device, 4)
+    inv_diag = randn((P,), dtype, device, 5).abs() + 0.5
+    twin = ref.cg_update(x.clone(), r.clone(), p, Ap, alpha, inv_diag)
+    rz, rr = ops.cg_update_(x, r, p, Ap, alpha, inv_diag)
     for got, want in zip((x, r, rz, rr), twin):
         assert_close(got, want)
 

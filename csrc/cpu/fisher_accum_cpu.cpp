@@ -1,14 +1,16 @@
 // CPU kernels of the fisher_accum family (K1). Schemas and the math: csrc/fisherext.cpp.
 //
+// sym_outer_accum_ and linear_outer_accum_ are the device-generic GEMM compositions of
+// csrc/fisher_accum_gemm.cpp, as on CUDA, and so is linear_sq_grad for T = 1. Here: linear_sq_grad for T > 1
+// (a fused register-tiled micro-kernel) and class_gram (the shared per-chunk body, chunks in parallel).
+//
 // Memory: peak extra memory is independent of N. The GEMM-based kernels stream samples in chunks
 // whose scratch is bounded by scratch_elems() (fisher_accum_common.h); linear_sq_grad (T > 1) needs one [O, I] accumulator
 // and at most one sample's padded copy per thread.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Unroll.h>
 #include <torch/library.h>
@@ -19,15 +21,13 @@
 
 #include "checks.h"
 #include "fisher_accum_common.h"
+#include "fisher_accum_gemm.h"
 
 namespace fisherext {
 namespace {
 
 // Multiply-adds below which a task is not worth a thread (ATen's GRAIN_SIZE).
 constexpr int64_t kMinTaskMacs = int64_t(1) << 15;
-// Tile edge of the symmetric rank-k update: only tiles on or above the diagonal are computed.
-constexpr int64_t kSymTile = 512;
-
 // Chunks processed one per task by at::parallel_for, each with single-threaded GEMMs: one parallel
 // region per op instead of one per chunk (every region costs a thread barrier, which is slow when
 // the cores are shared). Rows are capped so that every thread gets at least one chunk.
@@ -43,33 +43,6 @@ void for_each_chunk(int64_t n, int64_t rows, Body body) {
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) body(c * rows, std::min(rows, n - c * rows));
   });
-}
-
-// lower triangle <- upper triangle, so the result is exactly symmetric.
-void mirror_upper(at::Tensor& out) {
-  const int64_t P = out.size(0);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mirror_upper", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(1, P, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        for (int64_t j = 0; j < i; ++j) o[i * P + j] = o[j * P + i];
-    });
-  });
-}
-
-// out <- beta * out + alpha * X^T diag(w) X for X [M, P], out [P, P] contiguous in X's dtype.
-// Only tiles on or above the diagonal are multiplied (half the GEMM work), then mirrored.
-void sym_rank_k(at::Tensor& out, const at::Tensor& X, const at::Tensor& w, double alpha, double beta) {
-  const int64_t P = X.size(1);
-  const at::Tensor Xw = w.defined() ? X.mul(w.unsqueeze(1)) : X;
-  for (int64_t i0 = 0; i0 < P; i0 += kSymTile) {
-    const int64_t bi = std::min(kSymTile, P - i0);
-    const at::Tensor lhs = Xw.narrow(1, i0, bi).t();
-    // Within the tile row, one GEMM covers all column tiles from the diagonal on.
-    at::Tensor block = out.narrow(0, i0, bi).narrow(1, i0, P - i0);
-    block.addmm_(lhs, X.narrow(1, i0, P - i0), beta, alpha);
-  }
-  mirror_upper(out);
 }
 
 // ---- linear_sq_grad, T > 1: a fused micro-kernel that never writes g_n ----
@@ -217,107 +190,59 @@ SqGradFn<scalar_t> pick_sq_grad() {
   return &sq_grad_samples<scalar_t, 4, 2, 16>;  // 8 accumulators of 16-byte vectors
 }
 
+// The position axis of a linear op's input a [N, I] or [N, T, I] (1 when absent, or when a is malformed:
+// the GEMM composite then raises the error naming it).
+int64_t positions(const at::Tensor& a) { return a.dim() == 3 ? a.size(1) : 1; }
+
 at::Tensor linear_sq_grad_cpu(const at::Tensor& a, const at::Tensor& delta,
                               const std::optional<at::Tensor>& weight) {
+  // T = 1 is one GEMM per chunk, (w ⊙ delta²)ᵀ a², as on CUDA.
+  if (positions(a) == 1 || gemm_kernels_on_cpu()) return linear_sq_grad_gemm(a, delta, weight);
   const LinearInputs in = prepare_linear_sq_grad(a, delta, weight, /*to_compute=*/true);
   const LinearDims& d = in.d;
   const at::Tensor &A = in.A, &D = in.D, &W = in.W;  // [N, T, I], [N, T, O], [N] or undefined
   at::Tensor out = at::zeros({d.O, d.I}, A.options());
-  if (d.T == 1) {
-    // g_n = delta_n a_n^T, so sum_n w_n g_n^2 = (w * delta^2)^T (a^2): one GEMM per chunk.
-    const int64_t rows = chunk_rows(d.I + d.O, scratch_elems(), d.N);
-    for (int64_t s = 0; s < d.N; s += rows) {
-      const int64_t b = std::min(rows, d.N - s);
-      at::Tensor d2 = D.narrow(0, s, b).select(1, 0).square();
-      if (W.defined()) d2.mul_(W.narrow(0, s, b).unsqueeze(1));
-      out.addmm_(d2.t(), A.narrow(0, s, b).select(1, 0).square());
-    }
-  } else {
-    // One contiguous range of samples per thread, each into its own accumulator; the accumulators
-    // are added in thread order (deterministic for a given thread count).
-    std::vector<at::Tensor> partial(at::get_num_threads());
-    const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (d.T * d.O * d.I));
-    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "linear_sq_grad_cpu", [&] {
-      const SqGradArgs<scalar_t> p{A.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(),
-                                   W.defined() ? W.data_ptr<scalar_t>() : nullptr, d.T, d.I, d.O};
-      const SqGradFn<scalar_t> kernel = pick_sq_grad<scalar_t>();
-      at::parallel_for(0, d.N, grain, [&](int64_t n0, int64_t n1) {
-        at::Tensor& acc = partial[at::get_thread_num()];
-        if (!acc.defined()) acc = at::zeros({d.O, d.I}, A.options());
-        kernel(acc.data_ptr<scalar_t>(), p, n0, n1);
-      });
+  // One contiguous range of samples per thread, each into its own accumulator; the accumulators are added
+  // in thread order (deterministic for a given thread count).
+  std::vector<at::Tensor> partial(at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (d.T * d.O * d.I));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "linear_sq_grad_cpu", [&] {
+    const SqGradArgs<scalar_t> p{A.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(),
+                                 W.defined() ? W.data_ptr<scalar_t>() : nullptr, d.T, d.I, d.O};
+    const SqGradFn<scalar_t> kernel = pick_sq_grad<scalar_t>();
+    at::parallel_for(0, d.N, grain, [&](int64_t n0, int64_t n1) {
+      at::Tensor& acc = partial[at::get_thread_num()];
+      if (!acc.defined()) acc = at::zeros({d.O, d.I}, A.options());
+      kernel(acc.data_ptr<scalar_t>(), p, n0, n1);
     });
-    for (const at::Tensor& acc : partial)
-      if (acc.defined()) out.add_(acc);
-  }
+  });
+  for (const at::Tensor& acc : partial)
+    if (acc.defined()) out.add_(acc);
   return out.to(a.scalar_type());
 }
 
-void linear_outer_accum_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& delta,
-                            const std::optional<at::Tensor>& weight, double alpha) {
-  const LinearInputs in = prepare_linear_outer_accum(out, a, delta, weight, /*to_compute=*/true);
-  const LinearDims& d = in.d;
-  const at::Tensor &A = in.A, &D = in.D, &W = in.W;  // [N, T, I], [N, T, O], [N] or undefined
-  const int64_t P = d.O * d.I;
-  const int64_t rows = chunk_rows(P, scratch_elems(), d.N);
-  at::Tensor buf = at::empty({rows, d.O, d.I}, A.options());
-  update_in_place(out, [&](at::Tensor& work) {
-    for (int64_t s = 0; s < d.N; s += rows) {
-      const int64_t b = std::min(rows, d.N - s);
-      at::Tensor g = buf.narrow(0, 0, b);
-      at::bmm_out(g, D.narrow(0, s, b).transpose(1, 2), A.narrow(0, s, b));
-      sym_rank_k(work, g.view({b, P}), W.defined() ? W.narrow(0, s, b) : at::Tensor(), alpha, 1.0);
-    }
-  });
-}
-
-void sym_outer_accum_cpu(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                         double alpha, double beta) {
-  const LinearInputs in = prepare_sym_outer_accum(out, x, weight, /*to_compute=*/true);
-  const at::Tensor &X = in.A, &W = in.W;
-  update_in_place(out, [&](at::Tensor& work) { sym_rank_k(work, X, W, alpha, beta); });
-}
-
 at::Tensor class_gram_cpu(const at::Tensor& a, const at::Tensor& delta) {
+  if (gemm_kernels_on_cpu()) return class_gram_gemm(a, delta);
   const LinearInputs in = prepare_class_gram(a, delta, /*to_compute=*/true);
-  const int64_t N = in.d.N, C = in.d.C, T = in.d.T, I = in.d.I, O = in.d.O;
+  const LinearDims& d = in.d;
   const at::Tensor &A = in.A, &D = in.D;  // [N, T, I], [N, C, T, O]
-  at::Tensor K = at::empty({N, C, C}, A.options());
-  // Two exact ways to K_n[c, c'] = <g_nc, g_nc'>:
-  //  gram:        sum_{t,s} (a_t . a_s)(delta_ct . delta_c's)   ~ T^2 I + C T^2 O + C^2 T O flops
-  //  materialize: g_nc = delta_c^T a, then J J^T              ~ C T O I + C^2 O I flops
-  const double cost_gram = double(T) * T * I + double(C) * T * T * O + double(C) * C * T * O;
-  const double cost_mat = double(C) * T * O * I + double(C) * C * O * I;
-  const bool use_gram = T == 1 || cost_gram <= cost_mat;
-  const int64_t per_sample = use_gram ? T * T + 2 * C * T * O : C * O * I;
+  const GramForm form = class_gram_form(d);
+  at::Tensor K = at::empty({d.N, d.C, d.C}, A.options());
   // Every chunk writes its own rows of K: chunks run in parallel, each with serial GEMMs.
-  for_each_chunk(N, thread_chunk_rows(per_sample, scratch_elems(), N), [&](int64_t s, int64_t b) {
-    const at::Tensor Ac = A.narrow(0, s, b), Dc = D.narrow(0, s, b);
+  const int64_t per_sample = class_gram_scratch_per_sample(d, form, /*upcast=*/false);
+  for_each_chunk(d.N, thread_chunk_rows(per_sample, scratch_elems(), d.N), [&](int64_t s, int64_t b) {
     at::Tensor Kc = K.narrow(0, s, b);
-    if (T == 1) {
-      const at::Tensor Dv = Dc.select(2, 0);  // [b, C, O]
-      at::bmm_out(Kc, Dv, Dv.transpose(1, 2));
-      Kc.mul_(Ac.select(1, 0).square().sum(-1).view({b, 1, 1}));
-    } else if (use_gram) {
-      const at::Tensor Ga = at::bmm(Ac, Ac.transpose(1, 2));                      // [b, T, T]
-      const at::Tensor Dt = Dc.permute({0, 2, 1, 3}).reshape({b, T, C * O});      // [b, T, C O]
-      const at::Tensor H = at::bmm(Ga, Dt).view({b, T, C, O}).permute({0, 2, 1, 3}).reshape({b, C, T * O});
-      at::bmm_out(Kc, Dc.reshape({b, C, T * O}), H.transpose(1, 2));
-    } else {
-      const at::Tensor J = at::matmul(Dc.transpose(2, 3), Ac.unsqueeze(1)).view({b, C, O * I});
-      at::bmm_out(Kc, J, J.transpose(1, 2));
-    }
+    class_gram_chunk(A.narrow(0, s, b), D.narrow(0, s, b), Kc, form);
   });
-  K = K.add(K.transpose(1, 2)).mul_(0.5);  // exact symmetry regardless of GEMM summation order
-  return K.to(a.scalar_type());
+  return symmetric_gram(K, a.scalar_type());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fisherext, CPU, m) {
   m.impl("linear_sq_grad", &linear_sq_grad_cpu);
-  m.impl("linear_outer_accum_", &linear_outer_accum_cpu);
-  m.impl("sym_outer_accum_", &sym_outer_accum_cpu);
+  m.impl("linear_outer_accum_", &linear_outer_accum_gemm);
+  m.impl("sym_outer_accum_", &sym_outer_accum_gemm);
   m.impl("class_gram", &class_gram_cpu);
 }
 

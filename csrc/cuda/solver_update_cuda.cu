@@ -1,7 +1,7 @@
 // CUDA kernels of the solver-update family. Schemas and the math: csrc/fisherext.cpp and
 // csrc/solver_update_common.h; the CPU kernels (csrc/cpu/solver_update_cpu.cpp) have the same semantics.
-//   cg_update_                           one grid-stride launch updating x, r and writing per-block
-//                                        partial sums, then a tiny launch adding the partials of each
+//   cg_update_                           one launch updating x, r and writing per-block partial sums of
+//                                        each column, then a tiny launch adding the partials of each
 //                                        column in a fixed order (deterministic, no atomics)
 //   cg_direction_, lissa_update_, neumann_update_   one grid-stride elementwise launch
 #include <ATen/Dispatch.h>
@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 
 #include "cuda/launch.cuh"
 #include "solver_update_common.h"
@@ -20,7 +21,9 @@ namespace fisherext {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxReduceBlocks = 256;  // blocks per column of cg_update_: the partials stay tiny
+// Resident blocks per SM that cg_update_'s grid aims for: enough threads in flight to saturate memory
+// (its rows are walked grid-stride beyond that).
+constexpr int kBlocksPerSM = 8;
 
 // ---- cg_update_ ----
 
@@ -44,19 +47,25 @@ __device__ void block_sum2(reduce_t& a, reduce_t& b) {
   __syncthreads();  // shared is reused by the next column of the calling loop
 }
 
-// Block (bx, ·) updates rows bx, bx + gridDim.x·blockDim.x, ... of column k (strided over blockIdx.y)
-// and writes its partial (rz, rr) to partial[(k * gridDim.x + bx) * 2 + {0, 1}].
+// The [P, K] vectors are walked in their memory order: a block is blockDim.x columns (all K when K <= 256)
+// by blockDim.y rows, thread (tx, ty) holds column k = blockIdx.x blockDim.x + tx and rows
+// ty + blockDim.y (blockIdx.y + gridDim.y j), so consecutive threads touch consecutive elements of a row
+// and consecutive rows follow each other: every warp's loads and stores coalesce, for any K. Each thread
+// sums its column's share; the block then adds them over ty (a fixed tree) and writes the partial (rz, rr)
+// of column k and row group blockIdx.y to partial[(k gridDim.y + blockIdx.y) 2 + {0, 1}].
 template <typename scalar_t, bool kHasInv>
 __global__ void __launch_bounds__(kThreads)
     cg_update_kernel(scalar_t* __restrict__ x, scalar_t* __restrict__ r, const scalar_t* __restrict__ p,
                      const scalar_t* __restrict__ Ap, const at::opmath_type<scalar_t>* __restrict__ alpha,
                      const scalar_t* __restrict__ inv, reduce_t* __restrict__ partial, int64_t P, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t k = blockIdx.y; k < K; k += gridDim.y) {
+  __shared__ reduce_t shared[2][kThreads];
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  reduce_t rz = 0, rr = 0;
+  if (k < K) {
     const acc_t a = alpha[k];
-    reduce_t rz = 0, rr = 0;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < P;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; i < P;
+         i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
       const int64_t e = i * K + k;
       x[e] = static_cast<scalar_t>(static_cast<acc_t>(x[e]) + a * static_cast<acc_t>(p[e]));
       const scalar_t r_new = static_cast<scalar_t>(static_cast<acc_t>(r[e]) - a * static_cast<acc_t>(Ap[e]));
@@ -66,11 +75,23 @@ __global__ void __launch_bounds__(kThreads)
       rr += rv * rv;
       if constexpr (kHasInv) rz += rv * rv * static_cast<reduce_t>(inv[i]);
     }
-    block_sum2(rz, rr);
-    if (threadIdx.x == 0) {
-      partial[(k * gridDim.x + blockIdx.x) * 2] = kHasInv ? rz : rr;
-      partial[(k * gridDim.x + blockIdx.x) * 2 + 1] = rr;
+  }
+  const int lin = threadIdx.y * blockDim.x + threadIdx.x;
+  shared[0][lin] = kHasInv ? rz : rr;
+  shared[1][lin] = rr;
+  __syncthreads();
+  unsigned step = 1;  // the tree over ty: halves of the next power of two, the upper half added to the lower
+  while (step < blockDim.y) step *= 2;
+  for (step /= 2; step > 0; step /= 2) {
+    if (threadIdx.y < step && threadIdx.y + step < blockDim.y) {
+      shared[0][lin] += shared[0][lin + step * blockDim.x];
+      shared[1][lin] += shared[1][lin + step * blockDim.x];
     }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && k < K) {
+    partial[(k * gridDim.y + blockIdx.y) * 2] = shared[0][threadIdx.x];
+    partial[(k * gridDim.y + blockIdx.y) * 2 + 1] = shared[1][threadIdx.x];
   }
 }
 
@@ -99,18 +120,27 @@ std::tuple<at::Tensor, at::Tensor> cg_update_cuda(at::Tensor& x, at::Tensor& r, 
   const CgUpdateProblem q = prepare_cg_update(x, r, p, Ap, alpha, inv_diag);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = current_stream(x);
-  const int64_t blocks = std::min<int64_t>((q.d.P + kThreads - 1) / kThreads, kMaxReduceBlocks);
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(q.d.K, kMaxGrid)));
+  // Threads: all K columns of a row when K <= kThreads (else kThreads-column tiles) times enough rows to make
+  // up kThreads; row groups: enough blocks to fill every SM kBlocksPerSM deep, at most one per row group.
+  const int64_t cols = std::min<int64_t>(q.d.K, kThreads), rows = kThreads / cols;
+  const int64_t col_tiles = (q.d.K + cols - 1) / cols;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const int64_t blocks = std::clamp<int64_t>(int64_t(kBlocksPerSM) * sms / col_tiles, 1,
+                                             std::min<int64_t>((q.d.P + rows - 1) / rows, kMaxGrid));
+  TORCH_CHECK(col_tiles <= INT_MAX, "fisherext.cg_update_: ", q.d.K, " columns exceed the CUDA grid");
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(blocks));
+  const dim3 block(static_cast<unsigned>(cols), static_cast<unsigned>(rows));
   const at::Tensor partial = at::empty({q.d.K * blocks * 2}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cg_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* inv = q.inv_diag.defined() ? q.inv_diag.const_data_ptr<scalar_t>() : nullptr;
     if (inv)
-      cg_update_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+      cg_update_kernel<scalar_t, true><<<grid, block, 0, stream>>>(
           x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(),
           q.alpha.const_data_ptr<acc_t>(), inv, partial.data_ptr<reduce_t>(), q.d.P, q.d.K);
     else
-      cg_update_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+      cg_update_kernel<scalar_t, false><<<grid, block, 0, stream>>>(
           x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(),
           q.alpha.const_data_ptr<acc_t>(), nullptr, partial.data_ptr<reduce_t>(), q.d.P, q.d.K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -3,10 +3,12 @@ r"""Kernel family K1 (fisher_accum): per-sample accumulations of a linear map's 
 A linear map (nn.Linear, or a convolution unfolded to positions t) sees inputs ``a`` of shape [N, I] or
 [N, T, I] and receives output gradients ``delta`` of shape [N, O] or [N, T, O]. The per-sample weight
 gradient is :math:`g_n = \sum_t \delta_{nt} a_{nt}^\top` (O x I), vectorized row-major (``vec(g)[o*I + i]``,
-the order of ``weight.flatten()``). No op here writes the N x O x I per-sample gradients to memory; scratch
-is bounded by a fixed chunk size independent of N. Half and bfloat16 inputs are accumulated in float32.
+the order of ``weight.flatten()``). No op here writes the N x O x I per-sample gradients to memory at once;
+scratch is bounded by a fixed chunk size independent of N. Half and bfloat16 inputs are accumulated in
+float32; on CUDA the GEMMs whose operands are both inputs run on tensor cores (cuBLAS, float32 accumulation).
 
-Kernels: ``csrc/cpu/fisher_accum_cpu.cpp``, ``csrc/cuda/fisher_accum_cuda.cu``; checks shared by both:
+Kernels: ``csrc/fisher_accum_gemm.cpp`` (compositions of ATen GEMMs for any device: cuBLAS on CUDA, the CPU
+BLAS on CPU), ``csrc/cpu/fisher_accum_cpu.cpp``, ``csrc/cuda/fisher_accum_cuda.cu``; checks shared by all:
 ``csrc/fisher_accum_common.h``. None of these ops is differentiable: a backward through one raises an
 error naming it (``csrc/autograd.cpp``).
 """
@@ -14,7 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from ._library import check_like, check_nonempty, check_tensor, scalar_arg, tensor_arg
+from ._library import (
+    check_like,
+    check_nonempty,
+    check_same_device,
+    check_tensor,
+    opmath_dtype,
+    scalar_arg,
+    tensor_arg,
+)
 
 # ---- mirrors of the C++ checks (checks.h) for the fake kernels ----
 
@@ -67,7 +77,13 @@ def _has_distinct_elements(t):
 
 
 def _check_square_out(op, out, ref_name, ref, D):
-    check_like(op, "out", out, ref_name, ref)
+    """Mirror of check_square_out: [D, D] on ref's device, in ref's dtype or (half/bfloat16 ref) float32."""
+    check_tensor(op, "out", out)
+    if out.dtype not in (ref.dtype, opmath_dtype(ref.dtype)):
+        raise TypeError(
+            f"fisherext.{op}: argument 'out' has dtype {out.dtype} but '{ref_name}' has {ref.dtype} "
+            "(out must have its dtype, or float32 for float16/bfloat16)")
+    check_same_device(op, "out", out, ref_name, ref)
     if out.dim() != 2 or tuple(out.shape) != (D, D):
         raise ValueError(f"fisherext.{op}: argument 'out' must have shape [{D}, {D}], got {tuple(out.shape)}")
     if not _has_distinct_elements(out):
@@ -96,7 +112,8 @@ def linear_sq_grad(a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor | 
     diagonal of the empirical Fisher ``F = (1/N) sum_n g_n g_n^T`` for the layer's weight (not the
     square of the summed gradient). For T = 1 this is one GEMM, ``(w delta^2)^T a^2``; for T > 1 each
     per-sample gradient is formed one register (CPU) or shared-memory (CUDA) tile at a time, squared
-    into ``S`` and never stored.
+    into ``S`` and never stored, except for long sequences on CUDA (T >= 64 for half/bfloat16, 128
+    otherwise), where batched GEMMs write a chunk of per-sample gradients, squared and summed by a GEMV.
 
     Args:
         a: layer inputs, [N, I] or [N, T, I].
@@ -128,11 +145,13 @@ def linear_outer_accum_(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor,
               \qquad g_n = \sum_t \delta_{nt} a_{nt}^\top
 
     ``out`` is [O*I, O*I] and symmetric: only its upper triangle is read, and the result is written
-    exactly symmetric. Only tiles on or above the diagonal are multiplied. Scratch: a chunk of
-    per-sample gradients of fixed size, never N x O x I.
+    exactly symmetric. A chunk of per-sample gradients (in the compute dtype) comes from one batched
+    GEMM, and only the 512-wide tile rows on and above the diagonal are multiplied. Scratch: that chunk,
+    of fixed size, never N x O x I.
 
     Args:
-        out: the accumulator [O*I, O*I], updated in place.
+        out: the accumulator [O*I, O*I], updated in place; ``a``'s dtype, or float32 for float16/bfloat16
+            ``a`` (then the sum is never rounded to half precision).
         a: layer inputs, [N, I] or [N, T, I].
         delta: output gradients, [N, O] or [N, T, O].
         weight: optional per-sample weights [N] (default all ones).
@@ -170,10 +189,15 @@ def sym_outer_accum_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | 
 
     ``x`` is [N, D] (e.g. a chunk of per-sample gradients G [N, P] for a dense Fisher) or [N, T, D]
     (e.g. layer inputs over positions, for a Kronecker factor). Only the upper triangle of ``out`` is
-    read; with ``beta = 0`` its old content is ignored (NaN included).
+    read; with ``beta = 0`` its old content is ignored (NaN included). GEMMs on the 512-wide tile rows on
+    and above the diagonal (about half the work of the full product), then the lower triangle is mirrored.
+    Half/bfloat16 rows are multiplied in their dtype on CUDA (tensor cores, float32 accumulation); with
+    weights each side carries ``sqrt(|w|)`` (and one its sign), rounded once to ``x``'s dtype, so that weights
+    far from 1 stay within float16's range.
 
     Args:
-        out: the accumulator [D, D], updated in place.
+        out: the accumulator [D, D], updated in place; ``x``'s dtype, or float32 for float16/bfloat16 ``x``
+            (then the sum is never rounded to half precision).
         x: [N, D] or [N, T, D].
         weight: optional per-sample weights [N] (default all ones).
         alpha: the factor of the sum.
@@ -249,9 +273,10 @@ def class_gram(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     where ``delta[n, c]`` is the output gradient of the c-th backpropagated vector (e.g. the c-th
     column of a square root of the loss Hessian, or the c-th logit). Summed over layers, the per-input
     Fisher trace is ``tr(F_n) = tr(Lambda_n K_n)`` (or ``tr(K_n)`` when ``delta`` already carries the
-    square root of ``Lambda_n``). On CPU computed from the position Gram ``a_n a_n^T`` or from the
-    per-class gradients, whichever needs fewer flops; on CUDA always from the position Gram (tiled
-    kernels). Exactly symmetric.
+    square root of ``Lambda_n``). Batched GEMMs (cuBLAS on CUDA) over chunks of samples, in whichever
+    exact form needs the fewest multiply-adds per sample: for T = 1, ``K_n = |a_n|^2 delta_n delta_n^T``
+    (``I + C^2 O``); for T > 1 through the position Gram ``a_n a_n^T`` (``T^2 I + C T^2 O + C^2 T O``) or
+    from the per-class gradients (``C T O I + C^2 O I``). Exactly symmetric.
 
     Args:
         a: [N, I] or [N, T, I].
