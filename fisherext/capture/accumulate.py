@@ -168,9 +168,9 @@ class Accumulator:
             flat = self._positions(idx)
             block = self.block_sums.get(key)
             parts.append(DensePart(flat, torch.zeros(flat.numel(), flat.numel(), **self.opts) if block is None
-                                   else block / N))
+                                   else block.div_(N)))
         if self.structure == "full":
-            parts.append(DensePart(self._positions(range(len(self.cap.params))), self.full / N))
+            parts.append(DensePart(self._positions(range(len(self.cap.params))), self.full.div_(N)))  # in place: P×P
         return FisherMatrix(self.P, parts, N, self.structure)
 
 

@@ -157,6 +157,15 @@ def _part_from_state(i: int, entry, P: int):
     return part
 
 
+def _span(idx: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) when the positions ``idx`` are start, start + 1, ..., stop - 1 in order; else None."""
+    i = idx.reshape(-1)
+    if i.numel() == 0:
+        return None
+    start = int(i[0])
+    return (start, start + i.numel()) if torch.equal(i, torch.arange(start, start + i.numel(), device=i.device)) else None
+
+
 @entry_points
 class FisherMatrix(LinearOperator):
     r"""The result of ``fisherext.fisher``: a P×P Fisher :math:`F = \frac1N \sum_n F_n` (mean over
@@ -232,10 +241,16 @@ class FisherMatrix(LinearOperator):
         budget = resolve_budget(memory_budget, self.device)
         require(self.P * self.P * self.dtype.itemsize, budget, f"memory_budget: the dense {self.P} x {self.P} matrix",
                 "diag(), mv(), quad(), trace() and solve() need no P x P matrix; or pass a larger memory_budget")
+        spans = [_span(part.idx) for part in self.parts]
+        if len(self.parts) == 1 and spans[0] == (0, self.P):  # one part over every position in order (full)
+            return self.parts[0].dense().clone()
         out = torch.zeros(self.P, self.P, dtype=self.dtype, device=self.device)
-        for part in self.parts:
-            i = part.idx.reshape(-1)
-            out[i[:, None], i[None, :]] = part.dense()
+        for part, span in zip(self.parts, spans):
+            if span is None:
+                i = part.idx.reshape(-1)
+                out[i[:, None], i[None, :]] = part.dense()
+            else:  # a block on consecutive positions (block and diag parts, mostly): a copy, no scatter
+                out[span[0]:span[1], span[0]:span[1]] = part.dense()
         return out
 
     def _matmat(self, X):
