@@ -87,17 +87,23 @@ void sym_rank_k_upper(const at::Tensor& out, const at::Tensor& R, const at::Tens
   }
 }
 
-// Lower triangle <- upper triangle, so the result is exactly symmetric. On the CPU a parallel loop over rows
-// (consecutive rows read adjacent elements of the same cached columns): the tile copies below took about 4x
-// as long there (D = 2000, 2 threads). Elsewhere tile by tile with ATen copies (scratch of one tile).
+// Lower triangle <- upper triangle, so the result is exactly symmetric. On the CPU a blocked transpose in
+// place, one parallel task per row of 64 x 64 blocks: within a block the 64 source rows it reads (64 floats
+// each) stay in L1, where a plain row loop reads a column with stride D, one cache miss an element (D = 9610:
+// 0.44 s against 0.05 s, 2 threads). Elsewhere tile by tile with ATen copies (scratch of one tile).
 void mirror_upper(const at::Tensor& out) {
   const int64_t D = out.size(0);
   if (out.is_cpu()) {
+    constexpr int64_t kBlock = 64;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mirror_upper", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(1, D, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i)
-          for (int64_t j = 0; j < i; ++j) o[i * D + j] = o[j * D + i];
+      at::parallel_for(0, (D + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bi = begin; bi < end; ++bi) {
+          const int64_t i0 = bi * kBlock, i1 = std::min(D, i0 + kBlock);
+          for (int64_t j0 = 0; j0 <= i0; j0 += kBlock)
+            for (int64_t i = i0; i < i1; ++i)
+              for (int64_t j = j0, j1 = std::min(j0 + kBlock, i); j < j1; ++j) o[i * D + j] = o[j * D + i];
+        }
       });
     });
     return;

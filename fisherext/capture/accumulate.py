@@ -59,7 +59,9 @@ class Accumulator:
         self.block_sums = {}
         self.kron = {}                # (param, part, group) -> [A_sum, G_sum, rows, idx]
         self.kron_params = set()
-        self.full = torch.zeros(self.P, self.P, **self.opts) if structure == "full" else None
+        # P×P sums start uninitialized: their first update overwrites them (beta = 0), saving a pass over P²
+        self.full = torch.empty(self.P, self.P, **self.opts) if structure == "full" else None
+        self.written = set()  # keys (None: full) of the dense sums that hold a first update
 
     def add(self, terms, wk: torch.Tensor, first: bool):
         """One cotangent chunk of one batch (``first``: the batch's first chunk)."""
@@ -129,9 +131,12 @@ class Accumulator:
         else:
             target = self.block_sums.get(key)
             if target is None:
-                target = self.block_sums[key] = torch.zeros(width, width, **self.opts)
+                target = self.block_sums[key] = torch.empty(width, width, **self.opts)
         live = [(i, t) for i, t in ((i, terms[i]) for i in idx) if t is not None]
         if not live:
+            if key not in self.written:
+                target.zero_()
+                self.written.add(key)
             return
         K, N = wk.shape[0], live[0][1].batch
         step = max(1, self.chunk_bytes // max(1, K * width * target.element_size()))
@@ -145,7 +150,9 @@ class Accumulator:
             G = torch.zeros(K, e - s, width, **self.opts)
             for i, t in live:
                 G[:, :, local[i]:local[i] + t.numel] = t.per_sample_grads(s, e)
-            ops.sym_outer_accum_(target, G.reshape(-1, width), wk.repeat_interleave(e - s))
+            ops.sym_outer_accum_(target, G.reshape(-1, width), wk.repeat_interleave(e - s),
+                                 beta=1.0 if key in self.written else 0.0)
+            self.written.add(key)
 
     def _positions(self, indices) -> torch.Tensor:
         """Flat-vector positions of the parameters ``indices``, in that order."""
