@@ -8,7 +8,9 @@ columns: ``A @ v`` with v [P] gives [P], ``A @ X`` with X [P, K] gives [P, K]. P
 data in batches and are normalized by the number of samples (the curvature of the mean loss), whatever
 the batching; the math is in ``fisherext.curvature.products``. The model's parameters are read at each product, so an
 operator follows the model as it trains; its mode is checked at each product too (``fisherext._core.conventions``:
-a model switched to train mode with dropout is refused, not silently sampled).
+a model switched to train mode with dropout is refused, not silently sampled). With ``compile=True`` (or a dict of
+torch.compile arguments) the per-batch products are those of ``fisherext.curvature.compiled``, compiled at the
+first product and reused by the later ones.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ from .._core.functional import FunctionalModel
 from .._core.likelihood import KINDS, as_likelihood, curvature_loss
 from .._core.types import Data, Loss, Params
 from ..linalg.linop import LinearOperator
-from .products import fisher_batch, ggn_batch, hessian_batch
+from .compiled import batch_products
 
 
 class _CurvatureOperator(LinearOperator):
-    def __init__(self, model: nn.Module, data, *, params=None, batch_size: int | None = None, progress: bool = False):
+    def __init__(self, model: nn.Module, data, *, params=None, batch_size: int | None = None, progress: bool = False,
+                 compile: bool | dict = False):
         check_positive_int("batch_size", batch_size, optional=True)
+        self.products = batch_products(compile)  # compiled: built once, so every product reuses the graphs
         self.fm = FunctionalModel(model, params)
         super().__init__(self.fm.P, self.fm.dtype, self.fm.device)
         self.data, self.batch_size, self.progress = data, batch_size, progress
@@ -61,20 +65,25 @@ class HessianOperator(_CurvatureOperator):
         params: None (all parameters that require grad), or names, modules or tensors.
         batch_size: samples per batch for tensor or Dataset data (a positive int).
         progress: show a tqdm progress bar over the batches of each product.
+        compile: False (eager), True, or a dict of ``torch.compile`` keyword arguments (updating
+            ``fullgraph=True, dynamic=False``): the per-batch product compiled by torch.compile
+            (``fisherext.curvature.compiled``), traced at the first product (seconds) and reused by the
+            later ones; a new batch shape or number of columns compiles once more.
 
     Raises:
-        TypeError: ``loss`` neither a name nor callable.
+        TypeError: ``loss`` neither a name nor callable, ``compile`` neither a bool nor a dict.
         ValueError: an unknown loss name, a bad ``batch_size``, a model in train mode with dropout (or
-            BatchNorm on batch statistics).
+            BatchNorm on batch statistics), unknown torch.compile arguments or torch.compile unavailable;
+            at the first product, a model and loss torch.compile cannot compile.
     """
 
     def __init__(self, model: nn.Module, loss: Loss, data: Data, *, params: Params = None,
-                 batch_size: int | None = None, progress: bool = False):
+                 batch_size: int | None = None, progress: bool = False, compile: bool | dict = False):
         self.loss = curvature_loss(loss)
-        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress)
+        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress, compile=compile)
 
     def _batch(self, x, y, V, offset):
-        return hessian_batch(self.fm, self.loss, x, y, V, offset)
+        return self.products.hessian_batch(self.fm, self.loss, x, y, V, offset)
 
 
 @entry_points(renamed={"loss_fn": "loss"})
@@ -86,12 +95,12 @@ class GGNOperator(HessianOperator):
     """
 
     def __init__(self, model: nn.Module, loss: Loss, data: Data, *, params: Params = None,
-                 batch_size: int | None = None, progress: bool = False):
+                 batch_size: int | None = None, progress: bool = False, compile: bool | dict = False):
         # its own entry point, so that errors name GGNOperator
-        super().__init__(model, loss, data, params=params, batch_size=batch_size, progress=progress)
+        super().__init__(model, loss, data, params=params, batch_size=batch_size, progress=progress, compile=compile)
 
     def _batch(self, x, y, V, offset):
-        return ggn_batch(self.fm, self.loss, x, y, V, offset)
+        return self.products.ggn_batch(self.fm, self.loss, x, y, V, offset)
 
 
 @entry_points(renamed={"loss_fn": "loss", "seed": "generator"})
@@ -121,24 +130,26 @@ class FisherOperator(_CurvatureOperator):
         params: None (all parameters that require grad), or names, modules or tensors.
         batch_size: samples per batch for tensor or Dataset data (a positive int).
         progress: show a tqdm progress bar over the batches of each product.
+        compile: as :class:`HessianOperator`; the cotangents of the kind are computed eagerly at the
+            outputs of one more (no-grad) forward pass per batch, the rest of the product compiled.
 
     Raises:
         ValueError: a ``loss`` that is no likelihood (class weights, label smoothing, another callable),
             an unknown ``kind``, a bad ``mc_samples`` or ``batch_size``, a ``generator`` on another
-            device than the parameters.
-        TypeError: ``generator`` not a ``torch.Generator``.
+            device than the parameters, a bad ``compile`` (as :class:`HessianOperator`).
+        TypeError: ``generator`` not a ``torch.Generator``, ``compile`` neither a bool nor a dict.
     """
 
     def __init__(self, model: nn.Module, loss: Loss, data: Data, *, kind: str = "true", mc_samples: int = 1,
                  generator: torch.Generator | None = None, class_dim: int | None = None,
                  ignore_index: int | None = None, params: Params = None, batch_size: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, compile: bool | dict = False):
         check_choice("kind", kind, KINDS)
         self.likelihood = as_likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
         check_positive_int("mc_samples", mc_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress)
+        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress, compile=compile)
         self.kind, self.mc_samples = kind, mc_samples
         self._labels_state = None
         if kind == "mc":
@@ -156,8 +167,8 @@ class FisherOperator(_CurvatureOperator):
         return super()._matmat(X)
 
     def _batch(self, x, y, V, offset):
-        return fisher_batch(self.fm, self.likelihood, self.kind, x, y, V, mc_samples=self.mc_samples,
-                            generator=self._generator, offset=offset)
+        return self.products.fisher_batch(self.fm, self.likelihood, self.kind, x, y, V, mc_samples=self.mc_samples,
+                                          generator=self._generator, offset=offset)
 
 
 __all__ = ["FisherOperator", "GGNOperator", "HessianOperator"]

@@ -63,7 +63,10 @@ _OLD_METHODS = {"exact": "hessian", "ggn": "ggn"}  # hvp's method= of earlier ve
 # forward-over-reverse (torch.func jvp of grad, or forward-mode duals through a backward) 3.9-4.1x; for
 # the Gauss-Newton product, a dual forward plus one backward 1.7-2.0x, the double-VJP form 2.3-2.6x for
 # one vector but 1.45x per vector when K share its graph, vmap over the K vectors slower still (the work
-# is GEMM-bound on CPU; vmapping batches launches, not flops). The paths below are the fastest of these.
+# is GEMM-bound on CPU; vmapping batches launches, not flops; measured again for K = 16, one batched
+# backward by ``is_grads_batched`` took 1.45-1.5x the time of the K backward passes below, its batching
+# rules adding GEMMs and copies). The paths below are the fastest of these; ``compile=`` runs the products
+# of ``fisherext.curvature.compiled`` instead.
 
 
 def hessian_batch(fm: FunctionalModel, loss, x, y, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -106,20 +109,25 @@ def ggn_batch(fm: FunctionalModel, loss, x, y, V: torch.Tensor, offset: int = 0)
     return _output_space_batch(fm, x, V, lambda out, JV: output_hessian_product(loss, out, y, JV), offset)
 
 
+def cotangent_product(out: torch.Tensor, JV: torch.Tensor, cot: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(1/n) Λ̂_n u for every sample and direction u of JV [K, *out.shape], with Λ̂_n = Σ_m w_m c_mn c_mnᵀ the
+    outer products of the cotangents ``cot`` [M, *out.shape] (weights [M]), never a per-sample gradient."""
+    n = out.shape[0]
+    cot = cot.reshape(cot.shape[0], n, -1)
+    coef = torch.einsum("mne,kne->kmn", cot, JV.reshape(JV.shape[0], n, -1)) * weights[None, :, None]
+    return torch.einsum("kmn,mne->kne", coef, cot).reshape(JV.shape) / n
+
+
 def fisher_batch(fm: FunctionalModel, lik: Likelihood, kind: str, x, y, V: torch.Tensor, *, mc_samples=1,
                  generator=None, offset=0) -> torch.Tensor:
     """F_b V = (1/n_b) Σ_n J_nᵀ Λ̂_n J_n V, Λ̂_n from the cotangents of ``fisherext.fisher`` (outputs
     [N, C], or with positions [N, T, C] / [N, C, H, W]: a sum over the positions that count). [K, P]"""
 
     def apply(out, JV):
-        n = out.shape[0]
         if kind == "true":  # the likelihood's own Λ u (softmax: the fused kernel)
-            return lik.at(out, y).hessian_product(JV) / n
-        # Λ̂_n u = Σ_m w_m c_mn (c_mnᵀ u): the M labels' outer products, never a per-sample gradient
+            return lik.at(out, y).hessian_product(JV) / out.shape[0]
         c = Cotangents(lik, out, y, kind, mc_samples=mc_samples, generator=generator)
-        cot = c.all().reshape(c.K, n, -1)
-        coef = torch.einsum("mne,kne->kmn", cot, JV.reshape(JV.shape[0], n, -1)) * c.weights[None, :, None]
-        return torch.einsum("kmn,mne->kne", coef, cot).reshape(JV.shape) / n
+        return cotangent_product(out, JV, c.all(), c.weights)
 
     return _output_space_batch(fm, x, V, apply, offset)
 
@@ -169,7 +177,7 @@ def check_curvature_choices(curvature: str, method: str) -> None:
 @entry_point(renamed={"loss_fn": "loss", "r": "eps"})
 def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature: str = "hessian",
         method: str = "autograd", eps: float = 1e-3, params: Params = None, batch_size: int | None = None,
-        progress: bool = False) -> torch.Tensor:
+        progress: bool = False, compile: bool | dict = False) -> torch.Tensor:
     r"""Curvature-vector products of the mean loss over ``data``: :math:`Hv` or :math:`Gv`.
 
     With :math:`L(\theta) = \frac1N\sum_n \ell(f(x_n;\theta), y_n)` the mean over all N samples
@@ -198,6 +206,10 @@ def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature:
         batch_size: samples per batch for tensor or Dataset data (a positive int; a DataLoader keeps its
             own batches).
         progress: show a tqdm progress bar over the batches (over the vectors for ``method="fd"``).
+        compile: False (eager), True, or a dict of ``torch.compile`` keyword arguments (updating
+            ``fullgraph=True, dynamic=False``): the per-batch product traced and compiled by torch.compile
+            (``fisherext.curvature.compiled``; ``method="autograd"`` only). The graphs stay cached, so
+            later calls on the same model and batch shapes reuse them; the first call compiles (seconds).
 
     Returns:
         Tensor of v's shape: :math:`Hv` [P] or :math:`HV` [P, K] (likewise for G).
@@ -206,26 +218,34 @@ def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature:
         ValueError: an unknown ``curvature`` or ``method`` (the earlier ``method="exact"`` and
             ``method="ggn"`` name ``curvature=``), ``method="fd"`` with ``curvature="ggn"``, a bad ``eps``,
             ``batch_size`` or ``v``, a model in train mode with dropout (or BatchNorm on batch
-            statistics), no samples.
-        TypeError: ``loss`` neither a name nor callable, ``v`` not a floating-point tensor.
+            statistics), no samples; ``compile`` with ``method="fd"``, unknown torch.compile arguments,
+            torch.compile unavailable, or a model and loss it cannot compile.
+        TypeError: ``loss`` neither a name nor callable, ``v`` not a floating-point tensor, ``compile``
+            neither a bool nor a dict.
 
     The forward passes follow the conventions of the curvature products: padding_idx lookups are
     constants, attention runs the math kernel, outputs must be finite.
     """
+    from .compiled import batch_products  # (that module imports this one)
+
     check_curvature_choices(curvature, method)
     loss = curvature_loss(loss)
     eps = check_eps(eps)
     check_positive_int("batch_size", batch_size, optional=True)
+    if compile is not False and method == "fd":
+        raise ValueError("compile: compiles the autograd products; method='fd' differences plain gradients")
+    products = batch_products(compile)
     fm = FunctionalModel(model, params)
     V, single = fm.vectors(v)
+    V = V.contiguous()  # rows of the columns [P, K]: contiguous, so that every backward reads them in place
     with curvature_forward(model):  # entered before fd_product moves any parameter
         if method == "fd":
             out = fd_product(fm, loss, data, V, eps, batch_size, progress)
         else:
-            batch = hessian_batch if curvature == "hessian" else ggn_batch
+            batch = products.hessian_batch if curvature == "hessian" else products.ggn_batch
             out = stream(model, data, batch_size, lambda x, y, offset: batch(fm, loss, x, y, V, offset),
                          progress=progress, desc=f"hvp(curvature={curvature!r})")
     return out[0] if single else out.T
 
 
-__all__ = ["CURVATURES", "METHODS", "fisher_batch", "ggn_batch", "hessian_batch", "hvp"]
+__all__ = ["CURVATURES", "METHODS", "cotangent_product", "fisher_batch", "ggn_batch", "hessian_batch", "hvp"]
