@@ -119,6 +119,37 @@ def test_fisher_kinds_single_vectors_and_a_ragged_last_batch():
     assert graphs() == start + 4  # (3 or 1 samples) x (2 or 1 vectors)
 
 
+class _PerPosition(nn.Module):
+    """x [N, T, 5] -> outputs [N, T, 4] (Linear - tanh - Linear at every position)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+def test_true_fisher_of_every_likelihood_with_positions(loss):
+    """The compiled true Fisher is the GGN of the likelihood's mean loss rescaled by the positions that count
+    (cross-entropy over [N, T, C] with ignored labels) or by the entries (mse: E/2, bce: E): equal to the
+    eager product, which applies the likelihood's own Λ."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = _PerPosition().double().eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 5, generator=g, dtype=torch.float64)
+    if loss == "cross_entropy":
+        y = torch.randint(0, 4, (6, 3), generator=g)
+        y[0, 1] = y[3, 2] = -100  # ignored positions
+    else:
+        y = torch.rand(6, 3, 4, generator=g, dtype=torch.float64)
+    V = columns(model)
+    make = lambda compile: FisherOperator(model, loss, (x, y), batch_size=3, compile=compile)
+    assert_close(make(True) @ V, make(False) @ V)
+
+
 def test_torch_compile_arguments_pass_through():
     """A dict updates the defaults: backend="aot_eager" traces the same product and skips code generation."""
     model, data = problem("mlp", torch.float64)

@@ -226,13 +226,13 @@ def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature:
     The forward passes follow the conventions of the curvature products: padding_idx lookups are
     constants, attention runs the math kernel, outputs must be finite.
     """
-    from .compiled import batch_products  # (that module imports this one)
+    from .compiled import batch_products, compile_options  # (that module imports this one)
 
     check_curvature_choices(curvature, method)
     loss = curvature_loss(loss)
     eps = check_eps(eps)
     check_positive_int("batch_size", batch_size, optional=True)
-    if compile is not False and method == "fd":
+    if compile_options(compile) is not None and method == "fd":
         raise ValueError("compile: compiles the autograd products; method='fd' differences plain gradients")
     products = batch_products(compile)
     fm = FunctionalModel(model, params)
