@@ -25,6 +25,13 @@ def rhs(P, K, device, seed=1, dtype=torch.float64):
     return torch.randn((P,) if K is None else (P, K), generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+def damped_system(K, damping, device, P=40):
+    """(M with eigenvalues 1..10, b [P] or [P, K], (M + damping I)^-1 b by a direct solve)."""
+    M, _ = spd(P, torch.linspace(1, 10, P), device)
+    b = rhs(P, K, device)
+    return M, b, torch.linalg.solve(M + damping * torch.eye(P, dtype=M.dtype, device=device), b)
+
+
 def assert_solves(x, expected, rel):
     """max |x - expected| <= rel * max |expected|."""
     assert_close(x, expected, rtol=rel)
@@ -130,11 +137,8 @@ def test_cg_warns_when_maxiter_is_reached(device):
 @pytest.mark.parametrize("damping", [0.0, 0.5])
 def test_lissa_matches_solve_with_absolute_damping(damping, K, device):
     """scale > lambda_max + damping: LiSSA converges to (A + damping I)^-1 b (damping absolute)."""
-    P, scale = 40, 12.0
-    M, _ = spd(P, torch.linspace(1, 10, P), device)
-    b = rhs(P, K, device)
-    est = solvers.lissa(M, b, scale=scale, damping=damping, depth=600)  # rate 1 - (1 + damping)/12
-    expected = torch.linalg.solve(M + damping * torch.eye(P, dtype=M.dtype, device=device), b)
+    M, b, expected = damped_system(K, damping, device)
+    est = solvers.lissa(M, b, scale=12.0, damping=damping, depth=600)  # rate 1 - (1 + damping)/12
     assert_solves(est, expected, 1e-8)
     assert est.shape == b.shape and est.dtype == b.dtype
 
@@ -192,11 +196,9 @@ def test_lissa_scale_below_lambda_max_raises(device):
 @pytest.mark.parametrize("K", [None, 3], ids=["P", "K3"])
 @pytest.mark.parametrize("damping", [0.0, 0.5])
 def test_neumann_matches_solve(K, damping, device):
-    P, scale = 40, 12.0
-    M, _ = spd(P, torch.linspace(1, 10, P), device)
-    b = rhs(P, K, device)
-    est = solvers.neumann(M, b, scale=scale, damping=damping, terms=450)  # truncation (11/12)^450 ~ 1e-17
-    assert_solves(est, torch.linalg.solve(M + damping * torch.eye(P, dtype=M.dtype, device=device), b), 1e-8)
+    M, b, expected = damped_system(K, damping, device)
+    est = solvers.neumann(M, b, scale=12.0, damping=damping, terms=450)  # truncation (11/12)^450 ~ 1e-17
+    assert_solves(est, expected, 1e-8)
 
 
 def test_neumann_truncation_is_the_partial_sum(device):

@@ -37,7 +37,7 @@ from .. import ops
 _GRAM_COLUMNS = 32
 
 
-def chunks(n: int, step: int):
+def _chunks(n: int, step: int):
     """[s, e) ranges of at most ``step`` covering range(n)."""
     for s in range(0, n, step):
         yield s, min(n, s + step)
@@ -70,11 +70,11 @@ class Term:
 
     def sq_norms(self, wk: torch.Tensor) -> torch.Tensor:
         return torch.cat([wk @ (self.per_sample_grads(s, e) ** 2).sum(-1)
-                          for s, e in chunks(self.batch, self.rows_per_chunk())])
+                          for s, e in _chunks(self.batch, self.rows_per_chunk())])
 
     def gram(self) -> torch.Tensor:
         return torch.cat([torch.einsum("knp,lnp->nkl", g, g)
-                          for g in (self.per_sample_grads(s, e) for s, e in chunks(self.batch, self.rows_per_chunk()))])
+                          for g in (self.per_sample_grads(s, e) for s, e in _chunks(self.batch, self.rows_per_chunk()))])
 
     # materialized gradients are formed a chunk of samples at a time
     chunk_bytes = 1 << 26
@@ -84,7 +84,7 @@ class Term:
 
     def _chunked(self, reduce):
         total = None
-        for s, e in chunks(self.batch, self.rows_per_chunk()):
+        for s, e in _chunks(self.batch, self.rows_per_chunk()):
             part = reduce(self.per_sample_grads(s, e))
             total = part if total is None else total + part
         return total
@@ -218,7 +218,7 @@ class LinearTerm(Term):
             if pair is None:
                 return super().sq_norms(wk)
             a, d = pair
-            for k0, k1 in chunks(self.K, _GRAM_COLUMNS):
+            for k0, k1 in _chunks(self.K, _GRAM_COLUMNS):
                 g = ops.class_gram(a, d[:, k0:k1].contiguous())
                 total = total + g.diagonal(dim1=1, dim2=2) @ wk[k0:k1]
         return total

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout, to_samples
-from ..terms import BiasTerm, LinearTerm, chunks
+from ..terms import BiasTerm, LinearTerm, Term
 from .base import Rule
 
 
@@ -115,29 +115,18 @@ class ConvTerm(LinearTerm):
         grad = grad.view(n, G, K, O // G, self.cols)
         return (grad[:, 0] if G == 1 else grad.transpose(1, 2)).reshape(n, K, self.numel)
 
-    def rows_per_chunk(self) -> int:
-        return max(1, self.chunk_bytes // max(1, self.K * self.numel * self.dz.element_size()))
-
     def per_sample_grads(self, s, e):
         return self._grads(s, e).transpose(0, 1) if self.grouped else super().per_sample_grads(s, e)
 
+    # grouped: Term's chunked reductions of per_sample_grads; unfolded: LinearTerm's factored forms
     def diag(self, wk):
-        if not self.grouped:
-            return super().diag(wk)
-        total = 0
-        for s, e in chunks(self.batch, self.rows_per_chunk()):
-            total = total + wk @ self._grads(s, e).square_().sum(0)
-        return total
+        return Term.diag(self, wk) if self.grouped else super().diag(wk)
 
     def sq_norms(self, wk):
-        if not self.grouped:
-            return super().sq_norms(wk)
-        return torch.cat([self._grads(s, e).square_().sum(-1) @ wk for s, e in chunks(self.batch, self.rows_per_chunk())])
+        return Term.sq_norms(self, wk) if self.grouped else super().sq_norms(wk)
 
     def gram(self):
-        if not self.grouped:
-            return super().gram()
-        return torch.cat([g @ g.transpose(1, 2) for g in (self._grads(s, e) for s, e in chunks(self.batch, self.rows_per_chunk()))])
+        return Term.gram(self) if self.grouped else super().gram()
 
 
 class ConvRule(Rule):
