@@ -97,3 +97,17 @@ def test_flatten_unflatten_roundtrip():
         fisherext.unflatten(flat[:-1], ts)
     with pytest.raises(ValueError, match="'tensors'"):
         fisherext.flatten([])
+
+
+def test_the_distribution_holds_every_subpackage():
+    # A wheel (not only an editable install) must ship fisherext.capture, .curvature, ..., .optim.
+    setuptools = pytest.importorskip("setuptools")
+    tomllib = pytest.importorskip("tomllib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        find = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(setuptools.find_packages(root, include=find["include"]))
+    package = os.path.dirname(fisherext.__file__)
+    on_disk = {os.path.relpath(d, root).replace(os.sep, ".") for d, _, files in os.walk(package)
+               if "__init__.py" in files}
+    assert on_disk and on_disk <= shipped

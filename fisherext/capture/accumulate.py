@@ -116,8 +116,9 @@ class Accumulator:
         device = self.opts["device"]
         local = torch.arange(lin.numel, device=device) if index is None else index.reshape(-1)
         grid = (self.offsets[i] + local).view(lin.rows, lin.cols)
-        start = sum(L.shape[-1] for L, _ in lin.pairs[:g])
-        rows = grid[start:start + lin.pairs[g][0].shape[-1]]
+        sizes = lin.group_rows
+        start = sum(sizes[:g])
+        rows = grid[start:start + sizes[g]]
         if bias is not None:
             b = self.offsets[bias] + torch.arange(start, start + rows.shape[0], device=device)
             rows = torch.cat([rows, b[:, None]], dim=1)

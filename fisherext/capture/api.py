@@ -140,7 +140,9 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
                 continue
             out = checked_output(cap.forward(x), total)
             cot = Cotangents(lik, out, y, kind, mc_samples=mc_samples, generator=generator)
-            step = cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K, chunk_bytes)
+            # K-FAC sums its factors over the cotangents one by one, and the backward runs one per cotangent
+            # anyway: chunks of one spare stacking the K output gradients of every layer (a copy of all of them)
+            step = 1 if structure == "kfac" else cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K, chunk_bytes)
             for k0 in range(0, cot.K, step):
                 k1 = min(cot.K, k0 + step)
                 acc.add(cap.backward(out, cot.chunk(k0, k1), last=k1 == cot.K), cot.weights[k0:k1], first=k0 == 0)

@@ -53,6 +53,34 @@ def _sq_grad_over_cotangents(a: torch.Tensor, d: torch.Tensor, wk: torch.Tensor)
     return torch.einsum("k,koi->oi", wk, stacked.view(K, O, a.shape[-1]))
 
 
+def feature_gram(M: torch.Tensor) -> torch.Tensor:
+    """:math:`\sum_b M_b M_b^\top` [D, D] for M [B, D, L] (features × positions per row block), exactly
+    symmetric: one small product per block when D ≤ L (its [B, D, D] scratch no larger than M), else one
+    GEMM over a [D, B·L] copy of M."""
+    B, D, L = M.shape
+    if D <= L:
+        S = torch.bmm(M, M.mT).sum(0)
+    else:
+        X = M.transpose(0, 1).reshape(D, B * L)
+        S = X @ X.T
+    return (S + S.T) / 2
+
+
+def input_factor(gram: torch.Tensor, colsum: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """K-FAC's input sum :math:`\sum \tilde a \tilde a^\top` over ``rows`` rows, with
+    :math:`\tilde a = (a, 1)`, from :math:`\sum a a^\top` and :math:`\sum a` (None: no bias, the Gram
+    itself), without forming the rows with a 1 appended."""
+    if colsum is None:
+        return gram
+    D = gram.shape[0]
+    A = gram.new_empty(D + 1, D + 1)
+    A[:D, :D] = gram
+    A[:D, D] = colsum
+    A[D, :D] = colsum
+    A[D, D] = rows
+    return A
+
+
 class Term:
     """Per-sample gradients of one parameter view; ``numel`` entries, ``batch`` samples, K cotangents."""
 
@@ -223,22 +251,29 @@ class LinearTerm(Term):
                 total = total + g.diagonal(dim1=1, dim2=2) @ wk[k0:k1]
         return total
 
+    @property
+    def group_rows(self) -> list[int]:
+        """The rows of each group's block of g (blocks stacked along rows)."""
+        return [L.shape[-1] for L, _ in self.pairs]
+
     def kfac_factors(self, wk, with_bias: bool, inputs: bool = True):
         """Per group: (A_sum [c(+1), c(+1)] or None without ``inputs``, G_sum [r, r], rows N·T): A from
-        the input side (a 1 appended for a bias), G = Σ_k w_k Σ δδᵀ from the output side, all cotangents
-        in one rank-(K·N·T) update. Only for ``standard`` terms."""
+        the input side (its Gram, plus the column sums and the row count for a bias), G = Σ_k w_k Σ δδᵀ
+        from the output side, one Gram per cotangent scaled by its weight (a tensor: no host sync).
+        Only for ``standard`` terms."""
         out = []
         for L, R in self.pairs:
             A = None
             a = R[0]
             if inputs:
-                if with_bias:
-                    a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-                A = a.new_zeros(a.shape[-1], a.shape[-1])
-                ops.sym_outer_accum_(A, a)
-            K, N, T, r = L.shape
-            G = L.new_zeros(r, r)
-            ops.sym_outer_accum_(G, L.reshape(K * N, T, r), wk.repeat_interleave(N))  # weights as a tensor: no host sync
+                A = a.new_empty(a.shape[-1], a.shape[-1])
+                ops.sym_outer_accum_(A, a, beta=0.0)
+                A = input_factor(A, a.sum((0, 1)) if with_bias else None, a.shape[0] * a.shape[1])
+            G = 0
+            for k in range(L.shape[0]):
+                Gk = L.new_empty(L.shape[-1], L.shape[-1])
+                ops.sym_outer_accum_(Gk, L[k], beta=0.0)
+                G = G + wk[k] * Gk
             out.append((A, G, a.shape[0] * a.shape[1]))
         return out
 

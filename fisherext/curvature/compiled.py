@@ -176,7 +176,7 @@ class CompiledProducts:
 
     def fisher_batch(self, fm: FunctionalModel, lik: Likelihood, kind: str, x, y, V: torch.Tensor, *,
                      mc_samples=1, generator=None, offset=0) -> torch.Tensor:
-        """F_b V, [K, P]. The true Fisher with labels: the GGN of the likelihood's mean loss
+        r"""F_b V, [K, P]. The true Fisher with labels: the GGN of the likelihood's mean loss
         :math:`\sum_n \ell_n / d` (its Λ in the graph) times d / n, d its ``mean_denominator`` (the positions
         that count); without labels, and for the other kinds, the cotangents of the kind at the outputs
         of an eager forward pass (for the true Fisher the K = T·C square-root columns of Λ per sample)."""

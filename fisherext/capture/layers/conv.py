@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout, to_samples
-from ..terms import BiasTerm, LinearTerm, Term
+from ..terms import BiasTerm, LinearTerm, Term, feature_gram, input_factor
 from .base import Rule
 
 
@@ -64,8 +64,11 @@ class ConvTerm(LinearTerm):
       (:math:`O \cdot C/G \cdot \prod k`) is no larger than its patches (:math:`T \cdot C \prod k`),
       i.e. :math:`O \le G\,T` — the early, wide-image layers, where unfolding costs the most.
     - *unfolded*: the :class:`LinearTerm` over explicitly unfolded patches (``pairs``, formed on first
-      use): for the late layers with many channels and few positions, and always for K-FAC factors
-      (whose input factor is the patches' Gram).
+      use): for the late layers with many channels and few positions.
+
+    K-FAC's factors sum over all rows and positions, whatever sample they belong to, so they are taken
+    from the patches in im2col's own layout [B, C·Πk, L] and from the output gradient as it is
+    [K, B, O, L] (:func:`~fisherext.capture.terms.feature_gram`), never in the per-sample layout.
     """
 
     def __init__(self, saved: dict, dz: torch.Tensor, layout: Layout, n: int, d: torch.Tensor):
@@ -117,6 +120,32 @@ class ConvTerm(LinearTerm):
 
     def per_sample_grads(self, s, e):
         return self._grads(s, e).transpose(0, 1) if self.grouped else super().per_sample_grads(s, e)
+
+    @property
+    def standard(self) -> bool:
+        return True  # the patches do not depend on the cotangent
+
+    @property
+    def group_rows(self) -> list[int]:
+        G = self.saved["groups"]
+        return [self.rows // G] * G
+
+    def kfac_factors(self, wk, with_bias: bool, inputs: bool = True):
+        sv, G = self.saved, self.saved["groups"]
+        dz = self.dz.flatten(3)                                                       # [K, B, O, L]
+        rows = dz.shape[1] * dz.shape[3]
+        patches = None
+        if inputs:  # [B, C·Πk, L]: F.unfold's own layout in 1-d and 2-d (unfold returns its transpose)
+            patches = unfold(sv["input"], sv["kernel"], sv["stride"], sv["padding"], sv["dilation"]).mT
+        out = []
+        for g in range(G):
+            A = None
+            if inputs:
+                M = patches.chunk(G, 1)[g]
+                A = input_factor(feature_gram(M), M.sum((0, 2)) if with_bias else None, rows)
+            Gs = sum(wk[k] * feature_gram(dz[k].chunk(G, 1)[g]) for k in range(dz.shape[0]))
+            out.append((A, Gs, rows))
+        return out
 
     # grouped: Term's chunked reductions of per_sample_grads; unfolded: LinearTerm's factored forms
     def diag(self, wk):
