@@ -9,6 +9,7 @@ import torch
 
 from support import assert_close
 from support.models import compute, make_data, make_model
+from fisherext import fisher as fx_fisher
 from fisherext.capture.matrix import DensePart, DiagPart, FisherMatrix, KronPart
 
 DT = torch.float64
@@ -39,6 +40,35 @@ def test_dense_assembles_the_parts(device):
     assert_close(F.dense(), expected)
     v = torch.randn(13, generator=torch.Generator().manual_seed(3), dtype=DT).to(device)
     assert_close(F.mv(v), expected @ v)
+
+
+def test_dense_copies_unless_told_not_to(device):
+    M = spd(4, 7).to(device)
+    F = FisherMatrix(4, [DensePart(torch.arange(4, device=device), M.clone())], num_samples=3, structure="full")
+    copied = F.dense()
+    copied.zero_()
+    assert_close(F.dense(), M)                      # the copy was written to, the Fisher is unchanged
+    own = F.dense(copy=False)
+    assert_close(own, M)
+    own.mul_(2)
+    assert_close(F.dense(), 2 * M)                  # its own matrix: documented to change the Fisher
+    blocks, expected = matrix(device)
+    assembled = blocks.dense(copy=False)            # parts are always assembled into a new matrix
+    assembled.zero_()
+    assert_close(blocks.dense(), expected)
+
+
+def test_full_fisher_takes_its_mean_in_the_updates_or_at_the_end(device):
+    model = make_model("mlp").to(device)
+    x, y = make_data("mlp", 7)
+    x, y = x.to(device), y.to(device)
+    whole = fx_fisher(model, (x, y), kind="empirical", structure="full", batch_size=3).dense()
+    streamed = fx_fisher(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3),
+                         kind="empirical", structure="full").dense()
+    grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        torch.nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1]), list(model.parameters()))]) for n in range(7)])
+    assert_close(whole, grads.T @ grads / 7)
+    assert_close(streamed, grads.T @ grads / 7)
 
 
 def test_dense_is_planned_against_the_memory_budget(device):

@@ -45,8 +45,11 @@ def cotangent_step(act: int, grad: int, n: int, K: int, chunk_bytes: int) -> int
 class Accumulator:
     """Per-structure running sums over batches and cotangent chunks; ``finish`` builds the FisherMatrix."""
 
-    def __init__(self, structure, cap: Capture, chunk_bytes: int):
+    def __init__(self, structure, cap: Capture, chunk_bytes: int, samples: int | None = None):
         self.structure, self.cap, self.chunk_bytes = structure, cap, chunk_bytes
+        # With the number of samples known up front (an (x, y) tuple), the dense sums take their 1/N in
+        # the weights of each update, which spares finish() a pass over the P×P matrix.
+        self.samples = samples
         self.offsets, o = [], 0
         for _, p in cap.params:
             self.offsets.append(o)
@@ -151,7 +154,8 @@ class Accumulator:
             G = torch.zeros(K, e - s, width, **self.opts)
             for i, t in live:
                 G[:, :, local[i]:local[i] + t.numel] = t.per_sample_grads(s, e)
-            ops.sym_outer_accum_(target, G.reshape(-1, width), wk.repeat_interleave(e - s),
+            w = wk.repeat_interleave(e - s)
+            ops.sym_outer_accum_(target, G.reshape(-1, width), w if self.samples is None else w / self.samples,
                                  beta=1.0 if key in self.written else 0.0)
             self.written.add(key)
 
@@ -176,10 +180,16 @@ class Accumulator:
             flat = self._positions(idx)
             block = self.block_sums.get(key)
             parts.append(DensePart(flat, torch.zeros(flat.numel(), flat.numel(), **self.opts) if block is None
-                                   else block.div_(N)))
+                                   else self._mean(block, N)))
         if self.structure == "full":
-            parts.append(DensePart(self._positions(range(len(self.cap.params))), self.full.div_(N)))  # in place: P×P
+            parts.append(DensePart(self._positions(range(len(self.cap.params))), self._mean(self.full, N)))
         return FisherMatrix(self.P, parts, N, self.structure)
+
+    def _mean(self, dense_sum: torch.Tensor, N: int) -> torch.Tensor:
+        """A dense sum divided by N, in place (P×P), unless its updates took the 1/N already."""
+        if self.samples == N:
+            return dense_sum
+        return dense_sum.div_(N if self.samples is None else N / self.samples)
 
 
 def kron_parts(term) -> list | None:

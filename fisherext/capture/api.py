@@ -121,7 +121,8 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
             f"structure={structure!r} over {P} parameters", hint)
     chunk_bytes = max(_MIN_CHUNK, min(budget // 4, _MAX_CHUNK))
     cap.chunk_bytes = chunk_bytes
-    acc = Accumulator(structure, cap, chunk_bytes)
+    tuple_data = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+    acc = Accumulator(structure, cap, chunk_bytes, samples=data[0].shape[0] if tuple_data else None)
     if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
         first = next(iter_batches(data, 2), None)
         if first is None:

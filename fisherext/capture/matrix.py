@@ -225,11 +225,14 @@ class FisherMatrix(LinearOperator):
         """
         return self._scatter(part.diag() for part in self.parts)
 
-    def dense(self, memory_budget: int | None = None) -> torch.Tensor:
+    def dense(self, memory_budget: int | None = None, *, copy: bool = True) -> torch.Tensor:
         """The full P×P matrix (zero outside the structure's blocks).
 
         Args:
             memory_budget: bytes; default half the available memory (``fisherext._core.memory``).
+            copy: False returns a ``structure="full"`` Fisher's own matrix, not a copy of it (one P×P pass
+                and P² of memory saved; writing to it changes this Fisher). Other structures assemble a new
+                matrix either way.
 
         Returns:
             [P, P] in the Fisher's dtype and device.
@@ -243,7 +246,8 @@ class FisherMatrix(LinearOperator):
                 "diag(), mv(), quad(), trace() and solve() need no P x P matrix; or pass a larger memory_budget")
         spans = [_span(part.idx) for part in self.parts]
         if len(self.parts) == 1 and spans[0] == (0, self.P):  # one part over every position in order (full)
-            return self.parts[0].dense().clone()
+            M = self.parts[0].dense()
+            return M.clone() if copy else M
         out = torch.zeros(self.P, self.P, dtype=self.dtype, device=self.device)
         for part, span in zip(self.parts, spans):
             if span is None:
