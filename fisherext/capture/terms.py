@@ -54,7 +54,7 @@ def _sq_grad_over_cotangents(a: torch.Tensor, d: torch.Tensor, wk: torch.Tensor)
 
 
 def feature_gram(M: torch.Tensor) -> torch.Tensor:
-    """:math:`\sum_b M_b M_b^\top` [D, D] for M [B, D, L] (features × positions per row block), exactly
+    r""":math:`\sum_b M_b M_b^\top` [D, D] for M [B, D, L] (features × positions per row block), exactly
     symmetric: one small product per block when D ≤ L (its [B, D, D] scratch no larger than M), else one
     GEMM over a [D, B·L] copy of M."""
     B, D, L = M.shape
@@ -67,7 +67,7 @@ def feature_gram(M: torch.Tensor) -> torch.Tensor:
 
 
 def input_factor(gram: torch.Tensor, colsum: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """K-FAC's input sum :math:`\sum \tilde a \tilde a^\top` over ``rows`` rows, with
+    r"""K-FAC's input sum :math:`\sum \tilde a \tilde a^\top` over ``rows`` rows, with
     :math:`\tilde a = (a, 1)`, from :math:`\sum a a^\top` and :math:`\sum a` (None: no bias, the Gram
     itself), without forming the rows with a 1 appended."""
     if colsum is None:
