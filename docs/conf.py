@@ -99,7 +99,8 @@ class KernelFamily(SphinxDirective):
 # they define) must be documented, under that name or another.
 PUBLIC = ["fisherext", "fisherext.capture", "fisherext.curvature", "fisherext.perturb", "fisherext.gaussian",
           "fisherext.linalg", "fisherext.linalg.linop", "fisherext.linalg.solvers", "fisherext.linalg.spectral",
-          "fisherext.influence", "fisherext.experiments", "fisherext.experiments.gaussian_kl", "fisherext.ops",
+          "fisherext.influence", "fisherext.ewc", "fisherext.optim", "fisherext.attacks", "fisherext.detect",
+          "fisherext.experiments", "fisherext.experiments.gaussian_kl", "fisherext.ops",
           "fisherext.reference", "fisherext._core.types"]
 
 

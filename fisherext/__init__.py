@@ -2,7 +2,8 @@
 
 Layers, each importing only from the ones below it:
 
-- applications: ``fisherext.influence``, ``fisherext.experiments``;
+- applications: ``fisherext.influence``, ``fisherext.ewc``, ``fisherext.optim``, ``fisherext.attacks``,
+  ``fisherext.detect``, ``fisherext.experiments``;
 - engines: ``fisherext.capture`` (per-sample gradients: ``fisher``, ``per_sample_fisher``),
   ``fisherext.curvature`` (matrix-free products: ``hvp``, the operators), ``fisherext.perturb``
   (finite differences, input sensitivity), ``fisherext.gaussian`` (closed forms);
@@ -13,7 +14,7 @@ Layers, each importing only from the ones below it:
 """
 import torch  # noqa: F401  (must be imported before the extension is loaded)
 
-from . import experiments, gaussian, influence, linalg, ops, reference
+from . import attacks, detect, ewc, experiments, gaussian, influence, linalg, ops, optim, reference
 from ._core.params import flatten, unflatten
 from ._version import __version__
 from .capture import FisherMatrix, fisher, per_sample_fisher
@@ -27,9 +28,9 @@ from .perturb import fd_quadratic, fd_quadratic_directions, input_sensitivity, p
 
 __all__ = [
     "FisherMatrix", "FisherOperator", "GGNOperator", "HessianOperator", "InfluenceFunctions", "LinearOperator",
-    "build_info", "experiments", "fd_quadratic", "fd_quadratic_directions", "fisher", "flatten", "gaussian", "hvp",
-    "influence", "input_sensitivity", "kl_vs_fisher", "linalg", "linop", "ops", "per_sample_fisher", "perturbed",
-    "reference", "solvers", "spectral", "unflatten", "__version__",
+    "attacks", "build_info", "detect", "ewc", "experiments", "fd_quadratic", "fd_quadratic_directions", "fisher",
+    "flatten", "gaussian", "hvp", "influence", "input_sensitivity", "kl_vs_fisher", "linalg", "linop", "ops",
+    "optim", "per_sample_fisher", "perturbed", "reference", "solvers", "spectral", "unflatten", "__version__",
 ]
 
 # Modules of earlier versions, with where their contents went.

@@ -17,7 +17,7 @@ PACKAGE = pathlib.Path(fisherext.__file__).parent
 
 # The layers, top to bottom: a module may import only from its own layer's package or from layers below.
 LAYERS = [
-    {"influence", "experiments"},
+    {"influence", "ewc", "optim", "attacks", "detect", "experiments"},
     {"capture", "curvature", "perturb", "gaussian"},
     {"linalg"},
     {"_core"},

@@ -12,7 +12,7 @@ import fisherext as fx
 from support import assert_close
 from support.models import (
     SPECS, assert_matches, compute, compute_per_sample, make_data, make_model, names_argument, num_params,
-    param_slices, reference, untouched,
+    param_slices, per_class_grads, reference, untouched,
 )
 
 EXACT_KINDS = ["true", "empirical"]
@@ -240,3 +240,33 @@ def test_fallback_model_warns(device):
         warnings.simplefilter("always")
         with pytest.warns(UserWarning, match=SPECS["scaleshift"].fallback):
             fx.per_sample_fisher(model, x, kind="true", quantity="trace", loss="cross_entropy")
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("name", ["mlp", "cnn", "norm", "tied"])
+def test_quad_along_each_inputs_predicted_class_direction(name, kind, device):
+    """v="predicted": v_n = ∇log p(ŷ_n|x_n) / ‖·‖ per input (seed 001's direction), against explicit per-class
+    gradients: v_nᵀF_nv_n = Σ_c p_nc (g_ncᵀv_n)² (true) or (g_nyᵀv_n)² (empirical)."""
+    model = make_model(name)
+    x, y = make_data(name)
+    p, g = per_class_grads(model, x)                           # g[n, c] = ∇(−log p_c(x_n)), [N, C, P]
+    top = p.argmax(1)
+    v = -g[torch.arange(x.shape[0]), top]
+    v = v / v.norm(dim=1, keepdim=True)
+    dots = torch.einsum("ncp,np->nc", g, v)
+    expected = (p * dots ** 2).sum(1) if kind == "true" else dots[torch.arange(x.shape[0]), y] ** 2
+    got = fx.per_sample_fisher(model.to(device), x.to(device), y.to(device), kind=kind, quantity="quad",
+                               v="predicted")
+    assert_close(got, expected.to(device))
+    assert not torch.allclose(expected, (p * (g ** 2).sum(2)).sum(1))  # not the trace: v matters
+
+
+def test_quad_predicted_refuses_what_it_cannot_do():
+    model = make_model("mlp")
+    x, y = make_data("mlp")
+    with pytest.raises(ValueError, match="argument 'v' must be one of"):
+        fx.per_sample_fisher(model, x, quantity="quad", v="largest")
+    reg = make_model("mlp_reg")
+    xr, yr = make_data("mlp_reg")
+    with pytest.raises(ValueError, match="argument 'v' 'predicted' needs a classifier's logits"):
+        fx.per_sample_fisher(reg, xr, yr, loss="mse", quantity="quad", v="predicted")

@@ -67,3 +67,16 @@ def check_inputs(model, x):
     if not x.is_floating_point() and not any(isinstance(m, nn.Embedding) for m in model.modules()):
         raise TypeError(f"data: inputs x have dtype {x.dtype}; the model needs floating-point inputs")
 
+
+
+def check_float_batch(name: str, x, *, finite: bool = False) -> None:
+    """``x`` a non-empty floating-point batch [N, ...] (and finite, with ``finite``): TypeError or
+    ValueError naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of inputs [N, ...], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: the inputs must be floating point, got {x.dtype}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty batch [N, ...], got shape {tuple(x.shape)}")
+    if finite and not all_finite([x]):
+        raise ValueError(f"{name}: has non-finite entries")

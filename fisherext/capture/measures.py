@@ -11,6 +11,12 @@ of the Fisher kind's output cotangents (of the likelihood chosen by ``loss``: th
 - quad: :math:`v^\top F_n v = \sum_k w_k (c_{nk}^\top J_n v)^2`, with :math:`J_n v` for all n from one
   forward-mode Jacobian-vector product per direction (padding rows constant, attention by the math
   kernel); K directions (the columns of V [P, K]) give [N, K].
+- quad along each input's own direction (``v="predicted"``, seed 001's): :math:`v_n = \nabla_\theta \log
+  p(\hat y_n | x_n) / \|\cdot\| = J_n^\top u_n / \|J_n^\top u_n\|` with :math:`u_n = e_{\hat y_n} - p_n`, a
+  cotangent like the others. Backpropagating :math:`u_n` beside the kind's cotangents gives the per-sample
+  Gram :math:`\Gamma_n = [g_{n1} \dots g_{nK}\; J_n^\top u_n]^\top [\dots]` (the class-Gram kernel for
+  linear layers), and :math:`v_n^\top F_n v_n = \sum_k w_k \Gamma_{n,uk}^2 / \Gamma_{n,uu}`: all N
+  directions for the cost of one trace, no [N, P] matrix of directions.
 
 Both are the exact quantities over all parameters jointly (not a sum of per-tensor blocks).
 """
@@ -52,7 +58,10 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
         kind: "true", "empirical" or "mc" (``mc_samples`` labels drawn with ``generator``).
         quantity: "trace" (:math:`\mathrm{tr}(F_n)`) or "quad" (:math:`v^\top F_n v`).
         v: for quantity="quad": one direction [P], or K directions as the columns of [P, K], over the
-            selected parameters (flat, in ``model.named_parameters()`` order).
+            selected parameters (flat, in ``model.named_parameters()`` order); or ``"predicted"``: each
+            input n along its own direction, the normalized gradient of its predicted class's
+            log-probability (``fisherext.perturb.predicted_class_directions``, seed 001's direction), for
+            a classifier's logits [N, C] (cross entropy), at the cost of the trace.
         loss: the likelihood: "cross_entropy", "mse", "bce", or the torch loss of one (as in
             ``fisherext.fisher``).
         params: None (all parameters that require grad), or names, modules or tensors.
@@ -64,7 +73,8 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
             passed as ``loss``, else -100).
 
     Returns:
-        Tensor [N] (trace, or quad with one direction) or [N, K] (quad with K directions).
+        Tensor [N] (trace, quad with one direction or ``v="predicted"``) or [N, K] (quad with K
+        directions).
 
     Raises:
         ValueError: an unknown ``kind`` or ``quantity``, a ``loss`` that is no likelihood, an empty
@@ -82,6 +92,9 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     if quantity == "quad":
         if v is None:
             raise TypeError("v: quantity='quad' needs a direction v over the selected parameters")
+        if isinstance(v, str):
+            check_choice("v", v, ("predicted",))
+            return _quad_predicted(model, x, y, kind, lik, params, opts)
         fm = FunctionalModel(model, params)
         V, single = fm.vectors(v)
         total = _quad(fm, x, y, kind, lik, V, opts)
@@ -98,6 +111,27 @@ def per_sample_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
                 if term is not None:
                     total += term.sq_norms(wk)
         return total
+
+
+def _quad_predicted(model, x, y, kind, lik, params, opts) -> torch.Tensor:
+    """[N]: v_nᵀ F_n v_n along each input's predicted-class direction, from one backward pass of the kind's
+    K cotangents and u_n = e_ŷ − p_n together (their per-sample Gram; module docstring)."""
+    with Capture(model, params) as cap, torch.no_grad():
+        out = checked_output(cap.forward(x))
+        if lik.name != "cross_entropy" or out.dim() != 2:
+            raise ValueError(f"v: 'predicted' needs a classifier's logits [N, C] under cross entropy, got outputs "
+                             f"{tuple(out.shape)} under {lik.name!r}")
+        cot = Cotangents(lik, out, y, kind, **opts)
+        p = out.softmax(1)
+        u = torch.zeros_like(p).scatter_(1, p.argmax(1, keepdim=True), 1.0) - p     # ∇_logits log p_ŷ
+        gram = 0
+        for term in cap.backward(out, torch.cat([cot.all(), u[None]])):
+            if term is not None:
+                gram = gram + term.gram()                                         # [N, K + 1, K + 1]
+        if not isinstance(gram, torch.Tensor):  # no selected parameter reaches the outputs
+            return out.new_zeros(x.shape[0])
+        uk, uu = gram[:, -1, :-1], gram[:, -1, -1]
+        return (uk ** 2 @ cot.weights) / uu.clamp_min(torch.finfo(uu.dtype).tiny)
 
 
 def _quad(fm: FunctionalModel, x, y, kind, lik, V, opts) -> torch.Tensor:

@@ -662,3 +662,24 @@ def compute_per_sample(model, x, y=None, **kwargs):
     with untouched(model), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return fx.per_sample_fisher(model, x, y, **kwargs)
+
+
+def trained_digits_classifier():
+    """(model, x_test, y_test): a 64-32-10 ReLU network trained (100 full-batch SGD steps, seeded) on 1400 of
+    scikit-learn's digits (inputs scaled to [0, 1]), in eval mode; the other 397 digits for testing."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    X = torch.tensor(data.data, dtype=torch.float32) / 16
+    Y = torch.tensor(data.target)
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1400], perm[1400:]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[train]), Y[train]).backward()
+        opt.step()
+    return model.eval(), X[test], Y[test]
