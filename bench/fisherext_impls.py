@@ -2,7 +2,8 @@
 
 ``kfac`` returns the Kronecker parts of ``fisher(structure="kfac")`` (one per Linear/Conv2d weight, the
 bias as the last row and column of A), in parameter order; ``ewc`` streams the data set through a
-DataLoader of ``EWC_BATCH`` samples, as a continual-learning run consolidates it.
+DataLoader of ``EWC_BATCH`` samples into ``fisherext.ewc.EWC.consolidate``, as a continual-learning run
+consolidates a task.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def ggn(model, x, y, V):
 
 def ewc(model, x, y):
     loader = DataLoader(TensorDataset(x, y), batch_size=EWC_BATCH)
-    return fisherext.fisher(model, loader, kind="true", structure="diag").diag()
+    return fisherext.ewc.EWC(model, lam=1.0).consolidate(loader).diag()  # EWC's own consolidation
 
 
 FISHEREXT = {

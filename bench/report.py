@@ -1,5 +1,5 @@
 """The markdown report of a benchmark run: a header (machine, torch, threads, date, command), one table
-per model, the influence and kernel tables, the notes and the numbered errors."""
+per model, the influence, applications and kernel tables, the notes and the numbered errors."""
 from __future__ import annotations
 
 from .matrix import TITLES
@@ -72,7 +72,8 @@ def model_tables(rows: list[dict], notes: Footnotes) -> list[str]:
     return out
 
 
-def group_table(rows: list[dict], group: str, notes: Footnotes) -> list[str]:
+def group_table(rows: list[dict], group: str, notes: Footnotes, per_gradient: bool = False) -> list[str]:
+    """The table of one group; ``per_gradient`` adds the × gradient column (workloads on a model)."""
     mine = [r for r in rows if r["group"] == group]
     if not mine:
         return []
@@ -80,12 +81,14 @@ def group_table(rows: list[dict], group: str, notes: Footnotes) -> list[str]:
     for r in mine:
         median, peak, rel = _cells(r, notes)
         speedup = "—" if r["impl"] == r["baseline"] else _ratio(r.get("speedup_vs_baseline"))
-        lines.append([f"`{r['workload']}`" if r["workload"] != last else "", r["impl"], median, peak, rel, speedup,
-                      r.get("note", "")])
+        ratio = [_ratio(r.get("ratio_to_gradient"))] if per_gradient else []
+        lines.append([f"`{r['workload']}`" if r["workload"] != last else "", r["impl"], median, peak, rel, *ratio,
+                      speedup, r.get("note", "")])
         last = r["workload"]
-    baseline = "loop" if group == "influence" else "baseline"
+    baseline = "baseline" if group == "kernels" else "loop"
     return ["", f"## {group.capitalize()}", ""] + _table(
-        ["workload", "impl", "median ms", "peak extra MB", "rel err", f"vs {baseline}", "note"], lines)
+        ["workload", "impl", "median ms", "peak extra MB", "rel err", *(["× gradient"] if per_gradient else []),
+         f"vs {baseline}", "note"], lines)
 
 
 NOTES = [
@@ -104,6 +107,10 @@ NOTES = [
     "forward mode).",
     "Peak extra memory: what one call adds to the process's resident set at its peak (VmHWM, CPU) or to the "
     "allocated CUDA memory, its output included.",
+    "Applications (bench/applications.py): `sgd_step` one SGD-with-momentum training step (forward, backward, "
+    "step), `sam_step` one FisherSAM step (γ = 0.05, η = 1; two gradients), `pgd` a 10-step L2 PGD attack "
+    "(ε = 1) on every input; their loops are hand-written per parameter tensor (sam_step) and seed 004's "
+    "one image at a time (pgd).",
 ]
 
 
@@ -112,7 +119,8 @@ def markdown(rows: list[dict], header: list[str], extra_notes: list[str]) -> str
     body = []
     if any(r["group"] == "models" for r in rows):
         body += ["", "## Models × quantities"] + model_tables(rows, notes)
-    body += group_table(rows, "influence", notes) + group_table(rows, "kernels", notes)
+    body += (group_table(rows, "influence", notes) + group_table(rows, "applications", notes, per_gradient=True)
+             + group_table(rows, "kernels", notes))
     out = ["# Benchmark results", "", *header, *body, "", "## Notes", "", *(f"- {n}" for n in NOTES + extra_notes)]
     if notes.lines:
         out += ["", "## Errors", "", *notes.lines]

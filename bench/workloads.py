@@ -3,8 +3,8 @@
 A ``Workload`` builds its inputs (seeded, float32, on the CPU; fresh at each call, so that every impl,
 each in its own process, sees the same numbers), maps impl names to callables taking those inputs, and
 names the float64 ``reference`` every impl's result is compared with. The
-registry gathers the three groups: ``bench.matrix`` (models × quantities), ``bench.kernels`` (each
-compiled op against its pure-PyTorch twin) and ``bench.influence``.
+registry gathers the four groups: ``bench.matrix`` (models × quantities), ``bench.kernels`` (each
+compiled op against its pure-PyTorch twin), ``bench.influence`` and ``bench.applications``.
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def as_float64(inputs: dict) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def all_workloads(quick: bool) -> tuple[Workload, ...]:
-    from . import influence, kernels, matrix
-    workloads = (*matrix.workloads(quick), *influence.workloads(quick), *kernels.workloads(quick))
+    from . import applications, influence, kernels, matrix
+    workloads = (*matrix.workloads(quick), *influence.workloads(quick), *applications.workloads(quick),
+                 *kernels.workloads(quick))
     names = [w.name for w in workloads]
     assert len(set(names)) == len(names), "workload names must be unique"
     return workloads

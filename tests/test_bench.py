@@ -24,9 +24,9 @@ from bench.workloads import Workload, select  # noqa: E402
 PINNED_KEYS = {"workload", "impl", "median_s", "peak_mem_bytes", "rel_err", "error"}
 # The issue's accuracy target for float32 results against float64.
 REL_TOL = 1e-5
-# One workload per kind of result: a diagonal, per-input values, K-FAC factor pairs, a product, and the
-# gradients the "× gradient" column divides by.
-ONLY = ["gradient:mlp", "diag_empirical:mlp", "trace_true:convnet", "kfac:cnn", "ggn:lstm"]
+# One workload per kind of result: a diagonal, per-input values, K-FAC factor pairs, a product, an
+# optimizer step, attacked inputs, and the gradients the "× gradient" column divides by.
+ONLY = ["gradient:mlp", "diag_empirical:mlp", "trace_true:convnet", "kfac:cnn", "ggn:lstm", "sam_step", "pgd"]
 
 
 def bench_run(*args, timeout=300):
@@ -47,10 +47,12 @@ def test_quick_run_writes_rows_and_report(quick_run):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((folder / "rows.json").read_text())
     workloads = {row["workload"] for row in rows}
-    assert len(workloads) == len(select(ONLY, quick=True)) == 6  # gradient:mlp is the MLP's two batch sizes
+    # gradient:mlp is the MLP's three batch sizes (the matrix's two, the applications' training batch)
+    assert len(workloads) == len(select(ONLY, quick=True)) == 9
     report = (folder / "report.md").read_text()
     assert report.startswith("# Benchmark results") and "**Quick run**" in report
     assert "| quantity | impl | median ms | peak extra MB | rel err | × gradient | vs loop |" in report
+    assert "## Applications" in report and "`sam_step(mlp,N=32)`" in report
     assert report == done.stdout.rstrip("\n") + "\n"  # --md writes what it prints
     for row in rows:
         assert PINNED_KEYS <= row.keys()
