@@ -35,8 +35,14 @@ test: install docs
 docs: install
 	$(PY) -m sphinx -E -q -W --keep-going -b html docs docs/_build/html
 
+# The main job: the experiment suite on the embedded digits (SUITE_FLAGS=--quick: a few minutes on 2 CPU cores;
+# `make run SUITE_FLAGS=` for the full run), its report written to $(REPORT_DIR)/report.md and printed; the exit
+# status is the suite's (1: an experiment failed, 2: a usage error or missing data).
+REPORT_DIR ?= fisherext-report
+SUITE_FLAGS ?= --quick
 run: install
-	$(PY) -m fisherext.experiments.demo
+	$(PY) -m fisherext suite $(SUITE_FLAGS) --out '$(REPORT_DIR)'; status=$$?; \
+	if [ -f '$(REPORT_DIR)/report.md' ]; then cat '$(REPORT_DIR)/report.md'; fi; exit $$status
 
 # The full benchmark into bench/RESULTS.md, with the peers of the `bench` extra (installed with the others, so
 # that tests/test_bench_peers.py checks every adapter; a peer missing shows as "not installed" in the tables).

@@ -100,7 +100,8 @@ class KernelFamily(SphinxDirective):
 PUBLIC = ["fisherext", "fisherext.capture", "fisherext.curvature", "fisherext.perturb", "fisherext.gaussian",
           "fisherext.linalg", "fisherext.linalg.linop", "fisherext.linalg.solvers", "fisherext.linalg.spectral",
           "fisherext.influence", "fisherext.ewc", "fisherext.optim", "fisherext.attacks", "fisherext.detect",
-          "fisherext.experiments", "fisherext.experiments.gaussian_kl", "fisherext.ops",
+          "fisherext.experiments", "fisherext.experiments.gaussian_kl", "fisherext.experiments.suite",
+          "fisherext.experiments.report", "fisherext.cli", "fisherext.ops",
           "fisherext.reference", "fisherext._core.types"]
 
 

@@ -17,6 +17,7 @@ PACKAGE = pathlib.Path(fisherext.__file__).parent
 
 # The layers, top to bottom: a module may import only from its own layer's package or from layers below.
 LAYERS = [
+    {"cli", "__main__"},  # the command line, above everything it runs
     {"influence", "ewc", "optim", "attacks", "detect", "experiments"},
     {"capture", "curvature", "perturb", "gaussian"},
     {"linalg"},
