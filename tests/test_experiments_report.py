@@ -164,7 +164,7 @@ def test_report_header_names_the_run(tmp_path):
     head = text.split("## Summary")[0]
     assert text.startswith("# fisherext suite report\n")
     for row in ("| command | `fisherext suite --quick --seed 7` |", f"| torch | {torch.__version__} |",
-                "| device | cpu |", "| seed | 7 |", "| sizes | quick |", "| total time | 12.3 s |",
+                "| device | cpu |", "| seed | 7 |", "| sizes | quick (small sizes for a first look: the expected outcomes are set for the full sizes, and some need them) |", "| total time | 12.3 s |",
                 "| experiments | 2 run, 1 failed |", "| expected outcomes | 1 of 2 held |"):
         assert row in head.splitlines(), row
     assert "| date | 20" in head and "| machine | " in head

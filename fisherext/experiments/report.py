@@ -231,7 +231,8 @@ def _header(results, config: Config, command: str, seconds: float) -> list[str]:
         ["fisherext", f"{__version__} (CUDA kernels compiled: {'yes' if info.get('cuda_compiled') else 'no'})"],
         ["device", _device_line(config.device)],
         ["seed", str(config.seed)],
-        ["sizes", "quick" if config.quick else "full"],
+        ["sizes", "quick (small sizes for a first look: the expected outcomes are set for the full sizes, and "
+                  "some need them)" if config.quick else "full"],
         ["data root", config.data_root or "none (embedded digits only)"],
         ["total time", f"{seconds:.1f} s"],
         ["experiments", f"{len(results)} run, {failed} failed"],
