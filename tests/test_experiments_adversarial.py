@@ -1,9 +1,7 @@
 """fisherext.experiments.adversarial: the quick run's documented keys, outcomes, tables and figures; its
 determinism for a seed (at tiny sizes); the ROC points against a hand computation, scikit-learn and
 detect.auroc; seed 001's block-diagonal loop against an explicit per-class autograd computation."""
-import io
 import json
-import math
 
 import matplotlib
 import pytest
@@ -11,11 +9,11 @@ import torch
 from torch import nn
 
 matplotlib.use("Agg")
-from matplotlib.figure import Figure as MplFigure  # noqa: E402
 
 import fisherext as fx  # noqa: E402
 from fisherext.experiments import adversarial as A  # noqa: E402
-from fisherext.experiments.registry import Config, Figure, Outcome, Result, Table  # noqa: E402
+from fisherext.experiments.registry import Config, Result, Table  # noqa: E402
+from support.experiments import check_result  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,30 +47,14 @@ def test_quick_run_has_the_documented_data(result):
     json.dumps(result.to_json())  # JSON-able as it is
 
 
-def test_outcomes_are_judged_on_finite_values(result):
-    assert len(result.outcomes) == 12
-    for o in result.outcomes:
-        assert isinstance(o, Outcome) and isinstance(o.claim, str) and o.claim
-        assert isinstance(o.held, bool) and math.isfinite(o.value)
+def test_outcomes_tables_and_figures(result):
+    check_result(result, outcomes=12, figures=['adversarial_trace_hist', 'adversarial_roc', 'adversarial_sensitivity', 'adversarial_block_vs_full'])
 
 
 def test_tables_and_summary(result):
     assert result.summary and len(result.tables) == 2
     for t in result.tables:
         assert isinstance(t, Table) and t.rows and all(len(row) == len(t.header) for row in t.rows)
-
-
-def test_figures_draw_as_png(result):
-    names = [f.name for f in result.figures]
-    assert names == ["adversarial_trace_hist", "adversarial_roc", "adversarial_sensitivity",
-                     "adversarial_block_vs_full"]
-    for f in result.figures:
-        assert isinstance(f, Figure) and f.caption
-        fig = MplFigure()
-        f.plot(fig)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=40)
-        assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n" and fig.axes
 
 
 def test_the_run_is_deterministic_for_a_seed(monkeypatch):

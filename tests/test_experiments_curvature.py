@@ -1,17 +1,16 @@
 """fisherext.experiments.curvature: the suite's spectrum experiment (Hessian, GGN and Fisher of a digits MLP,
 matrix-free against dense) in its quick configuration, and its autograd Hessian against one written out by
 hand (the MLP's forward as explicit matrix products of the flat parameter vector)."""
-import math
 
 import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure as MplFigure
 from torch import nn
 
 from fisherext.experiments import curvature as E
-from fisherext.experiments.registry import Config, Outcome, Result
+from fisherext.experiments.registry import Config, Result
+from support.experiments import check_result
 
 matplotlib.use("Agg")
 SPECTRUM_KEYS = {"name", "eigenvalues_top", "lambda_max", "lambda_min", "trace", "negative_eigenvalues", "lanczos",
@@ -43,18 +42,8 @@ def test_result_has_the_documented_data(result):
     assert max(d["product_rel_err"].values()) < 1e-10
 
 
-def test_outcomes_are_judged_on_finite_values(result):
-    assert len(result.outcomes) == 9
-    for o in result.outcomes:
-        assert isinstance(o, Outcome) and o.claim and isinstance(o.held, bool) and math.isfinite(o.value)
-
-
-def test_tables_and_figures(result):
-    assert result.summary and all(len(row) == len(t.header) for t in result.tables for row in t.rows)
-    assert [f.name for f in result.figures] == ["curvature_density"]
-    fig = MplFigure()
-    result.figures[0].plot(fig)
-    assert len(fig.axes) == 2
+def test_outcomes_tables_and_figures(result):
+    check_result(result, outcomes=9, figures=['curvature_density'])
 
 
 def test_spectral_estimates_are_deterministic_for_a_seed():

@@ -1,7 +1,6 @@
 """fisherext.experiments.ewc: the quick run's documented results (keys, outcomes, tables, figures drawn on an Agg
 canvas, determinism for a seed), the permuted tasks, and the reproductions of the seeds' Fishers against per-sample
 loops: the batch-mean squared gradient of many EWC copies, and seed 003's per-sample loop at the argmax label."""
-import io
 import json
 import math
 
@@ -14,18 +13,10 @@ from torch import nn
 from fisherext.ewc import EWC
 from fisherext.experiments import data as datasets
 from fisherext.experiments import ewc as E
-from fisherext.experiments.registry import Config, Figure, Outcome, Result, Table
+from fisherext.experiments.registry import Config, Result
+from support.experiments import check_result
 
 matplotlib.use("Agg")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    # the models are tiny: on a shared 2-core machine a second intra-op thread only waits for the first
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +54,7 @@ def test_quick_run_has_the_documented_data(result):
 
 
 def test_outcomes_tables_and_figures(result):
-    assert len(result.outcomes) >= 8
-    for o in result.outcomes:
-        assert isinstance(o, Outcome) and isinstance(o.held, bool) and o.claim
-        assert math.isfinite(o.value)
-    for t in result.tables:
-        assert isinstance(t, Table) and all(len(row) == len(t.header) for row in t.rows)
-    from matplotlib.figure import Figure as MplFigure
-
-    assert {f.name for f in result.figures} == {"ewc_accuracy", "ewc_task1"}
-    import warnings
-
-    for f in result.figures:
-        assert isinstance(f, Figure) and f.caption
-        fig = MplFigure(layout="constrained")  # as the report draws them
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # e.g. a layout that fights the report's constrained one
-            warnings.filterwarnings("ignore", message="The figure layout has changed to tight")
-            f.plot(fig)
-            fig.savefig(io.BytesIO(), format="png")
-        assert fig.axes
+    check_result(result, outcomes=11, figures=['ewc_accuracy', 'ewc_task1'])
 
 
 def test_the_run_is_deterministic_for_a_seed(result, one_thread):

@@ -1,17 +1,16 @@
 """fisherext.experiments.gaussian: the suite's Gaussian experiment (seed 000) in its quick configuration, and
 its reproduction of seed 000's sum-then-outer Fisher against the seed's own recipe written out by hand
 (torch.distributions, autograd of the summed log-likelihood, an explicit P×P outer product)."""
-import math
 
 import matplotlib
 import pytest
 import torch
-from matplotlib.figure import Figure as MplFigure
 from torch.distributions import MultivariateNormal
 
 import fisherext.gaussian as G
 from fisherext.experiments import gaussian as E
-from fisherext.experiments.registry import Config, Outcome, Result
+from fisherext.experiments.registry import Config, Result
+from support.experiments import check_result
 
 matplotlib.use("Agg")
 f64 = torch.float64
@@ -44,21 +43,8 @@ def test_result_has_the_documented_data(result):
     assert {o["d"] for o in d["orthogonal"]} == {1, 10, 100}
 
 
-def test_outcomes_are_judged_on_finite_values(result):
-    assert len(result.outcomes) == 8
-    for o in result.outcomes:
-        assert isinstance(o, Outcome) and isinstance(o.claim, str) and o.claim
-        assert isinstance(o.held, bool) and math.isfinite(o.value)
-        assert o.to_json()["held"] == o.held
-
-
-def test_tables_and_figures(result):
-    assert result.summary and all(len(row) == len(t.header) for t in result.tables for row in t.rows)
-    assert [f.name for f in result.figures] == ["gaussian_ratio", "gaussian_seed_fisher"]
-    for f in result.figures:
-        fig = MplFigure()
-        f.plot(fig)
-        assert fig.axes
+def test_outcomes_tables_and_figures(result):
+    check_result(result, outcomes=8, figures=['gaussian_ratio', 'gaussian_seed_fisher'])
 
 
 def test_a_case_is_the_same_when_run_again(result):

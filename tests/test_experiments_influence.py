@@ -3,7 +3,6 @@ an Agg canvas, determinism for a seed), and its helpers against independent comp
 finite-difference product against a copy moved by hand and against its own rounding sequence, the training-gradient
 dot products against a per-sample loop, leave-one-out retraining against a fit from scratch."""
 import copy
-import io
 import json
 import math
 
@@ -15,18 +14,10 @@ from torch import nn
 
 import fisherext
 from fisherext.experiments import influence as I
-from fisherext.experiments.registry import Config, Figure, Outcome, Result, Table
+from fisherext.experiments.registry import Config, Result
+from support.experiments import check_result
 
 matplotlib.use("Agg")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    # the models are tiny: on a shared 2-core machine a second intra-op thread only waits for the first
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -74,26 +65,7 @@ def test_quick_run_measures_what_it_claims(result):
 
 
 def test_outcomes_tables_and_figures(result):
-    assert len(result.outcomes) >= 8
-    for o in result.outcomes:
-        assert isinstance(o, Outcome) and isinstance(o.held, bool) and o.claim
-        assert math.isfinite(o.value)
-    for t in result.tables:
-        assert isinstance(t, Table) and all(len(row) == len(t.header) for row in t.rows)
-    from matplotlib.figure import Figure as MplFigure
-
-    assert {f.name for f in result.figures} == {"influence_scatter", "influence_drift"}
-    import warnings
-
-    for f in result.figures:
-        assert isinstance(f, Figure) and f.caption
-        fig = MplFigure(layout="constrained")  # as the report draws them
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # e.g. a layout that fights the report's constrained one
-            warnings.filterwarnings("ignore", message="The figure layout has changed to tight")
-            f.plot(fig)
-            fig.savefig(io.BytesIO(), format="png")
-        assert fig.axes
+    check_result(result, outcomes=10, figures=['influence_scatter', 'influence_drift'])
 
 
 def test_the_run_is_deterministic_for_a_seed(result, one_thread):

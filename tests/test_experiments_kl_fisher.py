@@ -7,11 +7,11 @@ import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure as MplFigure
 from torch import nn
 
 from fisherext.experiments import kl_fisher as E
-from fisherext.experiments.registry import Config, Outcome, Result
+from fisherext.experiments.registry import Config, Result
+from support.experiments import check_result
 
 matplotlib.use("Agg")
 MODEL_KEYS = {"name", "P", "inputs", "test_accuracy", "train_loss", "eps", "kl", "half_quad", "ratio",
@@ -42,18 +42,8 @@ def test_result_has_the_documented_data(result):
     assert models[1]["quad_full"] is None
 
 
-def test_outcomes_are_judged_on_finite_values(result):
-    assert len(result.outcomes) == 12
-    for o in result.outcomes:
-        assert isinstance(o, Outcome) and o.claim and isinstance(o.held, bool) and math.isfinite(o.value)
-
-
-def test_tables_and_figures(result):
-    assert result.summary and all(len(row) == len(t.header) for t in result.tables for row in t.rows)
-    assert [f.name for f in result.figures] == ["kl_fisher_ratio"]
-    fig = MplFigure()
-    result.figures[0].plot(fig)
-    assert fig.axes
+def test_outcomes_tables_and_figures(result):
+    check_result(result, outcomes=12, figures=['kl_fisher_ratio'])
 
 
 def test_the_run_is_deterministic_for_a_seed(result):

@@ -1,7 +1,6 @@
 """fisherext.experiments.sharpness: the quick run's documented keys, outcomes, tables and figures; its
 determinism for a seed (at tiny sizes); the noisy labels (count, never the true class, uniform over the
 others); the training loop's SGD against the suite's plain training loop."""
-import io
 import json
 import math
 
@@ -10,11 +9,11 @@ import pytest
 import torch
 
 matplotlib.use("Agg")
-from matplotlib.figure import Figure as MplFigure  # noqa: E402
 
 from fisherext.experiments import data  # noqa: E402
 from fisherext.experiments import sharpness as S  # noqa: E402
-from fisherext.experiments.registry import Config, Figure, Outcome, Result, Table  # noqa: E402
+from fisherext.experiments.registry import Config, Result, Table  # noqa: E402
+from support.experiments import check_result  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +49,8 @@ def test_quick_run_has_the_documented_data(result):
     json.dumps(result.to_json())
 
 
-def test_outcomes_are_judged_on_finite_values(result):
-    assert len(result.outcomes) == 12
-    for o in result.outcomes:
-        assert isinstance(o, Outcome) and isinstance(o.claim, str) and o.claim
-        assert isinstance(o.held, bool) and math.isfinite(o.value)
+def test_outcomes_tables_and_figures(result):
+    check_result(result, outcomes=12, figures=['sharpness_optimizers', 'sharpness_accuracy'])
 
 
 def test_tables_and_summary(result):
@@ -63,17 +59,6 @@ def test_tables_and_summary(result):
     assert len(result.tables[1].rows) == len(S.SEED_OPTIMIZERS)
     for t in result.tables:
         assert isinstance(t, Table) and all(len(row) == len(t.header) for row in t.rows)
-
-
-def test_figures_draw_as_png(result):
-    assert [f.name for f in result.figures] == ["sharpness_optimizers", "sharpness_accuracy"]
-    for f in result.figures:
-        assert isinstance(f, Figure) and f.caption
-        fig = MplFigure()
-        f.plot(fig)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=40)
-        assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n" and fig.axes
 
 
 def test_the_run_is_deterministic_for_a_seed(monkeypatch):
