@@ -83,3 +83,45 @@ def test_upsample():
     y = E.upsample(x)
     assert y.shape == (2, 1, 28, 28)
     torch.testing.assert_close(y, torch.full_like(y, 0.25))
+
+
+def _write_idx(path, array):
+    """An IDX file as MNIST ships it: magic (0, 0, type 0x08 = uint8, ndim), the big-endian dims, the bytes."""
+    import struct
+
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape))
+        f.write(array.to(torch.uint8).numpy().tobytes())
+
+
+def fake_mnist(root, n_train=96, n_test=48):
+    """torchvision's MNIST layout (root/MNIST/raw/*-ubyte) with a learnable toy: class c is a bright 6×6
+    square at position c of a 28×28 grid, plus noise."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = torch.arange(n) % 10
+        x = torch.randint(0, 60, (n, 28, 28), generator=g)
+        for i, c in enumerate(y.tolist()):
+            r, q = divmod(c, 4)
+            x[i, 2 + 8 * r:8 + 8 * r, 2 + 6 * q:8 + 6 * q] = 250
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+
+
+def test_the_convnet_runs_on_mnist_when_the_data_root_holds_it(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    fake_mnist(tmp_path)
+    monkeypatch.setitem(E._SIZES[True], "mnist", (96, 48))
+    result = E.EXPERIMENT.run(Config(quick=True, data_root=str(tmp_path)))
+    mlp, conv = result.data["models"]
+    assert mlp["data"] == "digits" and conv["data"] == "mnist"
+    assert abs(conv["ratio"][0] - 1) < 1e-3           # the KL against ½ε²vᵀFv holds on MNIST's ConvNet too
+
+
+def test_a_data_root_without_mnist_is_a_data_error(tmp_path):
+    from fisherext.experiments.data import DataUnavailable
+
+    with pytest.raises(DataUnavailable, match="mnist is not under"):
+        E.EXPERIMENT.run(Config(quick=True, data_root=str(tmp_path)))
