@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from .checks import check_inputs, check_positive_int
+from .distributed import all_reduce_count, all_reduce_sum_, process_group
 
 
 def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None, unit: str = "it"):
@@ -74,10 +75,14 @@ def _unpack(batch):
     return batch, None
 
 
-def stream(model, data, batch_size, product, *, progress: bool = False, desc: str = "") -> torch.Tensor:
+def stream(model, data, batch_size, product, *, progress: bool = False, desc: str = "", group=None) -> torch.Tensor:
     """The sample-weighted mean Σ_b n_b · product(x_b, y_b, offset) / N over the batches of the data, with
     ``offset`` the batch's first sample: a batch-mean quantity (a mean loss's gradient or curvature
-    product) then becomes the mean over the whole data set, whatever the batching."""
+    product) then becomes the mean over the whole data set, whatever the batching. Under a
+    torch.distributed process group (``group``: see ``fisherext._core.distributed.process_group``) each
+    rank streams its own shard and the sums and N are added across the ranks: the mean over all shards.
+    ``product`` must return one tensor of the same shape on every rank (each rank needs a batch)."""
+    ranks = process_group(group)
     batches = progress_bar(iter_batches(data, batch_size), progress, desc, unit="batch")
     total, acc = 0, None
     for x, y in batches:
@@ -87,6 +92,9 @@ def stream(model, data, batch_size, product, *, progress: bool = False, desc: st
         part = x.shape[0] * product(x, y, total)
         acc = part if acc is None else acc + part
         total += x.shape[0]
+    if ranks is not None and acc is not None:
+        all_reduce_sum_([acc], ranks)
+        total = all_reduce_count(total, ranks, acc.device)
     if total == 0:
         raise ValueError("data: no samples")
     return acc / total

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .. import ops
+from .._core.distributed import all_reduce_count, all_reduce_sum_
 from .engine import Capture
 from .matrix import DensePart, DiagPart, FisherMatrix, KronPart
 from .terms import LinearTerm, Placed, Sum
@@ -167,6 +168,23 @@ class Accumulator:
             return torch.arange(self.P, device=device)
         return torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.cap.params[i][1].numel(),
                                        device=device) for i in indices])
+
+    def reduce(self, group) -> None:
+        """Adds the sums of every rank of ``group`` (each rank streamed its own shard): the same sums in the
+        same order on every rank, those a rank never wrote as zeros."""
+        if group is None:
+            return
+        if self.full is not None and None not in self.written:
+            self.full.zero_()
+        for key, idx in self.blocks.items():
+            if key not in self.block_sums:
+                width = sum(self.cap.params[i][1].numel() for i in idx)
+                self.block_sums[key] = torch.zeros(width, width, **self.opts)
+        kron = [self.kron[k] for k in sorted(self.kron)]
+        sums = [*self.diag_sums, *(t for e in kron for t in e[:2]), *self.block_sums.values()]
+        all_reduce_sum_(sums + ([self.full] if self.full is not None else []), group)
+        for e in kron:
+            e[2] = all_reduce_count(e[2], group, self.opts["device"])
 
     def finish(self, N: int) -> FisherMatrix:
         parts = []

@@ -31,6 +31,7 @@ from torch import nn
 from .._core.checks import check_choice, check_inputs, check_positive_int
 from .._core.conventions import checked_output
 from .._core.data import iter_batches, progress_bar
+from .._core.distributed import all_reduce_count, process_group
 from .._core.likelihood import KINDS, Cotangents, as_likelihood
 from .._core.types import Data, Loss, Params
 from .._core.memory import require, resolve_budget
@@ -65,7 +66,7 @@ def _planned_bytes(structure, cap: Capture, item: int) -> int:
 def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str = "diag", loss: Loss = "cross_entropy",
            params: Params = None, mc_samples: int = 1, batch_size: int | None = None,
            memory_budget: int | None = None, progress: bool = False, generator: torch.Generator | None = None,
-           class_dim: int | None = None, ignore_index: int | None = None) -> FisherMatrix:
+           class_dim: int | None = None, ignore_index: int | None = None, group=None) -> FisherMatrix:
     r"""The Fisher information of ``model`` over ``data``, :math:`F = \frac1N \sum_n F_n`.
 
     :math:`F_n = J_n^\top \Lambda_n J_n` ("true"), :math:`g_n g_n^\top` ("empirical") or
@@ -95,6 +96,11 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
         class_dim: the class axis of cross-entropy outputs with positions (None: read off the labels).
         ignore_index: label of positions that do not count (padding tokens), as in F.cross_entropy (None:
             that of an ``nn.CrossEntropyLoss`` passed as ``loss``, else -100).
+        group: the torch.distributed process group whose ranks each stream their own shard of the data
+            (None: the default group when one is initialized with more than one rank; False: this process
+            alone). The sums and the sample count are added across the ranks, so every rank gets the
+            Fisher of the whole data, equal to one process's over all of it; every rank must call with the
+            same model, parameters and structure, and hold at least one sample.
 
     Returns:
         a FisherMatrix (``diag``, ``dense``, ``mv``, ``quad``, ``trace``, ``solve``, ``num_samples``).
@@ -121,8 +127,10 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
             f"structure={structure!r} over {P} parameters", hint)
     chunk_bytes = max(_MIN_CHUNK, min(budget // 4, _MAX_CHUNK))
     cap.chunk_bytes = chunk_bytes
+    ranks = process_group(group)
     tuple_data = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
-    acc = Accumulator(structure, cap, chunk_bytes, samples=data[0].shape[0] if tuple_data else None)
+    known = data[0].shape[0] if tuple_data and ranks is None else None  # across ranks N is known at the end
+    acc = Accumulator(structure, cap, chunk_bytes, samples=known)
     if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
         first = next(iter_batches(data, 2), None)
         if first is None:
@@ -148,6 +156,8 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
                 k1 = min(cot.K, k0 + step)
                 acc.add(cap.backward(out, cot.chunk(k0, k1), last=k1 == cot.K), cot.weights[k0:k1], first=k0 == 0)
             total += x.shape[0]
+    acc.reduce(ranks)
+    total = all_reduce_count(total, ranks, ref.device)
     if total == 0:
         raise ValueError("data: no samples")
     return acc.finish(total)
