@@ -76,3 +76,30 @@ def test_the_reduction_is_off_with_group_false(monkeypatch):
     alone = fx.fisher(model, (x, y), structure="diag", group=False).diag()
     monkeypatch.undo()
     assert_close(alone, fx.fisher(model, (x, y), structure="diag").diag())
+
+
+def _mismatched_rank(rank, world, init_file, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = make_data("mlp", n=4)
+        model = make_model("mlp")
+        if rank == 1:  # this rank's model has one more parameter tensor than rank 0's
+            model.extra = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        try:
+            fx.fisher(model, (x, y), structure="diag")
+            message = "no error"
+        except ValueError as err:
+            message = str(err)
+        with open(f"{result_file}.{rank}", "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ranks_with_different_parameters_fail_on_every_rank_up_front(tmp_path):
+    mp.spawn(_mismatched_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2, join=True)
+    for rank in range(2):
+        message = open(f"{tmp_path / 'result'}.{rank}").read()
+        assert message.startswith("fisherext.fisher: argument 'params' the selected parameters") and \
+            "differ across the ranks" in message, message

@@ -51,3 +51,17 @@ def all_reduce_count(n: int, group, device="cpu") -> int:
     t = torch.tensor([n], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t, group=group)
     return int(t.item())
+
+
+def check_same_across_ranks(name: str, what: str, values: Sequence[float], group, device="cpu") -> None:
+    """Raises ValueError naming ``name`` on every rank of ``group`` (none hangs) when ``values`` (numbers
+    describing ``what``: sizes, codes) differ between ranks; nothing without a group."""
+    if group is None:
+        return
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    low, high = t.clone(), t.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise ValueError(f"{name}: {what} differ across the ranks of the process group (every rank must call "
+                         "with the same model, parameters and arguments)")

@@ -31,7 +31,7 @@ from torch import nn
 from .._core.checks import check_choice, check_inputs, check_positive_int
 from .._core.conventions import checked_output
 from .._core.data import iter_batches, progress_bar
-from .._core.distributed import all_reduce_count, process_group
+from .._core.distributed import all_reduce_count, check_same_across_ranks, process_group
 from .._core.likelihood import KINDS, Cotangents, as_likelihood
 from .._core.types import Data, Loss, Params
 from .._core.memory import require, resolve_budget
@@ -60,6 +60,15 @@ def _planned_bytes(structure, cap: Capture, item: int) -> int:
                 total += p.shape[0] ** 2 + (p[0].numel() + 1) ** 2
         return total * item
     return P * item
+
+
+def _signature(cap: Capture, structure: str, kind: str, mc_samples: int) -> list[float]:
+    """Numbers that differ when two ranks would reduce different sums: the parameters' count, sizes,
+    shapes (a position-weighted sum) and dtype, the structure and the kind."""
+    shapes = sum((i + 1) * (d + 1) * n for i, (_, p) in enumerate(cap.params) for d, n in enumerate(p.shape))
+    ref = cap.params[0][1]
+    return [len(cap.params), sum(p.numel() for _, p in cap.params), shapes, ref.element_size(),
+            float(ref.is_floating_point()), STRUCTURES.index(structure), KINDS.index(kind), mc_samples]
 
 
 @entry_point(renamed={"loss_fn": "loss"})
@@ -128,6 +137,8 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
     chunk_bytes = max(_MIN_CHUNK, min(budget // 4, _MAX_CHUNK))
     cap.chunk_bytes = chunk_bytes
     ranks = process_group(group)
+    check_same_across_ranks("params", "the selected parameters (their number, shapes, dtype) or the structure and kind",
+                            _signature(cap, structure, kind, mc_samples), ranks, ref.device)
     tuple_data = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
     known = data[0].shape[0] if tuple_data and ranks is None else None  # across ranks N is known at the end
     acc = Accumulator(structure, cap, chunk_bytes, samples=known)
