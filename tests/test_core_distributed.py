@@ -103,3 +103,35 @@ def test_ranks_with_different_parameters_fail_on_every_rank_up_front(tmp_path):
         message = open(f"{tmp_path / 'result'}.{rank}").read()
         assert message.startswith("fisherext.fisher: argument 'params' the selected parameters") and \
             "differ across the ranks" in message, message
+
+
+def _ddp_rank(rank, world, init_file, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = make_data("mlp", n=7)
+        x, y = (x[:4], y[:4]) if rank == 0 else (x[4:], y[4:])
+        model = make_model("mlp")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        P = sum(p.numel() for p in model.parameters())
+        v = torch.randn(P, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        results = {f"{s}/{m}": fx.fisher(net, (x, y), structure=s).dense()
+                   for s in ("diag", "kfac") for m, net in (("ddp", ddp), ("plain", model))}
+        results["hvp/ddp"] = fx.hvp(ddp, "cross_entropy", (x, y), v)
+        results["hvp/plain"] = fx.hvp(model, "cross_entropy", (x, y), v)
+        torch.save(results, f"{result_file}.{rank}")
+        del ddp  # before the group goes: DDP's reducer holds it
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_ddp_wrapped_model_gives_the_wrapped_models_results(tmp_path):
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2, join=True)
+    x, y = make_data("mlp", n=7)
+    whole = {s: fx.fisher(make_model("mlp"), (x, y), structure=s).dense() for s in ("diag", "kfac")}
+    for rank in range(2):
+        got = torch.load(f"{tmp_path / 'result'}.{rank}")
+        for s in ("diag", "kfac"):
+            assert_close(got[f"{s}/ddp"], got[f"{s}/plain"])
+            assert_close(got[f"{s}/ddp"], whole[s])          # and both are the Fisher of all 7 samples
+        assert_close(got["hvp/ddp"], got["hvp/plain"])
