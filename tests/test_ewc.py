@@ -15,14 +15,9 @@ from support import assert_close
 LAM = 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run one thread: on a loaded machine, intra-op threads waiting on each other make the
-    small-model training loops here 50x slower (16 s against 0.3 s for one continual-learning run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread (on a loaded machine, threads waiting on each other made the small-model
+# training loops here 50x slower, 16 s against 0.3 s for one continual-learning run).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- independent references -----------------------------------------------------------------------

@@ -40,10 +40,15 @@ class _NoBar:
         pass
 
 
+def is_tensor_pair(data) -> bool:
+    """Whether ``data`` is an (x, y) tuple (or list) whose x is a tensor: the in-memory form of a data set."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+
+
 def iter_batches(data, batch_size=None) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
     """(x, y) chunks from a DataLoader, a Dataset, or an (x, y) tuple of tensors."""
     check_positive_int("batch_size", batch_size, optional=True)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    if is_tensor_pair(data):
         x, y = data
         if y is not None and (not isinstance(y, torch.Tensor) or y.shape[0] != x.shape[0]):
             raise ValueError("data: x and y must be tensors with the same number of samples")
@@ -102,7 +107,7 @@ def stream(model, data, batch_size, product, *, progress: bool = False, desc: st
 
 def num_samples(data, name: str) -> int:
     """Number of samples of a DataLoader, a Dataset or an (x, y) tuple; ValueError naming ``name`` if 0."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    if is_tensor_pair(data):
         x, y = data
         if not isinstance(y, torch.Tensor):
             raise ValueError(f"{name}: influence needs targets: an (x, y) tuple with y a tensor, got y={y!r}")

@@ -30,7 +30,7 @@ from torch import nn
 
 from .._core.checks import check_choice, check_inputs, check_positive_int
 from .._core.conventions import checked_output
-from .._core.data import iter_batches, progress_bar
+from .._core.data import is_tensor_pair, iter_batches, progress_bar
 from .._core.distributed import all_reduce_count, check_same_across_ranks, process_group
 from .._core.likelihood import KINDS, Cotangents, as_likelihood
 from .._core.types import Data, Loss, Params
@@ -139,8 +139,7 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
     ranks = process_group(group)
     check_same_across_ranks("params", "the selected parameters (their number, shapes, dtype) or the structure and kind",
                             _signature(cap, structure, kind, mc_samples), ranks, ref.device)
-    tuple_data = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
-    known = data[0].shape[0] if tuple_data and ranks is None else None  # across ranks N is known at the end
+    known = data[0].shape[0] if is_tensor_pair(data) and ranks is None else None  # across ranks: known at the end
     acc = Accumulator(structure, cap, chunk_bytes, samples=known)
     if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
         first = next(iter_batches(data, 2), None)

@@ -99,12 +99,11 @@ def seed_kl_prediction_over_kl(rows: list[dict]) -> list[float]:
     return [2 * r["half_quad"] / r["kl"] if r["kl"] > 0 else float("nan") for r in rows]
 
 
-def _convnet_data(config, sizes):
+def _convnet_data(d, config, sizes):
     """The ConvNet's data: MNIST itself when ``config.data_root`` is given (the seed's data set; a
     ``DataUnavailable`` error when it is not there), its first ``mnist`` (train, test) samples; else the
-    digits upsampled to 28×28."""
+    digits ``d`` upsampled to 28×28."""
     if config.data_root is None:
-        d = datasets.load("digits", seed=config.seed)
         return datasets.Split("digits upsampled to 28×28", upsample(d.x_train), d.y_train, upsample(d.x_test),
                               d.y_test, d.classes).to(config.device)
     return datasets.load("mnist", data_root=config.data_root).subset(*sizes["mnist"]).to(config.device)
@@ -148,8 +147,8 @@ def run(config: Config) -> Result:
     """
     sizes = _SIZES[bool(config.quick)]
     eps = EPS[::2] if config.quick else EPS
-    split = datasets.load("digits", seed=config.seed).to(config.device)
-    conv_split = _convnet_data(config, sizes)
+    digits = datasets.load("digits", seed=config.seed)
+    split, conv_split = digits.to(config.device), _convnet_data(digits, config, sizes)
     n_in = sizes["inputs"]
     models = []
     for name, model, data in [("mlp", datasets.mlp(list(MLP_SIZES), seed=config.seed), split),
