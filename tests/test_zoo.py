@@ -33,7 +33,7 @@ from fisherext.capture.layers.conv import ConvTerm
 from support.models import assert_matches, block_mask, flat_indices, named_trainable, num_params, slow, submatrix, untouched
 from support.zoo import IGNORE, ZOO, DropoutNet, zoo_data, zoo_model
 from support.oracles import (
-    INFLUENCE_DAMPING, KFAC_MODELS, dense_names, fisher_reference, ggn_reference, hessian_reference,
+    INFLUENCE_DAMPING, KFAC_MODELS, dense_names, fisher_reference, flat_grad, ggn_reference, hessian_reference,
     in_model_order, influence_reference, kfac_reference, loss_fn_for, probe,
 )
 
@@ -255,6 +255,40 @@ def test_per_sample_fisher(name, kind, quantity, device):
     compare(name, f"per_sample {quantity} {kind}", model,
             lambda: fx.per_sample_fisher(model, x, y, kind=kind, quantity=quantity, v=v, **kw),
             ref.trace if quantity == "trace" else ref.quad)
+
+
+def _classifiers():
+    """The cross-entropy zoo models with logits [N, C] (the outputs v="predicted" is defined for)."""
+    out = []
+    for name, spec in ZOO.items():
+        if spec.loss == "cross_entropy":
+            x, _ = zoo_data(name)
+            with torch.no_grad():
+                if zoo_model(name)(x[:2]).dim() == 2:
+                    out.append(name)
+    return names(out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", _classifiers())
+def test_per_sample_quad_along_each_inputs_predicted_direction(name, kind, device):
+    """v="predicted" against plain autograd per input: v_n = ∇log p(ŷ_n) / ‖·‖ by one backward pass of the
+    input alone, then Σ w (gᵀv_n)² over the kind's per-sample gradients."""
+    model, x, y, kw = setup(name, device)
+    ref_model, (xr, yr) = zoo_model(name), zoo_data(name)
+    params = [p for _, p in named_trainable(ref_model)]
+    expected = []
+    for n in range(xr.shape[0]):
+        out = ref_model(xr[n:n + 1])
+        v = flat_grad(torch.log_softmax(out, -1).max(), params)
+        v = v / v.norm()
+        logp = torch.log_softmax(out, -1)[0]
+        classes = range(logp.numel()) if kind == "true" else [int(yr[n])]
+        expected.append(sum((logp[c].exp().detach() if kind == "true" else 1.0) * flat_grad(-logp[c], params).dot(v) ** 2
+                            for c in classes))
+    compare(name, f"per_sample quad predicted {kind}", model,
+            lambda: fx.per_sample_fisher(model, x, y, kind=kind, quantity="quad", v="predicted", **kw),
+            torch.stack(expected))
 
 
 @pytest.mark.parametrize("quantity", ["trace", "quad"])
