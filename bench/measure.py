@@ -13,6 +13,7 @@ import gc
 import math
 import multiprocessing
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -58,7 +59,7 @@ def _proc_status_kib(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def _reset_cpu_peak() -> int | None:
+def reset_cpu_peak() -> int | None:
     """Resets the kernel's high-water mark (VmHWM) to the current resident set; that size, or None
     where it can't be read (not Linux). torch's CPU allocations bypass tracemalloc."""
     gc.collect()
@@ -82,7 +83,7 @@ def timed_with_peak(call: Callable[[], object], device: torch.device):
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        before = _reset_cpu_peak()
+        before = reset_cpu_peak()
     start = time.perf_counter()
     result = call()
     synchronize(device)
@@ -243,3 +244,14 @@ def in_fresh_process(target: Callable, args: tuple, timeout_s: float):
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return cpu

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -25,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .matrix import peer_impls
-from .measure import MIN_REPEATS, TIMING, compute_reference, cpu_count, empty_row, in_fresh_process, measure
+from .measure import (MIN_REPEATS, TIMING, compute_reference, cpu_count, cpu_name, empty_row, in_fresh_process,
+                      measure)
 from .report import markdown
 from .workloads import IMPLS, Workload, select
 
@@ -72,12 +72,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def header(args: argparse.Namespace, argv: list[str], seconds: float, load: float) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     device = "CPU" if args.device == "cpu" else f"CUDA ({torch.cuda.get_device_name()})"
     timing = TIMING[args.quick]
     threads = args.threads or torch.get_num_threads()

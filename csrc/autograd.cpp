@@ -59,6 +59,27 @@ struct NotDifferentiable : torch::autograd::Function<NotDifferentiable<Kernel>> 
   }
 };
 
+inline bool needs_grad(const at::Tensor& t) { return t.requires_grad(); }
+inline bool needs_grad(const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
+inline bool needs_grad(double) { return false; }
+
+// The Autograd kernel of a NotDifferentiable op. Arguments none of which requires grad go straight to the
+// kernel below autograd, as they are: nothing can be recorded, and detaching them would add alias nodes to a
+// graph that torch.compile traces (inductor re-traces an in-place op's replacement and requires the same
+// nodes both times).
+template <typename Kernel, typename... Args>
+decltype(auto) not_differentiable(const Args&... args) {
+  if (!(needs_grad(args) || ...)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return Kernel::run(args...);
+  }
+  if constexpr (Kernel::kInPlace) {
+    NotDifferentiable<Kernel>::apply(args...);
+  } else {
+    return NotDifferentiable<Kernel>::apply(args...);
+  }
+}
+
 struct LinearSqGrad {
   static constexpr const char* kName = "linear_sq_grad";
   static constexpr bool kInPlace = false;
@@ -103,21 +124,21 @@ struct ClassGram {
 
 at::Tensor linear_sq_grad_autograd(const at::Tensor& a, const at::Tensor& delta,
                                    const std::optional<at::Tensor>& weight) {
-  return NotDifferentiable<LinearSqGrad>::apply(a, delta, weight);
+  return not_differentiable<LinearSqGrad>(a, delta, weight);
 }
 
 void linear_outer_accum_autograd(const at::Tensor& out, const at::Tensor& a, const at::Tensor& delta,
                                  const std::optional<at::Tensor>& weight, double alpha) {
-  NotDifferentiable<LinearOuterAccum>::apply(out, a, delta, weight, alpha);
+  not_differentiable<LinearOuterAccum>(out, a, delta, weight, alpha);
 }
 
 void sym_outer_accum_autograd(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                               double alpha, double beta) {
-  NotDifferentiable<SymOuterAccum>::apply(out, x, weight, alpha, beta);
+  not_differentiable<SymOuterAccum>(out, x, weight, alpha, beta);
 }
 
 at::Tensor class_gram_autograd(const at::Tensor& a, const at::Tensor& delta) {
-  return NotDifferentiable<ClassGram>::apply(a, delta);
+  return not_differentiable<ClassGram>(a, delta);
 }
 
 }  // namespace

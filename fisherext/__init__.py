@@ -16,6 +16,7 @@ import torch  # noqa: F401  (must be imported before the extension is loaded)
 
 from . import attacks, detect, ewc, experiments, gaussian, influence, linalg, ops, optim, reference
 from ._core.params import flatten, unflatten
+from ._core.precision import PrecisionWarning
 from ._version import __version__
 from .capture import FisherMatrix, fisher, per_sample_fisher
 from .curvature import FisherOperator, GGNOperator, HessianOperator, hvp
@@ -28,6 +29,7 @@ from .perturb import fd_quadratic, fd_quadratic_directions, input_sensitivity, p
 
 __all__ = [
     "FisherMatrix", "FisherOperator", "GGNOperator", "HessianOperator", "InfluenceFunctions", "LinearOperator",
+    "PrecisionWarning",
     "attacks", "build_info", "detect", "ewc", "experiments", "fd_quadratic", "fd_quadratic_directions", "fisher",
     "flatten", "gaussian", "hvp", "influence", "input_sensitivity", "kl_vs_fisher", "linalg", "linop", "ops",
     "optim", "per_sample_fisher", "perturbed", "reference", "solvers", "spectral", "unflatten", "__version__",

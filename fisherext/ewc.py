@@ -67,7 +67,7 @@ from ._core.data import iter_batches, progress_bar
 from ._core.entry import entry_points
 from ._core.functional import FunctionalModel, grads
 from ._core.likelihood import as_likelihood
-from ._core.params import resolve_params
+from ._core.params import original_module, resolve_params
 from ._core.types import Data, Loss, Params
 from .capture import FisherMatrix, fisher
 from .capture.matrix import DiagPart
@@ -295,7 +295,7 @@ class EWC:
         dtype/device than the consolidated state."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name}: expected an nn.Module, got {type(model).__name__}")
-        named = dict(model.named_parameters())
+        named = dict(original_module(model).named_parameters())
         tensors = []
         for n, shape in zip(self.names, self.shapes):
             p = named.get(n)

@@ -34,6 +34,7 @@ from torch.func import functional_call, grad, vmap
 from ._core.checks import check_choice, check_positive_int
 from ._core.conventions import check_deterministic, checked_output, curvature_forward
 from ._core.data import iter_batches, num_samples, progress_bar
+from ._core.distributed import all_or_none, gathered_rows, process_group, row_layout
 from ._core.entry import entry_points
 from ._core.functional import FunctionalModel
 from ._core.types import Data, Loss, Params
@@ -83,6 +84,13 @@ class InfluenceFunctions:
             ``torch.Generator``; None: torch's global one). The damping λ is passed to lissa as is (its
             ``damping`` is absolute too).
         progress: tqdm bars over the gradients streamed and over the iterations of "cg" and "lissa".
+        group: the torch.distributed process group whose ranks each hold their own shard of the training
+            data (None: the default group when one is initialized with more than one rank; False: this
+            process alone). H is over all shards (its products add across the ranks), every rank passes
+            the same test data, and the columns of ``influence`` and the values of ``self_influence`` are
+            gathered rank by rank (rank 0's training samples first), equal to one process over the
+            shards' concatenation. Stochastic LiSSA (``sample_size``) draws its minibatches from each
+            rank's own shard, so each minibatch operator spans all ranks.
 
     Raises:
         ValueError: an unknown ``solver``, ``curvature`` or loss name, a negative or non-finite
@@ -96,7 +104,8 @@ class InfluenceFunctions:
 
     def __init__(self, model: nn.Module, loss: Loss, train_data: Data, *, params: Params = None,
                  damping: float = 0.0, solver: str = "exact", curvature: str = "hessian",
-                 batch_size: int | None = None, solver_kwargs: dict | None = None, progress: bool = False):
+                 batch_size: int | None = None, solver_kwargs: dict | None = None, progress: bool = False,
+                 group=None):
         check_choice("solver", solver, SOLVERS)
         check_choice("curvature", curvature, CURVATURES)
         check_positive_int("batch_size", batch_size, optional=True)
@@ -106,9 +115,12 @@ class InfluenceFunctions:
             raise ValueError(f"damping: must be a finite number >= 0, got {damping!r}")
         if solver_kwargs is not None and not isinstance(solver_kwargs, dict):
             raise TypeError(f"solver_kwargs: expected a dict, got {type(solver_kwargs).__name__}")
-        self.num_train = num_samples(train_data, "train_data")
+        self.ranks = process_group(group)
+        with all_or_none(self.ranks, width=1) as shared:
+            shared.values = [num_samples(train_data, "train_data")]
+        self.num_train = shared.total(0)
         operator = HessianOperator if curvature == "hessian" else GGNOperator
-        self.operator = operator(model, loss, train_data, params=params, batch_size=batch_size)
+        self.operator = operator(model, loss, train_data, params=params, batch_size=batch_size, group=group)
         self.fm: FunctionalModel = self.operator.fm
         P = self.fm.P
         if solver == "exact" and P * P > DEFAULT_MAX_ELEMENTS:
@@ -213,6 +225,15 @@ class InfluenceFunctions:
 
         return sample
 
+    def _gathered(self, values) -> torch.Tensor:
+        """The training samples' values of this rank (an iterable of [B, ...] chunks, rows the samples), of
+        every rank under the process group, rank by rank."""
+        with all_or_none(self.ranks, width=3) as shared:  # no rank waits in the gather for a rank that raised
+            local = torch.cat(list(values))
+            shared.values = row_layout(local)
+        shared.check_same("test_data", "the values per training sample", slice(1, 3))
+        return gathered_rows(local, shared.rows[:, 0], self.ranks)
+
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         r""":math:`(H + \lambda I)^{-1} B` by the chosen solver.
 
@@ -238,7 +259,9 @@ class InfluenceFunctions:
         sample = self._lissa_sampler(kwargs) if "sample_size" in kwargs else None
         scale = kwargs.pop("scale", None)
         if scale is None:
-            scale = 1.1 * power_iteration(self.operator, 1)[0].abs().item()
+            # a fixed start: the same on every rank (the products add across ranks) and at every call
+            start = torch.Generator(self.operator.device).manual_seed(0)
+            scale = 1.1 * power_iteration(self.operator, 1, generator=start)[0].abs().item()
         if self.damping >= scale:
             raise ValueError(f"solver_kwargs: lissa's 'scale' ({scale:g}) must exceed damping ({self.damping:g})")
         kwargs.setdefault("depth", 1000)
@@ -256,7 +279,9 @@ class InfluenceFunctions:
         Raises:
             ValueError: as :meth:`test_gradients` and :meth:`solve`.
         """
-        return self.solve(self.test_gradients(test_data).T.contiguous())
+        with all_or_none(self.ranks):  # before the solver's products, which add across the ranks
+            G = self.test_gradients(test_data)
+        return self.solve(G.T.contiguous())
 
     # ---- influence -------------------------------------------------------------------------------
 
@@ -275,7 +300,7 @@ class InfluenceFunctions:
             ValueError: as :meth:`test_gradients` and :meth:`solve`.
         """
         S = self.s_test(test_data)
-        return -torch.cat([S.T @ G.T for G in self._gradient_chunks(self.train_data, "train_data", "influence")], 1)
+        return -self._gathered(G @ S for G in self._gradient_chunks(self.train_data, "train_data", "influence")).T
 
     def self_influence(self) -> torch.Tensor:
         r""":math:`-\nabla\ell(z_i)^\top (H+\lambda I)^{-1}\nabla\ell(z_i)` of every training point: [N_train]
@@ -287,10 +312,16 @@ class InfluenceFunctions:
             Tensor [N_train].
 
         Raises:
-            ValueError: as :meth:`solve`.
+            ValueError: as :meth:`solve`; solver "cg" or "lissa" under a process group.
         """
-        return -torch.cat([(G * self.solve(G.T.contiguous()).T).sum(1)
-                           for G in self._gradient_chunks(self.train_data, "train_data", "self-influence")])
+        if self.ranks is not None:
+            if self.solver != "exact":  # each rank would solve its own chunks by products that add across ranks
+                raise ValueError("solver: self_influence under a process group needs solver='exact' (cg and "
+                                 "lissa solve each training chunk by products summed over the ranks, which "
+                                 "would need the same chunk on every rank)")
+            self._cholesky()  # its products add across the ranks: before the local stream
+        return -self._gathered((G * self.solve(G.T.contiguous()).T).sum(1)
+                               for G in self._gradient_chunks(self.train_data, "train_data", "self-influence"))
 
 
 __all__ = ["InfluenceFunctions"]

@@ -105,6 +105,8 @@ def _entry_points():
             obj = getattr(mod, name)
             if id(obj) in seen or not (inspect.isfunction(obj) or inspect.isclass(obj)) or dataclasses.is_dataclass(obj):
                 continue
+            if inspect.isclass(obj) and issubclass(obj, Warning):  # a warning category: raised, never called
+                continue
             home = getattr(obj, "__module__", "") or ""
             if not home.startswith("fisherext") or home.startswith(("fisherext.ops", "fisherext._core.entry")):
                 continue

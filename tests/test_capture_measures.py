@@ -270,3 +270,45 @@ def test_quad_predicted_refuses_what_it_cannot_do():
     xr, yr = make_data("mlp_reg")
     with pytest.raises(ValueError, match="argument 'v' 'predicted' needs a classifier's logits"):
         fx.per_sample_fisher(reg, xr, yr, loss="mse", quantity="quad", v="predicted")
+
+
+# ---------------------------------------------------------------------------------------------------
+# over a data set: batch by batch, in order
+
+
+@pytest.mark.parametrize("quantity", ["trace", "quad", "predicted"])
+def test_a_data_set_gives_each_samples_value_in_order(quantity, device):
+    """Tensors with batch_size, a DataLoader and a Dataset stream in batches (7 samples in 3s: a short last
+    batch) and give the per-sample autograd values of the whole set, sample by sample."""
+    model = make_model("mlp", device=device)
+    x, y = make_data("mlp", n=7, device=device)
+    kw = {"trace": dict(quantity="trace"), "quad": dict(quantity="quad", v=random_v(num_params(model), 3, device)),
+          "predicted": dict(quantity="quad", v="predicted")}[quantity]
+    expected = fx.per_sample_fisher(model, x, y, kind="empirical", **kw)  # one batch: checked against autograd above
+    per_sample = torch.stack([fx.per_sample_fisher(model, x[n:n + 1], y[n:n + 1], kind="empirical", **kw)[0]
+                              for n in range(7)])
+    assert_close(expected, per_sample)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    for data, extra in (((x, y), dict(batch_size=3)), ((dataset,), dict(batch_size=3)),
+                        ((torch.utils.data.DataLoader(dataset, batch_size=3),), {})):
+        assert_close(fx.per_sample_fisher(model, *data, kind="empirical", **kw, **extra), expected)
+
+
+def test_a_data_set_of_inputs_only_gives_the_true_kind(device):
+    model = make_model("mlp", device=device)
+    x, _ = make_data("mlp", n=5, device=device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2)
+    assert_close(fx.per_sample_fisher(model, loader), fx.per_sample_fisher(model, x))
+
+
+def test_a_data_set_refuses_what_it_cannot_use(mlp, device):
+    x, y = make_data("mlp", n=4, device=device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    with pytest.raises(ValueError, match="argument 'y' the targets of a DataLoader"):
+        fx.per_sample_fisher(mlp, loader, y)
+    with pytest.raises(TypeError, match="argument 'x' expected a tensor, a DataLoader or a Dataset"):
+        fx.per_sample_fisher(mlp, [x, y])
+    with pytest.raises(ValueError, match="argument 'batch_size'"):
+        fx.per_sample_fisher(mlp, x, y, batch_size=0)
+    with pytest.raises(ValueError, match="argument 'data' no samples"):
+        fx.per_sample_fisher(mlp, x[:0], y[:0], batch_size=2)

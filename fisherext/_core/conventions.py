@@ -2,7 +2,7 @@ r"""How fisherext runs a model's forward pass for curvature: the rules every pro
 
 Per-sample curvature (a Hessian, GGN or Fisher of :math:`\frac1N\sum_n \ell(f(x_n;\theta), y_n)`, a
 finite difference of it, an influence) presumes that :math:`f(x_n;\theta)` is one fixed function of
-the sample and the parameters. Five rules make that so, the same for reverse mode, forward mode,
+the sample and the parameters. Six rules make that so, the same for reverse mode, forward mode,
 double backprop and finite differences:
 
 1. **Deterministic, per sample** (``check_deterministic``). A forward pass may depend neither on the
@@ -30,8 +30,12 @@ double backprop and finite differences:
 5. **Recurrent layers run step by step** (``stepwise_recurrent``): nn.RNN/LSTM/GRU as per-step
    ``F.linear`` calls (``fisherext._core.recurrent``), equal to torch's fused kernels to rounding, which write
    their state in place and so cannot run under a per-sample ``vmap``.
+6. **A compiled model runs its original module, eagerly** (``original_forward``): for ``compiled =
+   torch.compile(model)`` every forward is ``model``'s own, hooks and all; TorchDynamo never traces it
+   (``fisherext._core.params.original_module`` says why). The parameters are shared, so the curvature of
+   ``compiled`` is that of ``model``.
 
-``curvature_forward(model)`` enters rules 2, 3 and 5 around a computation; callers check rule 1 before
+``curvature_forward(model)`` enters rules 2, 3, 5 and 6 around a computation; callers check rule 1 before
 any work and rule 4 on every batch's outputs.
 """
 from __future__ import annotations
@@ -46,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 from .recurrent import STEPWISE
 from .checks import all_finite
+from .params import is_compiled, original_module
 
 _FIX = "call model.eval()"
 
@@ -77,8 +82,9 @@ def _nondeterminism(module: nn.Module) -> tuple[str, str] | None:
 
 def check_deterministic(model: nn.Module) -> None:
     """Refuses a model whose forward pass depends on the other samples of the batch or on randomness
-    (rule 1 of the module docstring): ValueError naming the first such module and the remedy."""
-    for name, module in model.named_modules():
+    (rule 1 of the module docstring): ValueError naming the first such module and the remedy (named as in
+    the original module of a compiled model)."""
+    for name, module in original_module(model).named_modules():
         found = _nondeterminism(module)
         if found is not None:
             why, fix = found
@@ -166,9 +172,46 @@ def stepwise_recurrent() -> TorchFunctionMode:
     return _StepwiseRecurrent()
 
 
+# What the compiled wrapper takes from its original module inside ``original_forward``: its call, and the
+# names of its tensors, which ``torch.func.functional_call`` reads to reparametrize tied tensors together.
+_STAND_IN = ("forward", "named_parameters", "named_buffers")
+
+
+@contextmanager
+def original_forward(model: nn.Module):
+    """Rule 6 as a context manager: inside it, a model compiled by ``torch.compile(model)`` stands in for the
+    original module. Calling it runs the original's ``__call__`` (its hooks, then its forward) eagerly, and
+    its ``named_parameters``/``named_buffers`` are the original's, so that ``functional_call`` on it with
+    the original's names (those of ``resolve_params``) moves tied tensors together (without them, a weight
+    shared by two submodules would be replaced under one name only). On exit the wrapper is as it was,
+    also after an exception. Nothing happens for a module that is no such wrapper.
+
+    The wrapper's compiled forward is set aside for the duration rather than dynamo switched off
+    (``torch.compiler.set_stance("force_eager")``): that would switch off every compiled function inside
+    too, among them the graphs of the ``compile=`` option of the curvature products. Like a parameter
+    perturbation, it changes the wrapper object for the duration: another thread calling the compiled
+    model meanwhile runs it eagerly (same values)."""
+    if not is_compiled(model):
+        yield
+        return
+    state, original = vars(model), model._orig_mod
+    missing = object()
+    saved = {attr: state.get(attr, missing) for attr in _STAND_IN}
+    # the compiled forward is dynamo running this very call of the original module
+    state.update({attr: getattr(original, "__call__" if attr == "forward" else attr) for attr in _STAND_IN})
+    try:
+        yield
+    finally:
+        for attr, value in saved.items():
+            if value is missing:
+                state.pop(attr, None)
+            else:
+                state[attr] = value
+
+
 @contextmanager
 def curvature_forward(model: nn.Module):
-    """Rules 2, 3 and 5 around a computation's forward passes; enter it before any parameter perturbation.
+    """Rules 2, 3, 5 and 6 around a computation's forward passes; enter it before any parameter perturbation.
 
     The padding mode is entered only when the model holds an ``nn.Embedding`` with ``padding_idx``: a
     ``TorchFunctionMode`` routes every torch call through Python, which costs time on other models for
@@ -176,6 +219,8 @@ def curvature_forward(model: nn.Module):
     not covered; use an nn.Embedding, or enter ``padding_as_constant`` yourself.
     """
     with ExitStack() as stack:
+        stack.enter_context(original_forward(model))
+        model = original_module(model)
         stack.enter_context(second_order_attention())
         if padded_embeddings(model):
             stack.enter_context(padding_as_constant(model))
@@ -209,5 +254,5 @@ def checked_output(out, offset: int = 0, *, finite: bool = True) -> torch.Tensor
     return out
 
 
-__all__ = ["check_deterministic", "checked_output", "curvature_forward", "padded_embeddings",
+__all__ = ["check_deterministic", "checked_output", "curvature_forward", "original_forward", "padded_embeddings",
            "padding_as_constant", "second_order_attention"]

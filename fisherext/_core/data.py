@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from .checks import check_inputs, check_positive_int
-from .distributed import all_reduce_count, all_reduce_sum_, process_group
+from .distributed import all_or_none, all_reduce_sum_, fingerprint, process_group
 
 
 def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None, unit: str = "it"):
@@ -80,29 +80,39 @@ def _unpack(batch):
     return batch, None
 
 
-def stream(model, data, batch_size, product, *, progress: bool = False, desc: str = "", group=None) -> torch.Tensor:
+def stream(model, data, batch_size, product, *, progress: bool = False, desc: str = "", group=None,
+           inputs: torch.Tensor | None = None) -> torch.Tensor:
     """The sample-weighted mean Σ_b n_b · product(x_b, y_b, offset) / N over the batches of the data, with
     ``offset`` the batch's first sample: a batch-mean quantity (a mean loss's gradient or curvature
     product) then becomes the mean over the whole data set, whatever the batching. Under a
     torch.distributed process group (``group``: see ``fisherext._core.distributed.process_group``) each
     rank streams its own shard and the sums and N are added across the ranks: the mean over all shards.
-    ``product`` must return one tensor of the same shape on every rank (each rank needs a batch)."""
+    ``product`` must return one tensor of the same shape on every rank (each rank needs a batch);
+    ``inputs`` (the vectors the products are taken with) are checked to be the same on every rank before
+    the sums are added, since a sum of products with different vectors would be no product at all."""
     ranks = process_group(group)
-    batches = progress_bar(iter_batches(data, batch_size), progress, desc, unit="batch")
-    total, acc = 0, None
-    for x, y in batches:
-        check_inputs(model, x)
-        if x.shape[0] == 0:
-            continue
-        part = x.shape[0] * product(x, y, total)
-        acc = part if acc is None else acc + part
-        total += x.shape[0]
-    if ranks is not None and acc is not None:
-        all_reduce_sum_([acc], ranks)
-        total = all_reduce_count(total, ranks, acc.device)
-    if total == 0:
-        raise ValueError("data: no samples")
-    return acc / total
+    with all_or_none(ranks, width=5) as shared:
+        batches = progress_bar(iter_batches(data, batch_size), progress, desc, unit="batch")
+        total, acc = 0, None
+        for x, y in batches:
+            check_inputs(model, x)
+            if x.shape[0] == 0:
+                continue
+            part = product(x, y, total)
+            # summed in the accumulation dtype, at least float32: a float16/bfloat16 running sum stops growing
+            # once a batch's part falls below half its spacing (bfloat16: after about 2^8 equal parts)
+            part = x.shape[0] * part.to(torch.promote_types(part.dtype, torch.float32))
+            acc = part if acc is None else acc + part
+            total += x.shape[0]
+        if total == 0:
+            raise ValueError("data: no samples" + ("" if ranks is None else " in this rank's shard (every rank "
+                                                   "of the process group needs at least one)"))
+        same = fingerprint(inputs) if inputs is not None and ranks is not None else [0, 0, 0]  # (host syncs)
+        shared.values = [*same, acc.numel(), total]
+    shared.check_same("v", "the vectors (their size, sum or sum of squares)", slice(0, 3))
+    shared.check_same("data", "the sizes of the per-rank sums", slice(3, 4))
+    all_reduce_sum_([acc], ranks)
+    return acc / shared.total(4)
 
 
 def num_samples(data, name: str) -> int:

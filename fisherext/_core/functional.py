@@ -7,15 +7,19 @@ from torch.func import functional_call
 
 from .checks import check_vectors
 from .conventions import check_deterministic, checked_output
-from .params import resolve_params
+from .params import original_module, resolve_params
 
 
 class FunctionalModel:
-    """A model as a function of its selected parameters: flat vectors [P] ↔ per-parameter tensors."""
+    """A model as a function of its selected parameters: flat vectors [P] ↔ per-parameter tensors.
+
+    ``model`` is the original module of a model compiled by ``torch.compile`` (``params.original_module``):
+    ``functional_call`` and the torch.func transforms run its forward eagerly, and a ``compile=`` product
+    traces that forward into a graph of its own."""
 
     def __init__(self, model: nn.Module, params=None):
         check_deterministic(model)
-        self.model = model
+        self.model = original_module(model)
         self.selected = resolve_params(model, params)
         self.names = [n for n, _ in self.selected]
         self.params = [p for _, p in self.selected]

@@ -313,7 +313,12 @@ class Cotangents:
 
     def __init__(self, lik: Likelihood, out: torch.Tensor, y, kind: str, *, mc_samples: int = 1, generator=None):
         self.bound = lik.at(out, y)
-        ones = out.new_ones
+        # weights at least in float32: 1/M rounded to bfloat16 (1/3 -> 0.334) would bias every sum they weight
+        dtype = torch.promote_types(out.dtype, torch.float32)
+
+        def ones(k):
+            return torch.ones(k, dtype=dtype, device=out.device)
+
         if kind == "true":
             self.K = self.bound.num_columns
             self.weights, self._all = ones(self.K), None

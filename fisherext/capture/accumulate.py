@@ -1,5 +1,11 @@
 """Accumulation of the per-sample gradient terms into each structure of ``fisher``: diag, full, block and
-kfac, with the batch plan that keeps a batch's activations and output gradients within a chunk."""
+kfac, with the batch plan that keeps a batch's activations and output gradients within a chunk.
+
+Every sum lives in the accumulation dtype of the parameters (``fisherext._core.precision.accumulation_dtype``:
+float32 for float16/bfloat16 parameters, else theirs), and the terms hand over their per-batch reductions in
+it: a Fisher over N samples adds N (or N / batch size) contributions, and a half-precision running sum would
+stop growing once a contribution falls below half its spacing (bfloat16: after about 2^8 equal terms), so
+the result of a half-precision model is a float32 FisherMatrix."""
 from __future__ import annotations
 
 import math
@@ -7,9 +13,10 @@ import math
 import torch
 
 from .. import ops
-from .._core.distributed import all_reduce_count, all_reduce_sum_
+from .._core.distributed import all_reduce_sum_
 from .engine import Capture
 from .matrix import DensePart, DiagPart, FisherMatrix, KronPart
+from .._core.precision import accumulation_dtype
 from .terms import LinearTerm, Placed, Sum
 
 
@@ -57,7 +64,7 @@ class Accumulator:
             o += p.numel()
         self.P = o
         ref = cap.params[0][1]
-        self.opts = dict(dtype=ref.dtype, device=ref.device)
+        self.opts = dict(dtype=accumulation_dtype(ref.dtype), device=ref.device)
         self.diag_sums = [torch.zeros(p.numel(), **self.opts) for _, p in cap.params]
         self.blocks = blocks(cap.params) if structure == "block" else {}
         self.block_sums = {}
@@ -155,7 +162,7 @@ class Accumulator:
             G = torch.zeros(K, e - s, width, **self.opts)
             for i, t in live:
                 G[:, :, local[i]:local[i] + t.numel] = t.per_sample_grads(s, e)
-            w = wk.repeat_interleave(e - s)
+            w = wk.to(G.dtype).repeat_interleave(e - s)
             ops.sym_outer_accum_(target, G.reshape(-1, width), w if self.samples is None else w / self.samples,
                                  beta=1.0 if key in self.written else 0.0)
             self.written.add(key)
@@ -182,9 +189,16 @@ class Accumulator:
                 self.block_sums[key] = torch.zeros(width, width, **self.opts)
         kron = [self.kron[k] for k in sorted(self.kron)]
         sums = [*self.diag_sums, *(t for e in kron for t in e[:2]), *self.block_sums.values()]
-        all_reduce_sum_(sums + ([self.full] if self.full is not None else []), group)
-        for e in kron:
-            e[2] = all_reduce_count(e[2], group, self.opts["device"])
+        # the K-FAC row counts travel with the sums (in float64: one collective more for float32 sums)
+        rows = torch.tensor([e[2] for e in kron], dtype=torch.float64, device=self.opts["device"])
+        all_reduce_sum_(sums + ([self.full] if self.full is not None else []) + ([rows] if kron else []), group)
+        for e, n in zip(kron, rows.tolist()):
+            e[2] = int(n)
+
+    def kron_size(self) -> int:
+        """The entries of the K-FAC sums ``reduce`` adds (their factors and row counts): ranks whose capture
+        formed other factors (other layers, other layouts) must not reduce them."""
+        return sum(e[0].numel() + e[1].numel() + 1 for e in self.kron.values())
 
     def finish(self, N: int) -> FisherMatrix:
         parts = []

@@ -31,10 +31,11 @@ from torch import nn
 from .._core.checks import check_choice, check_inputs, check_positive_int
 from .._core.conventions import checked_output
 from .._core.data import is_tensor_pair, iter_batches, progress_bar
-from .._core.distributed import all_reduce_count, check_same_across_ranks, process_group
+from .._core.distributed import all_or_none, process_group
 from .._core.likelihood import KINDS, Cotangents, as_likelihood
 from .._core.types import Data, Loss, Params
 from .._core.memory import require, resolve_budget
+from .._core.precision import accumulation_dtype
 from .accumulate import Accumulator, batch_plan, blocks, cotangent_step, footprint
 from .engine import Capture
 from .matrix import FisherMatrix
@@ -62,13 +63,50 @@ def _planned_bytes(structure, cap: Capture, item: int) -> int:
     return P * item
 
 
+#: What ``_signature`` describes: the numbers that differ when two ranks would reduce different sums.
+_SIGNATURE = ("tensors", "parameters", "shapes", "bytes per value", "floating point", "structure", "kind", "mc_samples")
+
+
 def _signature(cap: Capture, structure: str, kind: str, mc_samples: int) -> list[float]:
-    """Numbers that differ when two ranks would reduce different sums: the parameters' count, sizes,
-    shapes (a position-weighted sum) and dtype, the structure and the kind."""
+    """The numbers of ``_SIGNATURE``: the parameters' count, sizes, shapes (a position-weighted sum) and
+    dtype, the structure and the kind."""
     shapes = sum((i + 1) * (d + 1) * n for i, (_, p) in enumerate(cap.params) for d, n in enumerate(p.shape))
     ref = cap.params[0][1]
     return [len(cap.params), sum(p.numel() for _, p in cap.params), shapes, ref.element_size(),
             float(ref.is_floating_point()), STRUCTURES.index(structure), KINDS.index(kind), mc_samples]
+
+
+def _stream_into(acc: Accumulator, cap: Capture, data, lik, kind, mc_samples, batch_size, chunk_bytes, generator,
+                 progress) -> int:
+    """Streams the batches of ``data`` through the capture into ``acc``; returns the number of samples."""
+    model = cap.model
+    if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
+        first = next(iter_batches(data, 2), None)
+        if first is None:
+            return 0
+        check_inputs(model, first[0])
+        with cap, torch.no_grad():
+            out2 = checked_output(cap.probe(first[0]), 0, finite=False)
+        K = 1 if kind == "empirical" else mc_samples if kind == "mc" else out2[0].numel()
+        batch_size = batch_plan(*footprint(cap.probed_uses, out2), K, chunk_bytes)
+    batches = progress_bar(iter_batches(data, batch_size), progress, f"fisher({kind}, {acc.structure})", unit="batch")
+    total = 0
+    with cap, torch.no_grad():
+        for x, y in batches:
+            check_inputs(model, x)
+            if x.shape[0] == 0:
+                continue
+            out = checked_output(cap.forward(x), total)
+            cot = Cotangents(lik, out, y, kind, mc_samples=mc_samples, generator=generator)
+            # K-FAC sums its factors over the cotangents one by one, and the backward runs one per cotangent
+            # anyway: chunks of one spare stacking the K output gradients of every layer (a copy of all of them)
+            step = 1 if acc.structure == "kfac" else cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K,
+                                                                    chunk_bytes)
+            for k0 in range(0, cot.K, step):
+                k1 = min(cot.K, k0 + step)
+                acc.add(cap.backward(out, cot.chunk(k0, k1), last=k1 == cot.K), cot.weights[k0:k1], first=k0 == 0)
+            total += x.shape[0]
+    return total
 
 
 @entry_point(renamed={"loss_fn": "loss"})
@@ -112,7 +150,9 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
             same model, parameters and structure, and hold at least one sample.
 
     Returns:
-        a FisherMatrix (``diag``, ``dense``, ``mv``, ``quad``, ``trace``, ``solve``, ``num_samples``).
+        a FisherMatrix (``diag``, ``dense``, ``mv``, ``quad``, ``trace``, ``solve``, ``num_samples``), in the
+        parameters' dtype, at least float32: a float16/bfloat16 model (or one under ``torch.autocast``) gets
+        a float32 Fisher, its sums over samples never rounded to half precision.
 
     Raises:
         ValueError: an unknown ``kind``, ``structure`` or loss name, a torch ``loss`` that is no
@@ -120,54 +160,36 @@ def fisher(model: nn.Module, data: Data, *, kind: str = "true", structure: str =
             ``batch_size``, a result over ``memory_budget``, labels that do not fit the outputs, no samples.
         TypeError: ``loss`` neither a name nor callable, non-tensor or integer inputs.
     """
-    check_choice("kind", kind, KINDS)
-    check_choice("structure", structure, STRUCTURES)
-    lik = as_likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
-    check_positive_int("mc_samples", mc_samples)
-    check_positive_int("batch_size", batch_size, optional=True)
-    cap = Capture(model, params)
-    ref = cap.params[0][1]
-    budget = resolve_budget(memory_budget, ref.device)
-    hint = {"full": "use structure='block', 'kfac' or 'diag', or pass a subset via params=",
-            "block": "use structure='kfac' or 'diag', or pass a subset via params="}.get(
-        structure, "pass a subset via params=")
-    P = sum(p.numel() for _, p in cap.params)
-    require(_planned_bytes(structure, cap, ref.element_size()), budget,
-            f"structure={structure!r} over {P} parameters", hint)
-    chunk_bytes = max(_MIN_CHUNK, min(budget // 4, _MAX_CHUNK))
-    cap.chunk_bytes = chunk_bytes
     ranks = process_group(group)
-    check_same_across_ranks("params", "the selected parameters (their number, shapes, dtype) or the structure and kind",
-                            _signature(cap, structure, kind, mc_samples), ranks, ref.device)
-    known = data[0].shape[0] if is_tensor_pair(data) and ranks is None else None  # across ranks: known at the end
-    acc = Accumulator(structure, cap, chunk_bytes, samples=known)
-    if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
-        first = next(iter_batches(data, 2), None)
-        if first is None:
-            raise ValueError("data: no samples")
-        check_inputs(model, first[0])
-        with cap, torch.no_grad():
-            out2 = checked_output(cap.probe(first[0]), 0, finite=False)
-        K = 1 if kind == "empirical" else mc_samples if kind == "mc" else out2[0].numel()
-        batch_size = batch_plan(*footprint(cap.probed_uses, out2), K, chunk_bytes)
-    batches = progress_bar(iter_batches(data, batch_size), progress, f"fisher({kind}, {structure})", unit="batch")
-    total = 0
-    with cap, torch.no_grad():
-        for x, y in batches:
-            check_inputs(model, x)
-            if x.shape[0] == 0:
-                continue
-            out = checked_output(cap.forward(x), total)
-            cot = Cotangents(lik, out, y, kind, mc_samples=mc_samples, generator=generator)
-            # K-FAC sums its factors over the cotangents one by one, and the backward runs one per cotangent
-            # anyway: chunks of one spare stacking the K output gradients of every layer (a copy of all of them)
-            step = 1 if structure == "kfac" else cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K, chunk_bytes)
-            for k0 in range(0, cot.K, step):
-                k1 = min(cot.K, k0 + step)
-                acc.add(cap.backward(out, cot.chunk(k0, k1), last=k1 == cot.K), cot.weights[k0:k1], first=k0 == 0)
-            total += x.shape[0]
+    with all_or_none(ranks, width=len(_SIGNATURE) + 2) as shared:  # no rank waits in a reduction for one that raised
+        check_choice("kind", kind, KINDS)
+        check_choice("structure", structure, STRUCTURES)
+        lik = as_likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
+        check_positive_int("mc_samples", mc_samples)
+        check_positive_int("batch_size", batch_size, optional=True)
+        cap = Capture(model, params)
+        ref = cap.params[0][1]
+        budget = resolve_budget(memory_budget, ref.device)
+        hint = {"full": "use structure='block', 'kfac' or 'diag', or pass a subset via params=",
+                "block": "use structure='kfac' or 'diag', or pass a subset via params="}.get(
+            structure, "pass a subset via params=")
+        P = sum(p.numel() for _, p in cap.params)
+        # the result's bytes in its dtype: float32 for float16/bfloat16 parameters (accumulate.py)
+        require(_planned_bytes(structure, cap, accumulation_dtype(ref.dtype).itemsize), budget,
+                f"structure={structure!r} over {P} parameters", hint)
+        chunk_bytes = max(_MIN_CHUNK, min(budget // 4, _MAX_CHUNK))
+        cap.chunk_bytes = chunk_bytes
+        known = data[0].shape[0] if is_tensor_pair(data) and ranks is None else None  # across ranks: known at the end
+        acc = Accumulator(structure, cap, chunk_bytes, samples=known)
+        total = _stream_into(acc, cap, data, lik, kind, mc_samples, batch_size, chunk_bytes, generator, progress)
+        if total == 0:
+            raise ValueError("data: no samples" + ("" if ranks is None else " in this rank's shard (every rank of "
+                                                   "the process group needs at least one)"))
+        shared.values = [*_signature(cap, structure, kind, mc_samples), acc.kron_size(), total]
+    shared.check_same("params", "the selected parameters (their number, shapes, dtype) or the structure and kind",
+                      slice(0, len(_SIGNATURE)))
+    shared.check_same("data", "the sizes of the K-FAC factors formed from each rank's shard", slice(len(_SIGNATURE),
+                                                                                                  len(_SIGNATURE) + 1))
     acc.reduce(ranks)
-    total = all_reduce_count(total, ranks, ref.device)
-    if total == 0:
-        raise ValueError("data: no samples")
+    total = shared.total(len(_SIGNATURE) + 1)
     return acc.finish(total)

@@ -43,9 +43,10 @@ from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
 from .._core.conventions import check_deterministic, curvature_forward, second_order_attention
-from .._core.params import resolve_params
+from .._core.params import original_module, resolve_params
 from .layers import DESCEND, RULES, Slot, Use
 from .layout import NO_BATCH, Layout, from_sizes, ordering
+from .._core.precision import accumulation_dtype
 from .terms import Term, combine
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,7 +205,9 @@ class _Recorder(TorchFunctionMode):
 
 class FallbackGroup:
     """Per-sample gradients of the parameters no rule captures, by ``vmap`` over the samples of the whole
-    model's vector-Jacobian product with the K cotangents; computed a chunk of samples at a time."""
+    model's vector-Jacobian product with the K cotangents; computed a chunk of samples at a time, in the
+    model's dtype, and returned (``chunk``) in the accumulation dtype, so that their squares and sums do not
+    round to half precision."""
 
     # samples per vmapped chunk: bounds the memory of the batched forward
     max_rows = 32
@@ -219,7 +222,8 @@ class FallbackGroup:
             self.offsets[i] = (o, p.numel())
             o += p.numel()
         self.P, self.K, self.batch = o, cot.shape[0], x.shape[0]
-        item = self.params[0].element_size()
+        self.dtype = accumulation_dtype(self.params[0].dtype, cot.dtype)
+        item = self.dtype.itemsize
         self.rows = max(1, min(self.max_rows, chunk_bytes // max(1, self.K * self.P * item)))
         self._last = None
         self._stats = None
@@ -250,6 +254,7 @@ class FallbackGroup:
                     f"parameters {', '.join(map(repr, self.names))}: {error}. Exclude them with params=, or "
                     "express their layer with functions fisherext has rules for (F.linear, convolutions, "
                     "F.embedding, normalizations)") from error
+        g = g.to(self.dtype)
         self._last = ((s, e), g)
         return g
 
@@ -258,11 +263,14 @@ class FallbackGroup:
         if self._stats is not None and self._stats[0] is wk:
             return self._stats[1]
         diag, sq = 0, {i: [] for i in self.offsets}
+        w = wk.to(self.dtype)
+        kind = self.x.device.type
         for s in range(0, self.batch, self.rows):
-            g2 = self.chunk(s, min(self.batch, s + self.rows)) ** 2
-            diag = diag + torch.einsum("k,knp->p", wk, g2)
-            for i, (o, n) in self.offsets.items():
-                sq[i].append(torch.einsum("k,knp->n", wk, g2[:, :, o:o + n]))
+            g2 = self.chunk(s, min(self.batch, s + self.rows)) ** 2   # the model's own forward: autocast's, if on
+            with torch.autocast(kind, enabled=False):                 # the sums: the accumulation dtype's
+                diag = diag + torch.einsum("k,knp->p", w, g2)
+                for i, (o, n) in self.offsets.items():
+                    sq[i].append(torch.einsum("k,knp->n", w, g2[:, :, o:o + n]))
         result = (diag, {i: torch.cat(v) for i, v in sq.items()})
         self._stats = (wk, result)
         return result
@@ -275,8 +283,7 @@ class FallbackTerm(Term):
         self.group, self.index = group, index
         self.offset, self.numel = group.offsets[index]
         self.K, self.batch = group.K, group.batch
-        p = group.params[0]
-        self.dtype, self.device = p.dtype, p.device
+        self.dtype, self.device = group.dtype, group.params[0].device
 
     def rows_per_chunk(self):
         return self.group.rows
@@ -305,7 +312,9 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, params=None):
-        self.model = model
+        # The recording hooks and mode need the submodules' own eager forward: for torch.compile(model),
+        # the original module (the same parameters, never traced by dynamo).
+        self.model = original_module(model)
         self.params = resolve_params(model, params)
         check_deterministic(model)
         self.ids = {id(p): i for i, (_, p) in enumerate(self.params)}
@@ -460,7 +469,8 @@ class Capture:
             for (use, layout), dz in zip(native, grads):
                 if dz is None:
                     dz = cot.new_zeros(K, *use.out_shape)
-                with torch.no_grad():
+                # forming the terms is the Fisher's arithmetic, not the model's: autocast off
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                     terms = use.rule.terms(use, dz.detach(), layout, n)
                 for role, slot in use.slots.items():
                     if slot.param not in fallback:

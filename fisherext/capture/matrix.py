@@ -5,6 +5,10 @@ positions ``idx``: a diagonal (``DiagPart``), a dense symmetric block (``DensePa
 product :math:`G \otimes A` over a weight matrix laid out as ``idx`` [O, I] (``KronPart``, row-major
 vec, so :math:`(G\otimes A)\,\mathrm{vec}(V) = \mathrm{vec}(G V A)`). Products, traces and damped
 solves therefore work part by part, each part acting on all K columns of a product at once.
+
+Precision: the parts hold the accumulation dtype of ``fisher`` (float32 for a float16/bfloat16 model or
+one run under ``torch.autocast``), and the methods below that multiply or assemble them run with autocast
+off, so that a FisherMatrix used inside an autocast region still computes in its own dtype.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from .._core.checks import check_positive_int
 from .._core.memory import require, resolve_budget
 from ..linalg.linop import LinearOperator, check_columns, check_damping
 from .._core.entry import entry_points
+from .._core.precision import autocast_off
 
 
 def _singular(what):
@@ -174,7 +179,8 @@ class FisherMatrix(LinearOperator):
     A LinearOperator: ``F @ v`` ([P]) and ``F @ X`` ([P, K]) are exact products (one batched product per
     part for all K columns), and it works with the algebra (``F + G``, ``c * F``, ``F.damped(λ)``), the
     solvers and the spectral methods. Flat vectors follow the order of the selected parameters
-    (``fisherext.flatten``).
+    (``fisherext.flatten``). Vectors of another floating dtype (a bfloat16 model's) are converted to the
+    Fisher's dtype (float32 for half-precision parameters).
 
     Args:
         P: the number of parameters.
@@ -212,11 +218,13 @@ class FisherMatrix(LinearOperator):
             out[part.idx.reshape(-1)] = values
         return out
 
+    @autocast_off
     def _per_part(self, method: str, X: torch.Tensor, *args) -> torch.Tensor:
         """``part.<method>(rows of X, *args)`` of every part on X [P, K], scattered back to [P, K]."""
         return self._scatter((getattr(part, method)(X[part.idx.reshape(-1)], *args) for part in self.parts),
                              (X.shape[1],))
 
+    @autocast_off
     def diag(self) -> torch.Tensor:
         r"""The diagonal :math:`(F_{ii})_i`.
 
@@ -225,6 +233,7 @@ class FisherMatrix(LinearOperator):
         """
         return self._scatter(part.diag() for part in self.parts)
 
+    @autocast_off
     def dense(self, memory_budget: int | None = None, *, copy: bool = True) -> torch.Tensor:
         """The full P×P matrix (zero outside the structure's blocks).
 
@@ -277,6 +286,7 @@ class FisherMatrix(LinearOperator):
         V = check_columns("v", v, self)
         return (V * (self @ V)).sum(0)
 
+    @autocast_off
     def trace(self) -> torch.Tensor:
         r"""The trace :math:`\mathrm{tr}\,F = \sum_i F_{ii}` (a Kronecker part contributes
         :math:`\mathrm{tr}\,G \cdot \mathrm{tr}\,A`).

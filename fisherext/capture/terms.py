@@ -25,16 +25,34 @@ positions in the parameter are ``index``, or the parameter itself when ``index``
   positions of sample n holding index v (padding positions excluded).
 - :class:`DenseTerm`: :math:`g_{nk}` itself (biases and normalization parameters, whose gradients are
   small).
+
+Precision: the factors keep the dtype the model computed them in (half, bfloat16, or a mix of float32
+inputs and bfloat16 output gradients under autocast), and every reduction is formed and returned in the
+accumulation dtype (``fisherext._core.precision.accumulation_dtype``: float32 for any half-precision
+factor, else the factors' own): the factors are converted before they are squared or multiplied, so squares of small float16
+gradients neither underflow nor round, and the sums over samples, positions and cotangents never round to
+half precision. A product of two half-precision numbers is exact in float32, so this loses nothing to a
+kernel that multiplies in half precision with float32 accumulation. ``Term.dtype`` is that accumulation
+dtype. The reductions run with autocast off (``autocast_off``): under ``torch.autocast`` the model's
+forward and backward are autocast's, the Fisher's sums are not.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import ops
+from .._core.precision import accumulation_dtype, autocast_off
 
 # Cotangents per class_gram call when only the diagonal of a per-sample Gram is needed: bounds the
 # [N, k, k] scratch.
 _GRAM_COLUMNS = 32
+
+
+def _rows(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as rows for ``ops.sym_outer_accum_`` into an accumulator of ``out_dtype``: the op takes half
+    precision rows into a float32 accumulator as they are (float32 products, no copy); anything else is
+    converted."""
+    return x if x.dtype == out_dtype or accumulation_dtype(x.dtype) == out_dtype == torch.float32 else x.to(out_dtype)
 
 
 def _chunks(n: int, step: int):
@@ -45,7 +63,10 @@ def _chunks(n: int, step: int):
 
 def _sq_grad_over_cotangents(a: torch.Tensor, d: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
     """Σ_k w_k Σ_n (d_nkᵀ a_n)² [O, I] for a [N, T, I] and d [K, N, T, O], in one kernel call: the K
-    cotangents side by side as K·O outputs of one linear map, whose per-sample gradients are the K stacked."""
+    cotangents side by side as K·O outputs of one linear map, whose per-sample gradients are the K stacked.
+    Computed and returned in the accumulation dtype (the kernel returns ``a``'s dtype)."""
+    acc = accumulation_dtype(a.dtype, d.dtype)
+    a, d, wk = a.to(acc), d.to(acc), wk.to(acc)
     K, N, T, O = d.shape
     if K == 1:
         return wk[0] * ops.linear_sq_grad(a, d[0])
@@ -56,7 +77,8 @@ def _sq_grad_over_cotangents(a: torch.Tensor, d: torch.Tensor, wk: torch.Tensor)
 def feature_gram(M: torch.Tensor) -> torch.Tensor:
     r""":math:`\sum_b M_b M_b^\top` [D, D] for M [B, D, L] (features × positions per row block), exactly
     symmetric: one small product per block when D ≤ L (its [B, D, D] scratch no larger than M), else one
-    GEMM over a [D, B·L] copy of M."""
+    GEMM over a [D, B·L] copy of M; in the accumulation dtype (a half-precision M is converted first)."""
+    M = M.to(accumulation_dtype(M.dtype))
     B, D, L = M.shape
     if D <= L:
         S = torch.bmm(M, M.mT).sum(0)
@@ -82,7 +104,8 @@ def input_factor(gram: torch.Tensor, colsum: torch.Tensor | None, rows: int) -> 
 
 
 class Term:
-    """Per-sample gradients of one parameter view; ``numel`` entries, ``batch`` samples, K cotangents."""
+    """Per-sample gradients of one parameter view; ``numel`` entries, ``batch`` samples, K cotangents.
+    ``dtype``: the accumulation dtype every reduction (and ``per_sample_grads``) returns."""
 
     numel: int
     batch: int
@@ -93,13 +116,18 @@ class Term:
     def per_sample_grads(self, s: int, e: int) -> torch.Tensor:
         raise NotImplementedError
 
+    @autocast_off
     def diag(self, wk: torch.Tensor) -> torch.Tensor:
+        wk = wk.to(self.dtype)
         return self._chunked(lambda g: wk @ (g * g).sum(1))
 
+    @autocast_off
     def sq_norms(self, wk: torch.Tensor) -> torch.Tensor:
+        wk = wk.to(self.dtype)
         return torch.cat([wk @ (self.per_sample_grads(s, e) ** 2).sum(-1)
                           for s, e in _chunks(self.batch, self.rows_per_chunk())])
 
+    @autocast_off
     def gram(self) -> torch.Tensor:
         return torch.cat([torch.einsum("knp,lnp->nkl", g, g)
                           for g in (self.per_sample_grads(s, e) for s, e in _chunks(self.batch, self.rows_per_chunk()))])
@@ -119,22 +147,26 @@ class Term:
 
 
 class DenseTerm(Term):
-    """Materialized per-sample gradients g [K, N, numel]."""
+    """Materialized per-sample gradients g [K, N, numel], held in the accumulation dtype."""
 
     def __init__(self, g: torch.Tensor):
-        self.g = g
+        self.dtype = accumulation_dtype(g.dtype)
+        self.g = g.to(self.dtype)
         self.K, self.batch, self.numel = g.shape
-        self.dtype, self.device = g.dtype, g.device
+        self.device = g.device
 
     def per_sample_grads(self, s, e):
         return self.g[:, s:e]
 
+    @autocast_off
     def diag(self, wk):
-        return wk @ (self.g * self.g).sum(1)
+        return wk.to(self.dtype) @ (self.g * self.g).sum(1)
 
+    @autocast_off
     def sq_norms(self, wk):
-        return wk @ (self.g * self.g).sum(-1)
+        return wk.to(self.dtype) @ (self.g * self.g).sum(-1)
 
+    @autocast_off
     def gram(self):
         return torch.einsum("knp,lnp->nkl", self.g, self.g)
 
@@ -149,7 +181,8 @@ class BiasTerm(DenseTerm):
     :math:`\sum_k w_k \delta^2` at one position: the bias diagonal is then its column sum, no further pass."""
 
     def __init__(self, d: torch.Tensor, partner: LinearTerm | None = None):
-        super().__init__(d[:, :, 0] if d.shape[2] == 1 else d.sum(2))
+        # the sum over positions in the accumulation dtype, not rounded to d's half precision
+        super().__init__(d[:, :, 0] if d.shape[2] == 1 else d.sum(2, dtype=accumulation_dtype(d.dtype)))
         self.partner = partner
 
     def diag(self, wk):
@@ -174,7 +207,8 @@ class LinearTerm(Term):
         self.rows = sum(L.shape[-1] for L, _ in pairs)
         self.cols = R0.shape[-1]
         self.numel = self.rows * self.cols
-        self.dtype, self.device = L0.dtype, L0.device
+        self.dtype = accumulation_dtype(*(t.dtype for pair in pairs for t in pair))
+        self.device = L0.device
         self.reduced = None  # (wk, Σ_k w_k L_k² [N, r]) of the last diag at one position, for a BiasTerm
 
     @property
@@ -186,47 +220,54 @@ class LinearTerm(Term):
         """R (the input side) independent of the cotangent, as for Linear and convolutions."""
         return all(R.shape[0] == 1 for _, R in self.pairs)
 
+    @autocast_off
     def per_sample_grads(self, s, e):
         parts = []
         for L, R in self.pairs:
-            L, R = L[:, s:e], R[:, s:e]
+            L, R = L[:, s:e].to(self.dtype), R[:, s:e].to(self.dtype)
             if L.shape[0] != R.shape[0]:
                 L, R = L.expand(self.K, *L.shape[1:]), R.expand(self.K, *R.shape[1:])
             parts.append(torch.einsum("knto,knti->knoi", L, R))
         g = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return g.flatten(2)
 
+    @autocast_off
     def diag(self, wk):
         rows = []
+        acc = self.dtype
+        w = wk.to(acc)
         for L, R in self.pairs:
             KL, KR = L.shape[0], R.shape[0]
             if L.shape[2] == 1 and (KL == 1 or KR == 1):
                 # one position: g_nk = L_nk R_nkᵀ, so Σ_k w_k g_nk² = Σ_n (Σ_k w_k L_nk²)ᵀ-weighted R_n²: one GEMM
                 # whatever K, with the k-dependent side reduced first
-                l2, r2 = L[:, :, 0] ** 2, R[:, :, 0] ** 2
+                l2, r2 = L[:, :, 0].to(acc) ** 2, R[:, :, 0].to(acc) ** 2
                 if KR == 1:
-                    reduced = torch.einsum("k,kno->no", wk, l2)
+                    reduced = torch.einsum("k,kno->no", w, l2)
                     if len(self.pairs) == 1:
-                        self.reduced = (wk, reduced)
+                        self.reduced = (wk, reduced)  # keyed by the caller's wk object (BiasTerm.diag)
                     rows.append(reduced.T @ r2[0])
                 else:
-                    rows.append(l2[0].T @ torch.einsum("k,kni->ni", wk, r2))
+                    rows.append(l2[0].T @ torch.einsum("k,kni->ni", w, r2))
             elif KR == 1:
                 rows.append(_sq_grad_over_cotangents(R[0], L, wk))
             elif KL == 1:
                 rows.append(_sq_grad_over_cotangents(L[0], R, wk).T)
             else:
-                rows.append(sum(wk[k] * ops.linear_sq_grad(R[k], L[k]) for k in range(self.K)))
+                rows.append(sum(w[k] * ops.linear_sq_grad(R[k].to(acc), L[k].to(acc)) for k in range(self.K)))
         return (rows[0] if len(rows) == 1 else torch.cat(rows)).reshape(-1)
 
     def _oriented(self, L, R):
-        """(a [N, T, I], delta [N, K, T, O]) with a the cotangent-independent side, or None."""
+        """(a [N, T, I], delta [N, K, T, O]) with a the cotangent-independent side, or None; both in the
+        accumulation dtype (the class-Gram kernel returns a's dtype)."""
+        L, R = L.to(self.dtype), R.to(self.dtype)
         if R.shape[0] == 1:
             return R[0], L.expand(self.K, *L.shape[1:]).transpose(0, 1)
         if L.shape[0] == 1:
             return L[0], R.transpose(0, 1)
         return None
 
+    @autocast_off
     def gram(self):
         total = 0
         for L, R in self.pairs:
@@ -236,11 +277,14 @@ class LinearTerm(Term):
             total = total + ops.class_gram(*pair)
         return total
 
+    @autocast_off
     def sq_norms(self, wk):
         total = 0
+        acc = self.dtype
+        w = wk.to(acc)
         for L, R in self.pairs:
             if L.shape[2] == 1:  # ‖L Rᵀ‖² = ‖L‖² ‖R‖² at one position
-                total = total + wk @ ((L[:, :, 0] ** 2).sum(-1) * (R[:, :, 0] ** 2).sum(-1))
+                total = total + w @ ((L[:, :, 0].to(acc) ** 2).sum(-1) * (R[:, :, 0].to(acc) ** 2).sum(-1))
                 continue
             pair = self._oriented(L, R)
             if pair is None:
@@ -248,7 +292,7 @@ class LinearTerm(Term):
             a, d = pair
             for k0, k1 in _chunks(self.K, _GRAM_COLUMNS):
                 g = ops.class_gram(a, d[:, k0:k1].contiguous())
-                total = total + g.diagonal(dim1=1, dim2=2) @ wk[k0:k1]
+                total = total + g.diagonal(dim1=1, dim2=2) @ w[k0:k1]
         return total
 
     @property
@@ -256,24 +300,28 @@ class LinearTerm(Term):
         """The rows of each group's block of g (blocks stacked along rows)."""
         return [L.shape[-1] for L, _ in self.pairs]
 
+    @autocast_off
     def kfac_factors(self, wk, with_bias: bool, inputs: bool = True):
         """Per group: (A_sum [c(+1), c(+1)] or None without ``inputs``, G_sum [r, r], rows N·T): A from
         the input side (its Gram, plus the column sums and the row count for a bias), G = Σ_k w_k Σ δδᵀ
         from the output side, one Gram per cotangent scaled by its weight (a tensor: no host sync).
+        Both in the accumulation dtype (half-precision rows go into float32 sums as they are).
         Only for ``standard`` terms."""
         out = []
+        acc = self.dtype
+        w = wk.to(acc)
         for L, R in self.pairs:
             A = None
             a = R[0]
             if inputs:
-                A = a.new_empty(a.shape[-1], a.shape[-1])
-                ops.sym_outer_accum_(A, a, beta=0.0)
-                A = input_factor(A, a.sum((0, 1)) if with_bias else None, a.shape[0] * a.shape[1])
+                A = a.new_empty(a.shape[-1], a.shape[-1], dtype=acc)
+                ops.sym_outer_accum_(A, _rows(a, acc), beta=0.0)
+                A = input_factor(A, a.sum((0, 1), dtype=acc) if with_bias else None, a.shape[0] * a.shape[1])
             G = 0
             for k in range(L.shape[0]):
-                Gk = L.new_empty(L.shape[-1], L.shape[-1])
-                ops.sym_outer_accum_(Gk, L[k], beta=0.0)
-                G = G + wk[k] * Gk
+                Gk = L.new_empty(L.shape[-1], L.shape[-1], dtype=acc)
+                ops.sym_outer_accum_(Gk, _rows(L[k], acc), beta=0.0)
+                G = G + w[k] * Gk
             out.append((A, G, a.shape[0] * a.shape[1]))
         return out
 
@@ -307,38 +355,47 @@ class EmbeddingTerm(Term):
         self.idx, self.d, self.valid, self.V = idx, d, valid, V
         self.K, self.batch, _, D = d.shape
         self.numel = V * D
-        self.dtype, self.device = d.dtype, d.device
+        self.dtype, self.device = accumulation_dtype(d.dtype), d.device
 
+    @autocast_off
     def per_sample_grads(self, s, e):
         idx, d, valid = self.idx[s:e], self.d[:, s:e], self.valid[s:e]
         n, D = e - s, d.shape[-1]
         rows = (torch.arange(n, device=idx.device)[:, None] * self.V + idx).masked_select(valid)
-        out = d.new_zeros(self.K, n * self.V, D)
-        out.index_add_(1, rows, d[:, valid])
+        out = d.new_zeros(self.K, n * self.V, D, dtype=self.dtype)
+        out.index_add_(1, rows, d[:, valid].to(self.dtype))
         return out.view(self.K, n, self.V * D)
 
+    @autocast_off
     def diag(self, wk):
         N, D = self.batch, self.d.shape[-1]
         keys = (torch.arange(N, device=self.idx.device)[:, None] * self.V + self.idx)[self.valid]
         uniq, inverse = torch.unique(keys, return_inverse=True)
         # per (sample, row) sums of every cotangent at once: [K, distinct (sample, row) pairs, D]
-        summed = self.d.new_zeros(self.K, uniq.numel(), D).index_add_(1, inverse, self.d[:, self.valid])
-        out = self.d.new_zeros(self.V, D)
-        return out.index_add_(0, uniq % self.V, torch.einsum("k,kud->ud", wk, summed.square_())).reshape(-1)
+        summed = self.d.new_zeros(self.K, uniq.numel(), D, dtype=self.dtype).index_add_(
+            1, inverse, self.d[:, self.valid].to(self.dtype))
+        out = self.d.new_zeros(self.V, D, dtype=self.dtype)
+        return out.index_add_(0, uniq % self.V, torch.einsum("k,kud->ud", wk.to(self.dtype),
+                                                             summed.square_())).reshape(-1)
 
     def _same(self):
         v = self.valid
         return ((self.idx[:, :, None] == self.idx[:, None, :]) & v[:, :, None] & v[:, None, :]).to(self.dtype)
 
+    @autocast_off
     def gram(self):
-        return torch.einsum("nts,kntd,lnsd->nkl", self._same(), self.d, self.d)
+        d = self.d.to(self.dtype)
+        return torch.einsum("nts,kntd,lnsd->nkl", self._same(), d, d)
 
+    @autocast_off
     def sq_norms(self, wk):
-        return torch.einsum("k,nts,kntd,knsd->n", wk, self._same(), self.d, self.d)
+        d = self.d.to(self.dtype)
+        return torch.einsum("k,nts,kntd,knsd->n", wk.to(self.dtype), self._same(), d, d)
 
     def as_linear(self) -> LinearTerm:
-        """The same gradients as a linear form: L = one-hot rows (cotangent-independent), R = d."""
-        onehot = torch.nn.functional.one_hot(self.idx, self.V).to(self.dtype) * self.valid[..., None]
+        """The same gradients as a linear form: L = one-hot rows (cotangent-independent, exact in any dtype,
+        so kept in d's), R = d."""
+        onehot = torch.nn.functional.one_hot(self.idx, self.V).to(self.d.dtype) * self.valid[..., None]
         return LinearTerm([(onehot[None], self.d)])
 
     @staticmethod

@@ -142,7 +142,7 @@ class CompiledProducts:
         outputs)."""
         theta = tuple(p.detach() for p in fm.params)
         rows = []
-        for B in V.split(VECTORS_PER_PASS):
+        for B in V.to(fm.dtype).split(VECTORS_PER_PASS):   # the model's dtype (an operator's may be float32)
             try:
                 with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
                     part, out = product(theta, B)

@@ -30,12 +30,14 @@ from .compiled import batch_products
 
 class _CurvatureOperator(LinearOperator):
     def __init__(self, model: nn.Module, data, *, params=None, batch_size: int | None = None, progress: bool = False,
-                 compile: bool | dict = False):
+                 compile: bool | dict = False, group=None):
         check_positive_int("batch_size", batch_size, optional=True)
         self.products = batch_products(compile)  # compiled: built once, so every product reuses the graphs
         self.fm = FunctionalModel(model, params)
-        super().__init__(self.fm.P, self.fm.dtype, self.fm.device)
-        self.data, self.batch_size, self.progress = data, batch_size, progress
+        # products in the accumulation dtype: float32 for a float16/bfloat16 model (each batch's product runs
+        # in the model's dtype, their sum over the data in float32; products.py)
+        super().__init__(self.fm.P, torch.promote_types(self.fm.dtype, torch.float32), self.fm.device)
+        self.data, self.batch_size, self.progress, self.group = data, batch_size, progress, group
 
     def _batch(self, x, y, V, offset):
         """The product for one batch's mean loss with the rows of V [K, P] (each subclass its own)."""
@@ -45,8 +47,9 @@ class _CurvatureOperator(LinearOperator):
         check_deterministic(self.fm.model)  # the operator follows the model, whose mode may have changed
         V = X.T.contiguous()  # the per-batch products take the vectors as rows
         with curvature_forward(self.fm.model):
-            return stream(self.fm.model, self.data, self.batch_size, lambda x, y, offset: self._batch(x, y, V, offset),
-                          progress=self.progress, desc=type(self).__name__).T
+            return stream(self.fm.model, self.data, self.batch_size,
+                          lambda x, y, offset: self._batch(x, y, V, offset).to(self.dtype),
+                          progress=self.progress, desc=type(self).__name__, group=self.group, inputs=V).T
 
 
 @entry_points(renamed={"loss_fn": "loss"})
@@ -69,6 +72,10 @@ class HessianOperator(_CurvatureOperator):
             ``fullgraph=True, dynamic=False``): the per-batch product compiled by torch.compile
             (``fisherext.curvature.compiled``), traced at the first product (seconds) and reused by the
             later ones; a new batch shape or number of columns compiles once more.
+        group: the torch.distributed process group whose ranks each stream their own shard of the data
+            at every product, the sums added across the ranks (None: the default group when one is
+            initialized with more than one rank; False: this process alone). Every rank must multiply by
+            the same vectors, which is checked.
 
     Raises:
         TypeError: ``loss`` neither a name nor callable, ``compile`` neither a bool nor a dict.
@@ -78,9 +85,10 @@ class HessianOperator(_CurvatureOperator):
     """
 
     def __init__(self, model: nn.Module, loss: Loss, data: Data, *, params: Params = None,
-                 batch_size: int | None = None, progress: bool = False, compile: bool | dict = False):
+                 batch_size: int | None = None, progress: bool = False, compile: bool | dict = False, group=None):
         self.loss = curvature_loss(loss)
-        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress, compile=compile)
+        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress, compile=compile,
+                         group=group)
 
     def _batch(self, x, y, V, offset):
         return self.products.hessian_batch(self.fm, self.loss, x, y, V, offset)
@@ -95,9 +103,10 @@ class GGNOperator(HessianOperator):
     """
 
     def __init__(self, model: nn.Module, loss: Loss, data: Data, *, params: Params = None,
-                 batch_size: int | None = None, progress: bool = False, compile: bool | dict = False):
+                 batch_size: int | None = None, progress: bool = False, compile: bool | dict = False, group=None):
         # its own entry point, so that errors name GGNOperator
-        super().__init__(model, loss, data, params=params, batch_size=batch_size, progress=progress, compile=compile)
+        super().__init__(model, loss, data, params=params, batch_size=batch_size, progress=progress, compile=compile,
+                         group=group)
 
     def _batch(self, x, y, V, offset):
         return self.products.ggn_batch(self.fm, self.loss, x, y, V, offset)
@@ -132,6 +141,7 @@ class FisherOperator(_CurvatureOperator):
         progress: show a tqdm progress bar over the batches of each product.
         compile: as :class:`HessianOperator`; the cotangents of the kind are computed eagerly at the
             outputs of one more (no-grad) forward pass per batch, the rest of the product compiled.
+        group: as :class:`HessianOperator`.
 
     Raises:
         ValueError: a ``loss`` that is no likelihood (class weights, label smoothing, another callable),
@@ -143,13 +153,14 @@ class FisherOperator(_CurvatureOperator):
     def __init__(self, model: nn.Module, loss: Loss, data: Data, *, kind: str = "true", mc_samples: int = 1,
                  generator: torch.Generator | None = None, class_dim: int | None = None,
                  ignore_index: int | None = None, params: Params = None, batch_size: int | None = None,
-                 progress: bool = False, compile: bool | dict = False):
+                 progress: bool = False, compile: bool | dict = False, group=None):
         check_choice("kind", kind, KINDS)
         self.likelihood = as_likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
         check_positive_int("mc_samples", mc_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress, compile=compile)
+        super().__init__(model, data, params=params, batch_size=batch_size, progress=progress, compile=compile,
+                         group=group)
         self.kind, self.mc_samples = kind, mc_samples
         self._labels_state = None
         if kind == "mc":

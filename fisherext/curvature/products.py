@@ -36,6 +36,13 @@ Forward passes follow ``fisherext._core.conventions``: deterministic per sample 
 batch-statistics BatchNorm refused), padding_idx lookups constant (so the dual forward of one vector,
 the reverse-mode paths of several and the finite differences agree), attention by the math kernel
 (which has second derivatives), outputs checked to be finite tensors.
+
+Precision: a batch's product (forward, backward and the second backward) runs in the model's dtype, or
+autocast's under ``torch.autocast`` (whose forward it then differentiates); ``hvp`` adds the batches'
+products (and ``method="fd"`` its gradients) in the accumulation dtype, at least float32, so a float16 or
+bfloat16 model gets a float32 result whose sum over many batches is not rounded to half precision.
+``method="fd"`` warns (``fisherext.PrecisionWarning``) when ``eps`` is below
+what the dtypes resolve (``check_step``; e.g. the default 1e-3 for float16/bfloat16 parameters).
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ from .._core.functional import FunctionalModel, grads
 from .._core.likelihood import Cotangents, Likelihood, curvature_loss, output_hessian_product
 from .._core.perturbation import ParameterPerturbation
 from .._core.types import Data, Loss, Params
+from .._core.precision import check_step
 
 CURVATURES = ("hessian", "ggn")
 METHODS = ("autograd", "fd")
@@ -73,6 +81,7 @@ def hessian_batch(fm: FunctionalModel, loss, x, y, V: torch.Tensor, offset: int 
     """H_b V for the batch-mean loss: the gradient with its graph (double backprop, Pearlmutter's
     R-operator in reverse mode), then one backward through it per vector, sharing the graph. [K, P]"""
     leaves = fm.leaves()
+    V = V.to(fm.dtype)  # the vectors in the model's dtype, whatever the caller accumulates in
     with torch.enable_grad():
         value = loss(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
         g = grads([value], leaves, [torch.ones_like(value)], retain_graph=True, create_graph=True)
@@ -85,11 +94,14 @@ def hessian_batch(fm: FunctionalModel, loss, x, y, V: torch.Tensor, offset: int 
 def _output_space_batch(fm: FunctionalModel, x, V, apply, offset: int) -> torch.Tensor:
     """Jᵀ A(J V) for the batch: J V [K, N, C], ``apply(out, JV)`` the output-space factor, then one VJP per
     vector. One vector: J v by forward-mode AD in the same forward pass that records the graph for the
-    VJP. Several: J v_k = ∂(Jᵀu)/∂u · v_k, the double-VJP trick, every vector sharing one graph. [K, P]"""
+    VJP. Several, or under autocast: J v_k = ∂(Jᵀu)/∂u · v_k, the double-VJP trick, every vector sharing one
+    graph (torch's forward-mode AD mixes tangent and autocast dtypes in some models, e.g. an in-place
+    addition after a convolution, and fails). [K, P]"""
     leaves = fm.leaves()
     K = V.shape[0]
+    V = V.to(fm.dtype)  # the vectors in the model's dtype, whatever the caller accumulates in
     with torch.enable_grad():
-        if K == 1:
+        if K == 1 and not torch.is_autocast_enabled(fm.device.type):
             with fwAD.dual_level():
                 dual = {n: fwAD.make_dual(p, t) for n, p, t in zip(fm.names, leaves, fm.unflat(V[0]))}
                 out, Jv = fwAD.unpack_dual(fm.outputs(x, dual, offset))
@@ -132,20 +144,22 @@ def fisher_batch(fm: FunctionalModel, lik: Likelihood, kind: str, x, y, V: torch
     return _output_space_batch(fm, x, V, apply, offset)
 
 
-def _mean_loss_grad(fm: FunctionalModel, loss, data, batch_size) -> torch.Tensor:
+def _mean_loss_grad(fm: FunctionalModel, loss, data, batch_size, group=None) -> torch.Tensor:
     """∇L(θ) of the mean loss over the data at the model's current parameters, flat [P]."""
+
+    acc = torch.promote_types(fm.dtype, torch.float32)  # the sum over batches: never in half precision
 
     def batch_grad(x, y, offset):
         leaves = fm.leaves()
         with torch.enable_grad():
             value = loss(fm.outputs(x, dict(zip(fm.names, leaves)), offset), y)
-            return torch.cat([t.reshape(-1) for t in grads([value], leaves, [torch.ones_like(value)])])[None]
+            return torch.cat([t.reshape(-1) for t in grads([value], leaves, [torch.ones_like(value)])])[None].to(acc)
 
-    return stream(fm.model, data, batch_size, batch_grad)[0]
+    return stream(fm.model, data, batch_size, batch_grad, group=group)[0]
 
 
 def fd_product(fm: FunctionalModel, loss, data, V: torch.Tensor, eps: float, batch_size=None,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, group=None) -> torch.Tensor:
     """(∇L(θ + ε v) − ∇L(θ − ε v)) / 2ε for every row v of V, restoring θ bit for bit. [K, P]"""
     state = ParameterPerturbation(list(zip(fm.names, fm.params)))
     rows = []
@@ -153,9 +167,9 @@ def fd_product(fm: FunctionalModel, loss, data, V: torch.Tensor, eps: float, bat
         for v in progress_bar(V, progress, "hvp(method='fd')", total=V.shape[0], unit="vector"):
             v = v.contiguous()
             state.set(v, eps)
-            plus = _mean_loss_grad(fm, loss, data, batch_size)
+            plus = _mean_loss_grad(fm, loss, data, batch_size, group)
             state.set(v, -eps)
-            minus = _mean_loss_grad(fm, loss, data, batch_size)
+            minus = _mean_loss_grad(fm, loss, data, batch_size, group)
             rows.append((plus - minus) / (2 * eps))
     finally:
         state.restore()
@@ -177,7 +191,7 @@ def check_curvature_choices(curvature: str, method: str) -> None:
 @entry_point(renamed={"loss_fn": "loss", "r": "eps"})
 def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature: str = "hessian",
         method: str = "autograd", eps: float = 1e-3, params: Params = None, batch_size: int | None = None,
-        progress: bool = False, compile: bool | dict = False) -> torch.Tensor:
+        progress: bool = False, compile: bool | dict = False, group=None) -> torch.Tensor:
     r"""Curvature-vector products of the mean loss over ``data``: :math:`Hv` or :math:`Gv`.
 
     With :math:`L(\theta) = \frac1N\sum_n \ell(f(x_n;\theta), y_n)` the mean over all N samples
@@ -210,9 +224,18 @@ def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature:
             ``fullgraph=True, dynamic=False``): the per-batch product traced and compiled by torch.compile
             (``fisherext.curvature.compiled``; ``method="autograd"`` only). The graphs stay cached, so
             later calls on the same model and batch shapes reuse them; the first call compiles (seconds).
+        group: the torch.distributed process group whose ranks each stream their own shard of the data,
+            the sums added across the ranks (None: the default group when one is initialized with more
+            than one rank; False: this process alone). Every rank must pass the same v, which is checked.
 
     Returns:
-        Tensor of v's shape: :math:`Hv` [P] or :math:`HV` [P, K] (likewise for G).
+        Tensor of v's shape: :math:`Hv` [P] or :math:`HV` [P, K] (likewise for G), in the parameters'
+        dtype, at least float32: float32 for float16/bfloat16 parameters (the batches' sum is float32).
+
+    Warns:
+        PrecisionWarning: for ``method="fd"``, ``eps`` below what the dtypes resolve
+            (``fisherext._core.precision.check_step``), e.g. the default 1e-3 for float16 or
+            bfloat16 parameters.
 
     Raises:
         ValueError: an unknown ``curvature`` or ``method`` (the earlier ``method="exact"`` and
@@ -238,13 +261,16 @@ def hvp(model: nn.Module, loss: Loss, data: Data, v: torch.Tensor, *, curvature:
     fm = FunctionalModel(model, params)
     V, single = fm.vectors(v)
     V = V.contiguous()  # rows of the columns [P, K]: contiguous, so that every backward reads them in place
+    if method == "fd":
+        check_step("hvp", fm.selected, V, eps)
+    acc = torch.promote_types(fm.dtype, torch.float32)  # each batch's product enters the sum in it
     with curvature_forward(model):  # entered before fd_product moves any parameter
         if method == "fd":
-            out = fd_product(fm, loss, data, V, eps, batch_size, progress)
+            out = fd_product(fm, loss, data, V, eps, batch_size, progress, group)
         else:
             batch = products.hessian_batch if curvature == "hessian" else products.ggn_batch
-            out = stream(model, data, batch_size, lambda x, y, offset: batch(fm, loss, x, y, V, offset),
-                         progress=progress, desc=f"hvp(curvature={curvature!r})")
+            out = stream(model, data, batch_size, lambda x, y, offset: batch(fm, loss, x, y, V, offset).to(acc),
+                         progress=progress, desc=f"hvp(curvature={curvature!r})", group=group, inputs=V)
     return out[0] if single else out.T
 
 

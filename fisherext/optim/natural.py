@@ -301,10 +301,11 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"g: expected shape [{P}], got {tuple(g.shape)}")
         lam = self.param_groups[0]["damping"] if damping is None else damping
         lam = _check_real("damping", lam, low=0.0, low_open=True)
-        out = torch.empty_like(g)
+        work = g.to(torch.promote_types(g.dtype, torch.float32))  # the factors' dtype for a half model
+        out = torch.empty_like(work)
         for f in self._factors:
-            out[f.idx] = f.solve(g[f.idx], lam)
-        return out
+            out[f.idx] = f.solve(work[f.idx], lam)
+        return out.to(g.dtype)
 
     # ---- the step ---------------------------------------------------------------------------------
 

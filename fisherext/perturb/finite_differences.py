@@ -21,6 +21,31 @@ one direction and [N, K] for K.
 All parameters move at once along the whole of v (``block=True`` reproduces the per-tensor variant that
 sums only the diagonal blocks, for comparison). Every routine restores the parameters by copying them
 back from a saved buffer, bit for bit, also when the forward pass raises.
+
+Precision. A central difference of step :math:`\varepsilon` has the relative error
+:math:`c_3\varepsilon^2 + c_r\, u/\varepsilon` (truncation plus the cancellation of two values rounded
+with unit roundoff u), smallest, about :math:`u^{2/3}`, near :math:`\varepsilon = u^{1/3}`; and the
+parameters themselves move by :math:`\mathrm{fl}(\theta + \varepsilon v) - \theta`, which differs from
+:math:`\varepsilon v` wherever :math:`\varepsilon |v_i|` is not large against the spacing of
+:math:`\theta_i` (below half of it the step rounds away). Every finite-difference routine (and
+:func:`perturbed`, whose step is not a difference, for the second rule only) warns with a
+:class:`~fisherext.PrecisionWarning` (``fisherext._core.precision.check_step``) when
+
+1. the cancellation error exceeds ten times the best the computation's dtype allows,
+   :math:`\varepsilon < u^{1/3} / 10` with u that of the lowest precision the forward runs in (the
+   parameters', or autocast's): bfloat16 below 0.016, float16 below 0.0079, float32 below 3.9e-4,
+   float64 below 4.8e-7 (so the float32 default 1e-3, within 4× of the optimum, does not warn); for
+   forward differences (error :math:`c_2\varepsilon + c_r u/\varepsilon`, best :math:`\sqrt u`)
+   :math:`\varepsilon < \sqrt u / 10`; or
+2. the realized step is off by more than 10% of the step,
+   :math:`\|\mathrm{fl}(\theta + \varepsilon v) - \theta - \varepsilon v\| > 0.1\,\|\varepsilon v\|`
+   for some direction, the rounding done in the parameters' dtype exactly as the perturbation does it
+   (a float16 or bfloat16 model at the default 1e-3 moves most of its weights by 0 or by a whole
+   spacing: 100%).
+
+Either way the result is dominated by rounding: the first costs at least 10× the achievable accuracy,
+the second an error of the order of its 10% in the direction actually differenced. The results of the
+measures are in float32 for float16/bfloat16 logits (``fisherext.ops.fd_fisher_reduce``).
 """
 from __future__ import annotations
 
@@ -38,13 +63,13 @@ from .._core.conventions import check_deterministic, checked_output, curvature_f
 from .._core.entry import entry_point
 from .._core.params import resolve_params
 from .._core.perturbation import ParameterPerturbation
+from .._core.precision import check_step
 from .._core.types import Params
 
 SCHEMES = ("central", "forward")
 STRATEGIES = ("auto", "vmap", "in_place", "linear")
 # Inputs up to which "auto" picks the "linear" strategy on CPU (it doubles the arithmetic).
 _LINEAR_MAX_INPUTS = 16
-
 
 def split_vector(v, selected):
     # v may be a column of a matrix: made contiguous so that each piece is a view of the parameter's shape
@@ -100,10 +125,17 @@ def perturbed(model: nn.Module, v: torch.Tensor, eps: float, *, params: Params =
         TypeError: ``v`` is not a floating-point tensor.
         ValueError: ``v`` has the wrong shape, device or non-finite entries, or ``eps`` is not finite;
             checked when ``perturbed`` is called, before anything moves.
+
+    Warns:
+        PrecisionWarning: when the parameters' dtype does not resolve the step, i.e. the realized step
+            :math:`\mathrm{fl}(\theta + \varepsilon v) - \theta` is off from :math:`\varepsilon v` by more
+            than 10% (the second rule of ``check_step``).
     """
     selected = resolve_params(model, params)
     eps = check_eps(eps, positive=False)
-    return _perturbed(model, ParameterPerturbation(selected), check_vectors(v, selected).contiguous(), eps)
+    v = check_vectors(v, selected).contiguous()
+    check_step("perturbed", selected, v, eps, order=None)
+    return _perturbed(model, ParameterPerturbation(selected), v, eps)
 
 
 @contextmanager
@@ -179,7 +211,12 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
             non-deterministic model, or non-finite outputs. Checked before the model runs; the
             parameters are restored bit for bit in every case.
 
-    The forward passes follow the curvature conventions stated in :mod:`fisherext.perturb`.
+    Warns:
+        PrecisionWarning: ``eps`` below what the dtypes resolve (the module's precision rules), e.g. the default
+            1e-3 for float16 or bfloat16 parameters.
+
+    The forward passes follow the curvature conventions stated in :mod:`fisherext.perturb`; the result is
+    in float32 for float16/bfloat16 logits, else in their dtype.
     """
     check_choice("scheme", scheme, SCHEMES)
     eps = check_eps(eps)
@@ -187,15 +224,21 @@ def fd_quadratic(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, eps: flo
     check_inputs(model, x)
     selected = resolve_params(model, params)
     v = check_directions(v, selected, x.shape[0], per_input, shared="fd_quadratic_directions")
+    check_step("fd_quadratic", selected, v, eps, order=2 if scheme == "central" else 1)
     if block:
         total = 0
         offset = 0
         for name, p in selected:
             part = torch.zeros_like(v)
             part[..., offset:offset + p.numel()] = v[..., offset:offset + p.numel()]
-            total = total + fd_quadratic(model, x, part, eps=eps, scheme=scheme, per_input=per_input, params=params)
+            total = total + _quadratic(model, selected, x, part, eps, scheme, per_input)
             offset += p.numel()
         return total
+    return _quadratic(model, selected, x, v, eps, scheme, per_input)
+
+
+def _quadratic(model, selected, x, v, eps, scheme, per_input) -> torch.Tensor:
+    """fd_quadratic's work on checked arguments, along the whole of v."""
     with curvature_forward(model), torch.no_grad():  # entered before any parameter moves
         if per_input:
             plus = _per_input_logits(model, selected, x, v, eps)
@@ -295,7 +338,12 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
             every case.
         TypeError: ``x`` is not a tensor of a usable dtype, or the model does not return a tensor.
 
-    The forward passes follow the curvature conventions stated in :mod:`fisherext.perturb`.
+    Warns:
+        PrecisionWarning: ``eps`` below what the dtypes resolve (the module's precision rules; for the
+            "linear" strategy, which perturbs the Linear outputs, not the parameters, the rule is the same).
+
+    The forward passes follow the curvature conventions stated in :mod:`fisherext.perturb`; the result is
+    in float32 for float16/bfloat16 logits, else in their dtype.
     """
     check_choice("strategy", strategy, STRATEGIES)
     eps = check_eps(eps)
@@ -303,6 +351,7 @@ def fd_quadratic_directions(model: nn.Module, x: torch.Tensor, V: torch.Tensor, 
     check_inputs(model, x)
     selected = resolve_params(model, params)
     rows = _direction_rows(V, selected)
+    check_step("fd_quadratic_directions", selected, rows, eps)
     owners = _linear_owners(model, selected)
     if strategy == "auto":
         if selected[0][1].device.type == "cuda":

@@ -5,6 +5,11 @@ r"""Fisher information sensitivity of the inputs (Martin & Elster): for input co
           \partial_{x_i}\Big(\frac{d \log p_c}{d\varepsilon}\Big),
 
 exactly (forward mode in θ over reverse mode in x) or by central differences in θ.
+
+Precision: the derivatives run in the model's dtype (autocast's, under ``torch.autocast``); their
+products and the sum over classes are formed in the accumulation dtype, at least float32, so a float16 or
+bfloat16 model gets float32 sensitivities (and float32 directions from
+:func:`predicted_class_directions`).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from .._core.conventions import check_deterministic, checked_output, curvature_f
 from .._core.entry import entry_point
 from .._core.params import resolve_params
 from .._core.types import Params
+from .._core.precision import check_step
 from .finite_differences import as_logits, check_directions, moved_params, split_vector
 
 METHODS = ("exact", "fd")
@@ -41,11 +47,14 @@ def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params: Par
     Returns:
         Tensor [N, P]: row n is :math:`v_n`, flat over the selected parameters in ``named_parameters()``
         order (the per-input layout that ``input_sensitivity`` and ``fd_quadratic`` take with
-        ``per_input=True``); a zero gradient gives a zero row.
+        ``per_input=True``); a zero gradient gives a zero row. In the parameters' dtype, at least float32
+        (the gradient of a float16/bfloat16 model is normalized in float32, where its squares neither
+        underflow nor overflow).
     """
     selected = resolve_params(model, params)
     names = [n for n, _ in selected]
     base = {n: p.detach() for n, p in selected}
+    acc = torch.promote_types(selected[0][1].dtype, torch.float32)
 
     def one(x_n):
         def logp_hat(w):
@@ -53,8 +62,8 @@ def predicted_class_directions(model: nn.Module, x: torch.Tensor, *, params: Par
             return lp.max()
 
         g = torch.func.grad(logp_hat)(base)
-        flat = torch.cat([g[n].reshape(-1) for n in names])
-        return flat / flat.norm().clamp_min(torch.finfo(flat.dtype).tiny)
+        flat = torch.cat([g[n].reshape(-1) for n in names]).to(acc)
+        return flat / flat.norm().clamp_min(torch.finfo(acc).tiny)
 
     return vmap(one)(x)
 
@@ -86,7 +95,8 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
         params: the parameters v lives on (default: all that require grad), as names, modules or tensors.
 
     Returns:
-        Tensor [N, \*x.shape[1:]]: :math:`\mathrm{FIS}_{n,i}`, shaped like the inputs.
+        Tensor [N, \*x.shape[1:]]: :math:`\mathrm{FIS}_{n,i}`, shaped like the inputs, in the model's dtype,
+        at least float32 (float32 for a float16/bfloat16 model).
 
     Raises:
         TypeError: ``x`` is not a floating-point tensor, ``v`` not a floating-point tensor, or the model
@@ -94,6 +104,11 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
         ValueError: a 2-D ``v`` without ``per_input=True`` (the message says how to pass each case), a
             ``v`` of the wrong shape, device or with non-finite entries, a bad ``method`` or ``eps``, a
             non-deterministic model, or non-finite outputs.
+
+    Warns:
+        PrecisionWarning: for ``method="fd"``, ``eps`` below what the dtypes resolve
+            (``fisherext._core.precision.check_step``), e.g. the default 1e-3 for float16 or
+            bfloat16 parameters.
 
     The forward passes follow the curvature conventions stated in :mod:`fisherext.perturb`.
     """
@@ -106,6 +121,8 @@ def input_sensitivity(model: nn.Module, x: torch.Tensor, v: torch.Tensor | None 
     with curvature_forward(model):
         V = (predicted_class_directions(model, x, params=params) if v is None
              else check_directions(v, selected, x.shape[0], per_input))
+        if method == "fd":
+            check_step("input_sensitivity", selected, V, eps)
         return _sensitivity(model, selected, x, V, method, eps)
 
 
@@ -113,6 +130,7 @@ def _sensitivity(model, selected, x, V, method, eps):
     """input_sensitivity's work, once the arguments are checked."""
     names = [n for n, _ in selected]
     base = {n: p.detach() for n, p in selected}
+    acc = torch.promote_types(selected[0][1].dtype, torch.float32)  # the products and class sums: >= float32
 
     def log_probs(w, x_n):
         return torch.log_softmax(as_logits(functional_call(model, w, (x_n.unsqueeze(0),))).squeeze(0), -1)
@@ -127,6 +145,7 @@ def _sensitivity(model, selected, x, V, method, eps):
         # forward-mode derivative gave wrong values through LayerNorm (seen on torch 2.14; the tests
         # compare both orders' target against an explicit autograd loop).
         (J, lp), (dJ, dlp) = jvp(grads_in_x, (base,), (tangent,))
+        J, lp, dJ, dlp = J.to(acc), lp.to(acc), dJ.to(acc), dlp.to(acc)
         col = (-1,) + (1,) * x_n.dim()
         # ∂x(d log p_c/dε) = dJ_c and ∂x(d p_c/dε) = ∂x(p_c d log p_c/dε) = p_c (dJ_c + (d log p_c/dε) J_c)
         return (lp.exp().reshape(col) * (dJ + dlp.reshape(col) * J) * dJ).sum(0), lp[None]
@@ -136,6 +155,7 @@ def _sensitivity(model, selected, x, V, method, eps):
         for sign in (1.0, -1.0):
             moved = moved_params(selected, v_n, sign * eps)
             J_log, lp = jacrev(lambda x_n: (log_probs(moved, x_n),) * 2, has_aux=True)(x_n)  # [C, *x], [C]
+            J_log, lp = J_log.to(acc), lp.to(acc)   # differences and products of half values: in float32
             grads.append((lp.exp().reshape(-1, *([1] * x_n.dim())) * J_log, J_log))
             lps.append(lp)
         (dp_plus, dlog_plus), (dp_minus, dlog_minus) = grads

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout, to_samples
+from ..._core.precision import accumulation_dtype, autocast_off
 from ..terms import BiasTerm, LinearTerm, Term, feature_gram, input_factor
 from .base import Rule
 
@@ -69,6 +70,10 @@ class ConvTerm(LinearTerm):
     K-FAC's factors sum over all rows and positions, whatever sample they belong to, so they are taken
     from the patches in im2col's own layout [B, C·Πk, L] and from the output gradient as it is
     [K, B, O, L] (:func:`~fisherext.capture.terms.feature_gram`), never in the per-sample layout.
+
+    Half-precision inputs and output gradients (a float16/bfloat16 model, or float32 inputs with
+    bfloat16 output gradients under autocast) are converted to the accumulation dtype chunk by chunk
+    before the grouped backward, which then also runs on operands of one dtype.
     """
 
     def __init__(self, saved: dict, dz: torch.Tensor, layout: Layout, n: int, d: torch.Tensor):
@@ -78,7 +83,7 @@ class ConvTerm(LinearTerm):
         self.rows = dz.shape[2]
         self.cols = x.shape[1] // G * math.prod(saved["kernel"])
         self.numel = self.rows * self.cols
-        self.dtype, self.device = dz.dtype, dz.device
+        self.dtype, self.device = accumulation_dtype(dz.dtype, x.dtype), dz.device
         self.reduced = None
         self.grouped = self.use_grouped(self.rows, G, d.shape[2])
 
@@ -106,8 +111,9 @@ class ConvTerm(LinearTerm):
             x = F.pad(x, [p for pair in reversed(sv["padding"]) for p in pair])
             padding = [0] * len(padding)
         n, G, K, O = e - s, sv["groups"], self.K, self.rows
-        x = _by_sample(x, self.layout, self.batch)[:, s:e]                    # [m, n, C, *spatial]
-        dz = _by_sample(self.dz, self.layout, self.batch, lead=1)[:, :, s:e]  # [K, m, n, O, *spatial_out]
+        # one chunk of samples at a time in the accumulation dtype (the backward needs one dtype)
+        x = _by_sample(x, self.layout, self.batch)[:, s:e].to(self.dtype)                    # [m, n, C, *spatial]
+        dz = _by_sample(self.dz, self.layout, self.batch, lead=1)[:, :, s:e].to(self.dtype)  # [K, m, n, O, *out]
         spatial = dz.shape[4:]
         # output channels of sample n, group g, cotangent k: block (n, g, k) of O/G each
         dz = dz.unflatten(3, (G, O // G)).permute(1, 2, 3, 0, 4, *range(5, 5 + len(spatial)))
@@ -118,6 +124,7 @@ class ConvTerm(LinearTerm):
         grad = grad.view(n, G, K, O // G, self.cols)
         return (grad[:, 0] if G == 1 else grad.transpose(1, 2)).reshape(n, K, self.numel)
 
+    @autocast_off
     def per_sample_grads(self, s, e):
         return self._grads(s, e).transpose(0, 1) if self.grouped else super().per_sample_grads(s, e)
 
@@ -130,6 +137,7 @@ class ConvTerm(LinearTerm):
         G = self.saved["groups"]
         return [self.rows // G] * G
 
+    @autocast_off
     def kfac_factors(self, wk, with_bias: bool, inputs: bool = True):
         sv, G = self.saved, self.saved["groups"]
         dz = self.dz.flatten(3)                                                       # [K, B, O, L]
@@ -142,8 +150,8 @@ class ConvTerm(LinearTerm):
             A = None
             if inputs:
                 M = patches.chunk(G, 1)[g]
-                A = input_factor(feature_gram(M), M.sum((0, 2)) if with_bias else None, rows)
-            Gs = sum(wk[k] * feature_gram(dz[k].chunk(G, 1)[g]) for k in range(dz.shape[0]))
+                A = input_factor(feature_gram(M), M.sum((0, 2), dtype=self.dtype) if with_bias else None, rows)
+            Gs = sum(wk[k].to(self.dtype) * feature_gram(dz[k].chunk(G, 1)[g]) for k in range(dz.shape[0]))
             out.append((A, Gs, rows))
         return out
 

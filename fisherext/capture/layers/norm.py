@@ -5,14 +5,18 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import to_samples
+from ..._core.precision import accumulation_dtype
 from ..terms import DenseTerm
 from .base import Rule
 
 
 class _NormRule(Rule):
-    """z = γ ⊙ x̂ + β: per-sample γ gradient Σ δ ⊙ x̂ and β gradient Σ δ over the axes γ broadcasts along."""
+    """z = γ ⊙ x̂ + β: per-sample γ gradient Σ δ ⊙ x̂ and β gradient Σ δ over the axes γ broadcasts along.
+    Both are formed in the accumulation dtype (x̂ recomputed from the input converted to it), so the sums
+    over positions do not round to a half-precision model's dtype."""
 
-    def xhat(self, s) -> torch.Tensor:
+    def xhat(self, s, dtype) -> torch.Tensor:
+        """x̂ of the saved call, computed in ``dtype``."""
         raise NotImplementedError
 
     def per_sample(self, t, layout, n, s) -> torch.Tensor:
@@ -21,9 +25,11 @@ class _NormRule(Rule):
 
     def terms(self, use, dz, layout, n):
         s = use.saved
+        acc = accumulation_dtype(dz.dtype, s["input"].dtype)
+        dz = dz.to(acc)
         out = {}
         if "weight" in use.slots:
-            out["weight"] = DenseTerm(self.per_sample(dz * self.xhat(s), layout, n, s))
+            out["weight"] = DenseTerm(self.per_sample(dz * self.xhat(s, acc), layout, n, s))
         if "bias" in use.slots:
             out["bias"] = DenseTerm(self.per_sample(dz, layout, n, s))
         return out
@@ -42,8 +48,8 @@ class LayerNormRule(_NormRule):
     def valid(self, layout, use):
         return layout.axis is None or layout.axis < use.probe.dim() - len(use.saved["shape"])
 
-    def xhat(self, s):
-        return F.layer_norm(s["input"], s["shape"], None, None, s["eps"])
+    def xhat(self, s, dtype):
+        return F.layer_norm(s["input"].to(dtype), s["shape"], None, None, s["eps"])
 
     def per_sample(self, t, layout, n, s):
         nd = len(s["shape"])
@@ -56,8 +62,8 @@ class RMSNormRule(LayerNormRule):
     defaults = {"weight": None, "eps": None}
     slots = ("weight",)
 
-    def xhat(self, s):
-        return F.rms_norm(s["input"], s["shape"], None, s["eps"])
+    def xhat(self, s, dtype):
+        return F.rms_norm(s["input"].to(dtype), s["shape"], None, s["eps"])
 
 
 class _ChannelNormRule(_NormRule):
@@ -79,8 +85,8 @@ class GroupNormRule(_ChannelNormRule):
     def record(self, named, out):
         return {"input": named["input"], "groups": named["num_groups"], "eps": named["eps"]}, named["input"]
 
-    def xhat(self, s):
-        return F.group_norm(s["input"], s["groups"], None, None, s["eps"])
+    def xhat(self, s, dtype):
+        return F.group_norm(s["input"].to(dtype), s["groups"], None, None, s["eps"])
 
 
 class BatchNormRule(_ChannelNormRule):
@@ -98,7 +104,7 @@ class BatchNormRule(_ChannelNormRule):
                  "var": named["running_var"].detach().clone(), "eps": named["eps"]}
         return saved, named["input"]
 
-    def xhat(self, s):
-        x = s["input"]
+    def xhat(self, s, dtype):
+        x = s["input"].to(dtype)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - s["mean"].view(shape)) * torch.rsqrt(s["var"].view(shape) + s["eps"])
+        return (x - s["mean"].to(dtype).view(shape)) * torch.rsqrt(s["var"].to(dtype).view(shape) + s["eps"])
