@@ -8,7 +8,8 @@
    the compiled model as on the model (float64; an MLP, a CNN, shared and in-place zoo models), accepts
    parameter names of the original module, never lets dynamo trace the compiled forward, and leaves the
    compiled model as it was. ``compile=`` of the curvature products on a compiled model compiles its own
-   graph of the original module. EWC on a compiled model equals EWC on the model.
+   graph of the original module. EWC on a compiled model equals EWC on the model. A model compiled in
+   place (``model.compile()``) runs its eager call in every entry point, with the same results.
 """
 import pytest
 import torch
@@ -312,6 +313,27 @@ def test_every_entry_point_on_a_compiled_model_equals_the_model(model_name, entr
     assert traced_frames() == 0, "dynamo traced the compiled model's forward"
     assert_close(got, expected)
     assert_wrapper_untouched(model, compiled, forward)
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_every_entry_point_on_a_model_compiled_in_place_equals_the_model(model_name, entry):
+    """``model.compile()`` compiles the module's own __call__ (no wrapper, the same names): every entry point
+    runs its eager call instead, with the uncompiled model's result, never traced, and puts the compiled
+    call back."""
+    model, (x, y) = MODELS[model_name][0]()
+    twin, _ = MODELS[model_name][0]()
+    V = directions(model)
+    model.compile()
+    compiled_call = model._compiled_call_impl
+    with torch.random.fork_rng(devices=[]):
+        expected = ENTRIES[entry](twin, x, y, V)
+    counters.clear()
+    with torch.random.fork_rng(devices=[]):
+        got = ENTRIES[entry](model, x, y, V)
+    assert traced_frames() == 0, "dynamo traced the model's compiled call"
+    assert_close(got, expected)
+    assert model._compiled_call_impl is compiled_call
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))

@@ -40,7 +40,7 @@ any work and rule 4 on every batch's outputs.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -190,10 +190,28 @@ def original_forward(model: nn.Module):
     (``torch.compiler.set_stance("force_eager")``): that would switch off every compiled function inside
     too, among them the graphs of the ``compile=`` option of the curvature products. Like a parameter
     perturbation, it changes the wrapper object for the duration: another thread calling the compiled
-    model meanwhile runs it eagerly (same values)."""
-    if not is_compiled(model):
+    model meanwhile runs it eagerly (same values). Modules compiled in place (``module.compile()``) run
+    their eager ``__call__`` inside too."""
+    with _uncompiled_calls(original_module(model)), (_wrapper_stand_in(model) if is_compiled(model) else nullcontext()):
         yield
-        return
+
+
+@contextmanager
+def _uncompiled_calls(model: nn.Module):
+    """Modules compiled in place (``module.compile()``, which compiles the module's own ``__call__``) run
+    their eager call inside: the compiled call is set aside on every such submodule and put back on exit."""
+    compiled = [m for m in model.modules() if vars(m).get("_compiled_call_impl") is not None]
+    saved = [vars(m).pop("_compiled_call_impl") for m in compiled]
+    try:
+        yield
+    finally:
+        for m, call in zip(compiled, saved):
+            m._compiled_call_impl = call
+
+
+@contextmanager
+def _wrapper_stand_in(model: nn.Module):
+    """The torch.compile wrapper ``model`` takes its original module's call and names (``original_forward``)."""
     state, original = vars(model), model._orig_mod
     missing = object()
     saved = {attr: state.get(attr, missing) for attr in _STAND_IN}

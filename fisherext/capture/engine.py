@@ -42,7 +42,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from .._core.conventions import check_deterministic, curvature_forward, second_order_attention
+from .._core.conventions import check_deterministic, curvature_forward, original_forward, second_order_attention
 from .._core.params import original_module, resolve_params
 from .layers import DESCEND, RULES, Slot, Use
 from .layout import NO_BATCH, Layout, from_sizes, ordering
@@ -329,9 +329,12 @@ class Capture:
         self._saved_requires_grad = [p.requires_grad for _, p in self.params]
         for _, p in self.params:
             p.requires_grad_(True)
+        self._eager = original_forward(self.model)  # submodules compiled in place run their hooked eager call
+        self._eager.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._eager.__exit__(*exc)
         for (_, p), flag in zip(self.params, self._saved_requires_grad):
             p.requires_grad_(flag)
         self._state = None
