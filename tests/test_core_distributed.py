@@ -2,6 +2,7 @@
 streaming its own uneven shard, fisher() in every structure, per-sample traces over a data set, the
 streamed curvature products, CG on an operator and influence (CG, exact, LiSSA) equal one process over all the data, in
 float64; a rank that raises makes every rank raise; without a process group nothing is reduced."""
+import contextlib
 import datetime
 import os
 import time
@@ -20,6 +21,16 @@ from support.models import make_data, make_model
 SHARDS = {2: {"mlp": [7, 4], "cnn": [6, 2]}, 4: {"mlp": [3, 1, 5, 2], "cnn": [2, 1, 3, 1]}}
 # a collective that waits longer than this for a rank fails the test instead of hanging it
 TIMEOUT = datetime.timedelta(seconds=60)
+
+
+@contextlib.contextmanager
+def joined(rank, world, init_file, timeout=TIMEOUT):
+    """This process as rank ``rank`` of a gloo group of ``world`` (rendezvous through ``init_file``), left on exit."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def quantities(name, x, y, **kw):
@@ -55,8 +66,7 @@ def quantities(name, x, y, **kw):
 
 
 def _rank(rank, world, init_file, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
+    with joined(rank, world, init_file):
         torch.set_num_threads(1)
         results = {}
         for name, sizes in SHARDS[world].items():
@@ -64,8 +74,6 @@ def _rank(rank, world, init_file, result_file):
             start = sum(sizes[:rank])
             results[name] = quantities(name, x[start:start + sizes[rank]], y[start:start + sizes[rank]])
         torch.save(results, f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn(fn, world, tmp_path):
@@ -122,8 +130,7 @@ def _outcome(call) -> str:
 
 
 def _mismatched_rank(rank, world, init_file, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
+    with joined(rank, world, init_file):
         x, y = make_data("mlp", n=4)
         model = make_model("mlp")
         P = sum(p.numel() for p in model.parameters())
@@ -135,8 +142,6 @@ def _mismatched_rank(rank, world, init_file, result_file):
             model.extra = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
         outcomes["fisher"] = _outcome(lambda: fx.fisher(model, (x, y), structure="diag"))
         torch.save(outcomes, f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -153,8 +158,7 @@ def test_ranks_with_different_parameters_or_vectors_fail_on_every_rank(tmp_path)
 
 def _failing_rank(rank, world, init_file, result_file):
     """Rank 1 raises in its own shard (a label out of range, a shard without samples); rank 0 is fine."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
+    with joined(rank, world, init_file):
         x, y = make_data("mlp", n=6)
         model = make_model("mlp")
         P = sum(p.numel() for p in model.parameters())
@@ -175,8 +179,6 @@ def _failing_rank(rank, world, init_file, result_file):
             "after": lambda: fx.fisher(model, (x, y)),  # the group still works after the failures
         }
         torch.save({k: _outcome(call) for k, call in calls.items()}, f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -195,9 +197,7 @@ def test_a_rank_that_raises_makes_every_rank_raise(tmp_path):
 
 
 def _dying_rank(rank, world, init_file, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
+    with joined(rank, world, init_file, timeout=datetime.timedelta(seconds=20)):
         x, y = make_data("mlp", n=6)
         model = make_model("mlp")
         if rank == 1:  # the process ends in the middle of its shard, with no exception to share
@@ -206,8 +206,6 @@ def _dying_rank(rank, world, init_file, result_file):
         message = _outcome(lambda: fx.fisher(model, (x, y), batch_size=2))
         with open(f"{result_file}.{rank}", "w") as f:
             f.write(f"{time.monotonic() - start:.1f}\n{message}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -222,8 +220,7 @@ def test_a_rank_that_dies_makes_the_others_fail_within_the_timeout(tmp_path):
 
 
 def _ddp_rank(rank, world, init_file, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
+    with joined(rank, world, init_file):
         x, y = make_data("mlp", n=7)
         x, y = (x[:4], y[:4]) if rank == 0 else (x[4:], y[4:])
         model = make_model("mlp")
@@ -236,8 +233,6 @@ def _ddp_rank(rank, world, init_file, result_file):
         results["hvp/plain"] = fx.hvp(model, "cross_entropy", (x, y), v)
         torch.save(results, f"{result_file}.{rank}")
         del ddp  # before the group goes: DDP's reducer holds it
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -254,8 +249,7 @@ def test_a_ddp_wrapped_model_gives_the_wrapped_models_results(tmp_path):
 
 
 def _fsdp_rank(rank, world, init_file, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
+    with joined(rank, world, init_file):
         from torch.distributed.fsdp import fully_shard
 
         x, y = make_data("mlp", n=4)
@@ -265,8 +259,6 @@ def _fsdp_rank(rank, world, init_file, result_file):
         outcomes = {"fisher": _outcome(lambda: fx.fisher(model, (x, y))),
                     "hvp": _outcome(lambda: fx.hvp(model, "cross_entropy", (x, y), torch.ones(P, dtype=torch.float64)))}
         torch.save(outcomes, f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -278,8 +270,7 @@ def test_an_fsdp_sharded_model_is_refused_with_what_to_do(tmp_path):
 
 
 def _counting_rank(rank, world, init_file, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
+    with joined(rank, world, init_file):
         x, y = make_data("mlp", n=6)
         x, y = x[3 * rank:3 * rank + 3], y[3 * rank:3 * rank + 3]
         model = make_model("mlp")
@@ -304,8 +295,6 @@ def _counting_rank(rank, world, init_file, result_file):
                     setattr(dist, op, fn)
             counts[name] = made
         torch.save(counts, f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -320,8 +309,7 @@ def test_a_call_makes_two_collectives(tmp_path):
 
 
 def _sampler_rank(rank, world, init_file, result_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
+    with joined(rank, world, init_file):
         x, y = make_data("mlp", n=10)
         model = make_model("mlp")
         dataset = torch.utils.data.TensorDataset(x, y)
@@ -329,8 +317,6 @@ def _sampler_rank(rank, world, init_file, result_file):
         loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler)
         torch.save({"diag": fx.fisher(model, loader).diag(), "trace": fx.per_sample_fisher(model, loader)},
                    f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -4,6 +4,7 @@ seeded train/test splits, small classifiers, and one seeded training loop."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,10 +108,12 @@ def mlp(sizes, *, seed: int = 0, activation=nn.ReLU) -> nn.Sequential:
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, lr: float = 0.1,
           batch_size: int = 64, momentum: float = 0.9, weight_decay: float = 0.0,
-          generator: torch.Generator | None = None, optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+          generator: torch.Generator | None = None, optimizer: torch.optim.Optimizer | None = None,
+          penalty: Callable[[], torch.Tensor] | None = None) -> list[float]:
     """Mini-batch training of ``model`` on (x, y) with cross entropy (SGD with ``lr``, ``momentum`` and
-    ``weight_decay`` unless an ``optimizer`` is given), batches drawn by ``generator``; the mean training loss
-    of each epoch. The model is left in eval mode."""
+    ``weight_decay`` unless an ``optimizer`` is given), batches drawn by ``generator``, ``penalty()`` (e.g. an
+    EWC penalty) added to every batch's loss; the mean training loss (cross entropy alone) of each epoch. The
+    model is left in eval mode."""
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     losses = []
     model.train()
@@ -120,7 +123,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 1
             idx = idx.to(x.device)
             opt.zero_grad()
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
+            (loss if penalty is None else loss + penalty()).backward()
             opt.step()
             total += loss.item() * idx.numel()
         losses.append(total / x.shape[0])

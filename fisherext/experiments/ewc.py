@@ -149,17 +149,8 @@ def _continual(tasks, method: str, config: Config, repeat: int, epochs: int):
     R = [[0.0] * T for _ in range(T)]
     trace, theta1, diag1 = None, None, None
     for i, ((x, y), _) in enumerate(tasks):
-        model.train()
-        for _ in range(epochs):
-            for idx in torch.randperm(y.shape[0], generator=batches).split(BATCH_SIZE):
-                idx = idx.to(y.device)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                if ewc is not None:
-                    loss = loss + ewc.penalty()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        model.eval()
+        datasets.train(model, x, y, epochs=epochs, batch_size=BATCH_SIZE, generator=batches, optimizer=opt,
+                       penalty=None if ewc is None else ewc.penalty)
         if i == 0:
             theta1 = [p.detach().clone() for p in model.parameters()]
         if ewc is not None and i < T - 1:
