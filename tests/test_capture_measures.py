@@ -312,3 +312,25 @@ def test_a_data_set_refuses_what_it_cannot_use(mlp, device):
         fx.per_sample_fisher(mlp, x, y, batch_size=0)
     with pytest.raises(ValueError, match="argument 'data' no samples"):
         fx.per_sample_fisher(mlp, x[:0], y[:0], batch_size=2)
+
+
+class _InfAtLargeInputs(torch.nn.Module):
+    """Logits that are infinite for every input whose first feature exceeds 100."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.fc(x).masked_fill(x[:, :1] > 100, float("inf"))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(quantity="quad", v="predicted"), dict(quantity="quad", v=torch.ones(18))])
+def test_over_a_data_set_a_non_finite_output_names_its_sample_in_the_data(kw, device):
+    """Sample 5 sits in the second batch of 3: the error names it as sample 5 of the data, not 2 of its batch."""
+    model = _InfAtLargeInputs().to(device)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+    x[5, 0] = 1000.0
+    kw = {k: (t.double().to(device) if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+    with pytest.raises(ValueError, match="argument 'model' the output for sample 5 is not finite"):
+        fx.per_sample_fisher(model, x, batch_size=3, **kw)

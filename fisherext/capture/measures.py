@@ -97,8 +97,9 @@ def per_sample_fisher(model: nn.Module, x, y: torch.Tensor | None = None, *, kin
         TypeError: quantity="quad" without ``v``, ``v`` not a floating-point tensor, integer inputs, ``x``
             neither a tensor, a DataLoader nor a Dataset.
     """
+    measure = _batch_measure(model, kind, quantity, v, loss, params, mc_samples, generator, class_dim, ignore_index)
     if isinstance(x, torch.Tensor) and batch_size is None:
-        return _measures(model, x, y, kind, quantity, v, loss, params, mc_samples, generator, class_dim, ignore_index)
+        return measure(x, y, 0)
     if not isinstance(x, (torch.Tensor, torch.utils.data.Dataset, torch.utils.data.DataLoader)):
         raise TypeError(f"x: expected a tensor, a DataLoader or a Dataset, got {type(x).__name__}")
     if y is not None and not isinstance(x, torch.Tensor):
@@ -107,11 +108,12 @@ def per_sample_fisher(model: nn.Module, x, y: torch.Tensor | None = None, *, kin
     ranks = process_group(group)
     with all_or_none(ranks, width=3) as shared:  # no rank waits in the gather for a rank that raised
         data = (x, y) if isinstance(x, torch.Tensor) else x
-        parts = [_measures(model, xb, yb, kind, quantity, v, loss, params, mc_samples, generator, class_dim,
-                           ignore_index)
-                 for xb, yb in progress_bar(iter_batches(data, batch_size), progress,
-                                            f"per_sample_fisher({kind}, {quantity})", unit="batch")
-                 if xb.shape[0] > 0]
+        parts, seen = [], 0
+        for xb, yb in progress_bar(iter_batches(data, batch_size), progress, f"per_sample_fisher({kind}, {quantity})",
+                                   unit="batch"):
+            if xb.shape[0] > 0:
+                parts.append(measure(xb, yb, seen))
+                seen += xb.shape[0]
         if not parts:
             raise ValueError("x: no samples" + ("" if ranks is None else " in this rank's shard (every rank of "
                                                 "the process group needs at least one)"))
@@ -121,29 +123,45 @@ def per_sample_fisher(model: nn.Module, x, y: torch.Tensor | None = None, *, kin
     return gathered_rows(values, shared.rows[:, 0], ranks)
 
 
-def _measures(model, x, y, kind, quantity, v, loss, params, mc_samples, generator, class_dim,
-              ignore_index) -> torch.Tensor:
-    """``per_sample_fisher`` of one batch x."""
+def _batch_measure(model, kind, quantity, v, loss, params, mc_samples, generator, class_dim, ignore_index):
+    """Checks the arguments of ``per_sample_fisher`` once; returns ``measure(x, y, offset)``, the values of
+    one batch x (``offset``: its first sample's index in the data, which errors name)."""
     check_choice("kind", kind, KINDS)
     check_choice("quantity", quantity, QUANTITIES)
     lik = as_likelihood(loss, class_dim=class_dim, ignore_index=ignore_index)
     check_positive_int("mc_samples", mc_samples)
-    check_inputs(model, x)
-    if x.shape[0] == 0:
-        raise ValueError("x: the batch is empty")
     opts = dict(mc_samples=mc_samples, generator=generator)
-    if quantity == "quad":
-        if v is None:
-            raise TypeError("v: quantity='quad' needs a direction v over the selected parameters")
-        if isinstance(v, str):
-            check_choice("v", v, ("predicted",))
-            return _quad_predicted(model, x, y, kind, lik, params, opts)
+    if quantity == "trace":
+        def compute(x, y, offset):
+            return _trace(model, x, y, kind, lik, params, opts, offset)
+    elif v is None:
+        raise TypeError("v: quantity='quad' needs a direction v over the selected parameters")
+    elif isinstance(v, str):
+        check_choice("v", v, ("predicted",))
+
+        def compute(x, y, offset):
+            return _quad_predicted(model, x, y, kind, lik, params, opts, offset)
+    else:
         fm = FunctionalModel(model, params)
         V, single = fm.vectors(v)
-        total = _quad(fm, x, y, kind, lik, V, opts)
-        return total[:, 0] if single else total
+
+        def compute(x, y, offset):
+            total = _quad(fm, x, y, kind, lik, V, opts, offset)
+            return total[:, 0] if single else total
+
+    def measure(x, y, offset):
+        check_inputs(model, x)
+        if x.shape[0] == 0:
+            raise ValueError("x: the batch is empty")
+        return compute(x, y, offset)
+
+    return measure
+
+
+def _trace(model, x, y, kind, lik, params, opts, offset) -> torch.Tensor:
+    """[N]: tr(F_n) from the capture engine's per-parameter terms, the cotangents a chunk at a time."""
     with Capture(model, params) as cap, torch.no_grad():
-        out = checked_output(cap.forward(x))
+        out = checked_output(cap.forward(x), offset)
         cot = Cotangents(lik, out, y, kind, **opts)
         step = cotangent_step(*footprint(cap.uses, out), x.shape[0], cot.K, _CHUNK_BYTES)
         # the sum over parameters and cotangent chunks in the accumulation dtype (float32 for a half model
@@ -158,11 +176,11 @@ def _measures(model, x, y, kind, quantity, v, loss, params, mc_samples, generato
         return total
 
 
-def _quad_predicted(model, x, y, kind, lik, params, opts) -> torch.Tensor:
+def _quad_predicted(model, x, y, kind, lik, params, opts, offset) -> torch.Tensor:
     """[N]: v_nᵀ F_n v_n along each input's predicted-class direction, from one backward pass of the kind's
     K cotangents and u_n = e_ŷ − p_n together (their per-sample Gram; module docstring)."""
     with Capture(model, params) as cap, torch.no_grad():
-        out = checked_output(cap.forward(x))
+        out = checked_output(cap.forward(x), offset)
         if lik.name != "cross_entropy" or out.dim() != 2:
             raise ValueError(f"v: 'predicted' needs a classifier's logits [N, C] under cross entropy, got outputs "
                              f"{tuple(out.shape)} under {lik.name!r}")
@@ -180,7 +198,7 @@ def _quad_predicted(model, x, y, kind, lik, params, opts) -> torch.Tensor:
         return (uk ** 2 * cot.weights.to(gram.dtype)).sum(1) / uu.clamp_min(torch.finfo(uu.dtype).tiny)
 
 
-def _quad(fm: FunctionalModel, x, y, kind, lik, V, opts) -> torch.Tensor:
+def _quad(fm: FunctionalModel, x, y, kind, lik, V, opts, offset) -> torch.Tensor:
     """[N, K]: Σ_k w_k (c_nkᵀ J_n v)² for every row v of V [K, P], J_n v by one forward-mode JVP each; the
     cotangents (MC labels included) are drawn once for all K."""
     primals = tuple(p.detach() for p in fm.params)
@@ -190,12 +208,12 @@ def _quad(fm: FunctionalModel, x, y, kind, lik, V, opts) -> torch.Tensor:
 
     with torch.no_grad(), curvature_forward(fm.model):
         if torch.is_autocast_enabled(x.device.type):
-            out, Jv = _jvp_by_double_vjp(fm, x, V)
+            out, Jv = _jvp_by_double_vjp(fm, x, V, offset)
         else:
             pairs = [jvp(outputs, primals, tuple(fm.unflat(row))) for row in V]
-            out = checked_output(pairs[0][0])  # before the tangents are stacked: they are outputs too
+            out = checked_output(pairs[0][0], offset)  # before the tangents are stacked: they are outputs too
             Jv = torch.stack([tangent for _, tangent in pairs])                        # [K, N, ...]
-        cot = Cotangents(lik, checked_output(out), y, kind, **opts)
+        cot = Cotangents(lik, out, y, kind, **opts)
         acc = accumulation_dtype(Jv.dtype)   # the dots and their squares: float32 for a half model
         total = Jv.new_zeros(x.shape[0], V.shape[0], dtype=acc)
         with torch.autocast(x.device.type, enabled=False):   # the Fisher's arithmetic, not the model's
@@ -207,13 +225,13 @@ def _quad(fm: FunctionalModel, x, y, kind, lik, V, opts) -> torch.Tensor:
         return total
 
 
-def _jvp_by_double_vjp(fm: FunctionalModel, x, V) -> tuple[torch.Tensor, torch.Tensor]:
+def _jvp_by_double_vjp(fm: FunctionalModel, x, V, offset) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs, J v [K, N, ...] for every row v of V) by J v = ∂(Jᵀu)/∂u · v, every row sharing one graph:
     under autocast, torch's forward-mode AD mixes tangent and autocast dtypes in some models (an in-place
     addition after a convolution) and fails, where reverse mode runs."""
     leaves = fm.leaves()
     with torch.enable_grad():
-        out = fm.outputs(x, dict(zip(fm.names, leaves)))
+        out = fm.outputs(x, dict(zip(fm.names, leaves)), offset)
         u = torch.zeros_like(out, requires_grad=True)
         Ju = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
         Jv = torch.stack([grads(Ju, [u], fm.unflat(row), retain_graph=True)[0] for row in V])
